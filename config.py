@@ -1,0 +1,142 @@
+"""Settings, read from the environment once at start-up.
+
+Every variable is documented in ../shared/API.md and the README.  A bad or
+missing required value raises ConfigError with one line naming the variable;
+wsgi.py and gunicorn.conf.py turn that into a clean exit, never a traceback.
+"""
+import os
+import re
+
+
+class ConfigError(Exception):
+    """A configuration mistake, described in one line."""
+
+
+def _text(env, name, default=None, required=False):
+    value = env.get(name, "").strip()
+    if not value:
+        if required:
+            raise ConfigError(f"{name} is required but not set")
+        return default
+    return value
+
+
+def _number(env, name, default, kind=int, minimum=None, maximum=None):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {raw!r}")
+    return value
+
+
+def _flag(env, name, default=False):
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def _choice(env, name, default, choices):
+    value = env.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+_RATE = re.compile(r"^\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?$", re.I)
+
+
+def _rate_limit(env, name, default):
+    value = env.get(name, "").strip() or default
+    if value.lower() == "off":
+        return None
+    if not _RATE.match(value):
+        raise ConfigError(f"{name} must look like '3 per 5 minutes' or 'off', got {value!r}")
+    return value
+
+
+def database_url(raw):
+    """Heroku hands out postgres:// URLs; SQLAlchemy wants a dialect+driver."""
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw[len("postgres://"):]
+    if raw.startswith("postgresql://"):
+        # psycopg 3 cooperates with gevent once select is monkey-patched.
+        raw = "postgresql+psycopg://" + raw[len("postgresql://"):]
+    return raw
+
+
+class Config:
+    """Production settings.  Instantiate to read (and validate) the environment."""
+
+    TESTING = False
+    JSON_SORT_KEYS = False
+    # Webhook and API bodies are tiny; anything bigger is refused with 413.
+    MAX_CONTENT_LENGTH = 64 * 1024
+
+    def __init__(self, env=None):
+        env = os.environ if env is None else env
+        self.PORT = _number(env, "PORT", 8000, minimum=1, maximum=65535)
+        instance_db = "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance", "eventi.sqlite3")
+        self.SQLALCHEMY_DATABASE_URI = database_url(_text(env, "DATABASE_URL", instance_db))
+        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+        if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
+            # Held waits give their connection back, so a small pool serves many.
+            self.SQLALCHEMY_ENGINE_OPTIONS.update(
+                pool_size=_number(env, "DB_POOL_SIZE", 10, minimum=1),
+                max_overflow=_number(env, "DB_MAX_OVERFLOW", 20, minimum=0),
+                pool_timeout=10,
+            )
+
+        self.REDIS_URL = _text(env, "REDIS_URL")
+        self.REDIS_PREFIX = env.get("REDIS_PREFIX", "")
+
+        self.PAYHERO_MODE = _choice(env, "PAYHERO_MODE", "sandbox", ("sandbox", "live"))
+        live = self.PAYHERO_MODE == "live"
+        self.PUBLIC_BASE_URL = (_text(env, "PUBLIC_BASE_URL") or f"http://127.0.0.1:{self.PORT}").rstrip("/")
+        self.PAYHERO_BASE_URL = (
+            _text(env, "PAYHERO_BASE_URL")
+            or ("https://backend.payhero.co.ke" if live else self.PUBLIC_BASE_URL + "/sandbox/payhero")
+        ).rstrip("/")
+        self.PAYHERO_API_USERNAME = _text(env, "PAYHERO_API_USERNAME", "sandbox", required=live)
+        self.PAYHERO_API_PASSWORD = _text(env, "PAYHERO_API_PASSWORD", "sandbox", required=live)
+        channel = _text(env, "PAYHERO_CHANNEL_ID", "0", required=live)
+        if not channel.isdigit():
+            raise ConfigError(f"PAYHERO_CHANNEL_ID must be a whole number, got {channel!r}")
+        self.PAYHERO_CHANNEL_ID = int(channel)
+        self.PAYHERO_CALLBACK_TOKEN = _text(env, "PAYHERO_CALLBACK_TOKEN", "sandbox", required=live)
+        self.PAYHERO_VERIFY_CALLBACKS = _flag(env, "PAYHERO_VERIFY_CALLBACKS")
+        self.PAYHERO_CONNECT_TIMEOUT = _number(env, "PAYHERO_CONNECT_TIMEOUT", 5.0, float, minimum=0.1)
+        self.PAYHERO_READ_TIMEOUT = _number(env, "PAYHERO_READ_TIMEOUT", 20.0, float, minimum=0.1)
+        self.SANDBOX_CALLBACK_DELAY = _number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
+
+        self.WAIT_TIMEOUT_MAX = _number(env, "WAIT_TIMEOUT_MAX", 60.0, float, minimum=0, maximum=3600)
+        self.WAIT_TIMEOUT_DEFAULT = _number(env, "WAIT_TIMEOUT_DEFAULT", 55.0, float, minimum=0, maximum=self.WAIT_TIMEOUT_MAX)
+        self.WAIT_MAX_PER_ORDER = _number(env, "WAIT_MAX_PER_ORDER", 20, minimum=1)
+        self.WAIT_MAX_PER_WORKER = _number(env, "WAIT_MAX_PER_WORKER", 10000, minimum=1)
+        # A held wait re-reads the database this often even with Redis up, so a
+        # lost message costs latency, never the answer; much faster while Redis is down.
+        self.WAIT_RECHECK_INTERVAL = _number(env, "WAIT_RECHECK_INTERVAL", 15.0, float, minimum=0.1)
+        self.WAIT_RECHECK_INTERVAL_DEGRADED = _number(env, "WAIT_RECHECK_INTERVAL_DEGRADED", 2.0, float, minimum=0.1)
+
+        self.ORDER_LIMIT_PER_PHONE = _rate_limit(env, "ORDER_LIMIT_PER_PHONE", "3 per 5 minutes")
+        self.ORDER_LIMIT_PER_CLIENT = _rate_limit(env, "ORDER_LIMIT_PER_CLIENT", "30 per minute")
+        self.PROXY_HOPS = _number(env, "PROXY_HOPS", 0, minimum=0, maximum=10)
+
+        self.RECONCILE_AFTER = _number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)
+        self.RECONCILE_EXPIRE_AFTER = _number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)
+
+        self.LOG_LEVEL = _choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
+        self.LOG_FORMAT = _choice(env, "LOG_FORMAT", "text", ("text", "json"))
+
+
+class TestConfig(Config):
+    TESTING = True

@@ -1,0 +1,54 @@
+"""Eventi payment status: the Flask application factory."""
+import logging
+
+from flask import Flask
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from . import errors, logs, metrics, notify, ops, orders, payhero
+from .extensions import db, migrate
+
+log = logging.getLogger(__name__)
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _count_query(*_):
+    metrics.db_queries.inc()
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection, _record):
+    # WAL lets readers and the writer proceed together in the embedded default.
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
+
+
+def create_app(config=None):
+    """Build the app.  `config`: a Config instance, or None to read the environment."""
+    if config is None:
+        from config import Config
+
+        config = Config()
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_object(config)
+    app.json.sort_keys = False
+    logs.configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+    if app.config["PROXY_HOPS"]:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["PROXY_HOPS"], x_proto=app.config["PROXY_HOPS"])
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite:///"):
+        import os
+
+        os.makedirs(app.instance_path, exist_ok=True)
+
+    db.init_app(app)
+    migrate.init_app(app, db, render_as_batch=True)
+    errors.init_app(app)
+    notify.init_app(app)
+    payhero.init_app(app)
+    orders.init_app(app)
+    ops.init_app(app)
+    return app

@@ -1,0 +1,50 @@
+"""The one error type of the API and the one handler that renders errors as JSON."""
+import logging
+
+from flask import jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An answer to a bad request: an HTTP status, a code, a sentence, and bad fields."""
+
+    def __init__(self, status, code, message, fields=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = fields or {}
+        self.headers = headers or {}
+
+
+def error_response(status, code, message, fields=None, headers=None):
+    body = {"error": {"code": code, "message": message, "fields": fields or {}}}
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _code_for(exc):
+    return exc.name.lower().replace(" ", "_").replace("'", "")
+
+
+def handle_error(exc):
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
+    if isinstance(exc, HTTPException):
+        headers = {}
+        retry_after = getattr(exc, "retry_after", None) or (exc.response.headers.get("Retry-After") if exc.response else None)
+        if retry_after:
+            headers["Retry-After"] = str(retry_after)
+        return error_response(exc.code, _code_for(exc), exc.description, headers=headers)
+    log.exception("Unhandled error")
+    return error_response(500, "internal_error", "Something went wrong on our side; please try again.")
+
+
+def init_app(app):
+    app.register_error_handler(Exception, handle_error)

@@ -1,0 +1,25 @@
+"""Prometheus metrics, one registry per process (GET /metrics reports the worker that answers)."""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+registry = CollectorRegistry()
+
+waiters = Gauge("eventi_waiters", "Long-poll requests held right now in this process", registry=registry)
+subscribed_channels = Gauge("eventi_subscribed_channels", "Redis channels this process is subscribed to", registry=registry)
+wait_duration = Histogram(
+    "eventi_wait_duration_seconds", "How long a /wait request was held", ["result"], registry=registry,
+    buckets=(0.005, 0.05, 0.5, 1, 5, 15, 30, 45, 60, 90),
+)
+delivery_latency = Histogram(
+    "eventi_delivery_latency_seconds", "From publish after the callback's commit to the held wait answering",
+    registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+callback_duration = Histogram(
+    "eventi_callback_duration_seconds", "Time to store, apply and publish one PayHero callback",
+    registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+callbacks = Counter("eventi_callbacks_total", "PayHero callbacks by outcome", ["outcome"], registry=registry)
+listener_connected = Gauge("eventi_redis_listener_connected", "1 while the Redis subscriber connection is up", registry=registry)
+redis_transitions = Counter("eventi_redis_transitions_total", "Redis subscriber connects and disconnects", ["state"], registry=registry)
+publish_failures = Counter("eventi_redis_publish_failures_total", "Notifications that could not be published", registry=registry)
+db_queries = Counter("eventi_db_queries_total", "SQL statements executed by this process", registry=registry)
+wait_rejected = Counter("eventi_wait_rejected_total", "Wait requests refused by a limit", ["limit"], registry=registry)

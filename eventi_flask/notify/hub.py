@@ -1,0 +1,470 @@
+"""The notification hub: wakes held /wait requests when an order changes.
+
+This is the only module that talks to Redis.  Two hubs share one interface:
+
+* LocalHub: in-process, for a single worker without REDIS_URL.
+* RedisHub: publishes on `order:status:<id>` (and caches `order:latest:<id>`),
+  and keeps ONE subscriber connection per process, owned by one listener
+  greenlet, that SUBSCRIBEs a channel while the process has a waiter for it.
+
+A waiter never touches a socket: it blocks on a gevent Event that the
+listener (or a publish, or the safety re-check) sets.  The database stays the
+truth; a background re-check reads order versions in one batched query every
+WAIT_RECHECK_INTERVAL seconds (every WAIT_RECHECK_INTERVAL_DEGRADED while
+Redis is unreachable), so a lost message costs latency, never the answer.
+"""
+import collections
+import errno
+import json
+import logging
+import os
+import random
+import time
+
+import gevent
+import gevent.event
+import gevent.select
+import redis
+
+from .. import metrics
+
+log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 60
+SUBSCRIBE_CONFIRM_TIMEOUT = 2.0  # past this, the waiter goes on and the re-check covers it
+SUBSCRIBE_BATCH = 1000
+
+
+class WaitLimitReached(Exception):
+    """Too many held waits: `scope` is "order" or "worker"."""
+
+    def __init__(self, scope):
+        super().__init__(scope)
+        self.scope = scope
+
+
+class Waiter:
+    """One held request.  Woken with a message (an order change) or a request to re-check."""
+
+    __slots__ = ("order_id", "seen_version", "message", "recheck", "_event")
+
+    def __init__(self, order_id):
+        self.order_id = order_id
+        self.seen_version = None
+        self.message = None
+        self.recheck = False
+        self._event = gevent.event.Event()
+
+    def deliver(self, message):
+        if self.message is None or message["version"] > self.message["version"]:
+            self.message = message
+        self._event.set()
+
+    def ask_recheck(self):
+        self.recheck = True
+        self._event.set()
+
+    def wait(self, timeout):
+        """Block until woken or `timeout` passes; return (message or None, recheck)."""
+        self._event.wait(timeout)
+        self._event.clear()
+        message, recheck = self.message, self.recheck
+        self.message, self.recheck = None, False
+        return message, recheck
+
+
+class Hub:
+    """What both hubs share: the waiter registry, limits and the safety re-check."""
+
+    def __init__(self, max_per_order, max_per_worker, recheck_interval, degraded_interval):
+        self.max_per_order = max_per_order
+        self.max_per_worker = max_per_worker
+        self.recheck_interval = recheck_interval
+        self.degraded_interval = degraded_interval
+        self._waiters = {}  # order id -> set of Waiters
+        self._count = 0
+        self._version_source = None
+        self._recheck_now = gevent.event.Event()
+        self._poller = None
+
+    # -- the interface the wait route and the service layer use --
+
+    connected = True
+
+    def set_version_source(self, fetch_versions):
+        """fetch_versions(ids) -> {id: version}, one batched database read."""
+        self._version_source = fetch_versions
+
+    def watch(self, order_id):
+        """Register a waiter; return it once a change to the order can no longer be missed."""
+        waiters = self._waiters.get(order_id)
+        if self._count >= self.max_per_worker:
+            metrics.wait_rejected.labels("worker").inc()
+            raise WaitLimitReached("worker")
+        if waiters and len(waiters) >= self.max_per_order:
+            metrics.wait_rejected.labels("order").inc()
+            raise WaitLimitReached("order")
+        self._start_background()
+        waiter = Waiter(order_id)
+        if waiters is None:
+            waiters = self._waiters[order_id] = set()
+        waiters.add(waiter)
+        self._count += 1
+        metrics.waiters.inc()
+        try:
+            self._ensure_subscribed(order_id)
+        except BaseException:
+            self.unwatch(waiter)
+            raise
+        return waiter
+
+    def unwatch(self, waiter):
+        waiters = self._waiters.get(waiter.order_id)
+        if not waiters or waiter not in waiters:
+            return
+        waiters.discard(waiter)
+        self._count -= 1
+        metrics.waiters.dec()
+        if not waiters:
+            del self._waiters[waiter.order_id]
+            self._release(waiter.order_id)
+
+    @property
+    def waiter_count(self):
+        return self._count
+
+    def wake_all(self):
+        """Ask every waiter to re-read its order (shutdown, reconnect)."""
+        for waiters in list(self._waiters.values()):
+            for waiter in list(waiters):
+                waiter.ask_recheck()
+
+    def latest(self, order_id):
+        """The last published message for this order if still cached, else None."""
+        raise NotImplementedError
+
+    def publish(self, message):
+        """Tell every process that an order changed.  Called after the commit; never raises."""
+        raise NotImplementedError
+
+    def ready(self):
+        """(ok, detail) for /readyz."""
+        return True, "in-process"
+
+    def stop(self):
+        for greenlet in self._greenlets():
+            greenlet.kill(block=False)
+
+    # -- for subclasses --
+
+    def _ensure_subscribed(self, order_id):
+        pass
+
+    def _release(self, order_id):
+        pass
+
+    def _deliver(self, order_id, message):
+        for waiter in list(self._waiters.get(order_id, ())):
+            waiter.deliver(message)
+
+    def _greenlets(self):
+        return [g for g in (self._poller,) if g is not None]
+
+    def _start_background(self):
+        if self._poller is None:
+            self._poller = gevent.spawn(self._recheck_forever)
+
+    def _recheck_forever(self):
+        while True:
+            interval = self.recheck_interval if self.connected else self.degraded_interval
+            self._recheck_now.wait(interval)
+            self._recheck_now.clear()
+            try:
+                self._recheck_once()
+            except Exception:
+                log.exception("Re-checking held orders against the database failed")
+
+    def _recheck_once(self):
+        ids = list(self._waiters)
+        if not ids or self._version_source is None:
+            return
+        versions = self._version_source(ids)
+        for order_id in ids:
+            version = versions.get(order_id)
+            for waiter in list(self._waiters.get(order_id, ())):
+                if version is not None and (waiter.seen_version is None or version > waiter.seen_version):
+                    waiter.ask_recheck()
+
+
+class LocalHub(Hub):
+    """One process, no Redis: a publish wakes this process's waiters directly."""
+
+    def __init__(self, **limits):
+        super().__init__(**limits)
+        self._cache = collections.OrderedDict()  # id -> (expires_at, message), oldest first
+
+    def latest(self, order_id):
+        entry = self._cache.get(order_id)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def publish(self, message):
+        now = time.monotonic()
+        order_id = message["id"]
+        self._cache.pop(order_id, None)
+        self._cache[order_id] = (now + CACHE_SECONDS, message)
+        while self._cache and next(iter(self._cache.values()))[0] < now:
+            self._cache.popitem(last=False)
+        self._deliver(order_id, message)
+        log.info("Redis notification sent")  # same event line as with Redis, so logs read alike
+
+
+class RedisHub(Hub):
+    """Redis pub/sub across processes, one subscriber connection per process."""
+
+    def __init__(self, url, prefix="", **limits):
+        super().__init__(**limits)
+        self.url = url
+        self.prefix = prefix
+        self._channel_prefix = f"{prefix}order:status:".encode()
+        self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, health_check_interval=15)
+        self._publisher_up = None  # unknown until the first publish
+        self.connected = False
+        self.ping_interval = 5.0
+        self._listener = None
+        self._wake_r = self._wake_w = None
+        # Subscription bookkeeping, touched only by the listener and (for _want/_ready) watch():
+        self._requested = set()  # channels whose last command sent was SUBSCRIBE
+        self._ready = {}  # id -> Event set when the SUBSCRIBE covering new waiters is confirmed
+        self._inflight = {}  # id -> deque of Events (SUBSCRIBE) / None (UNSUBSCRIBE) awaiting replies
+        self._want = set()
+        self._drop = set()
+        self._recheck_when_resubscribed = False
+
+    def channel(self, order_id):
+        return f"{self.prefix}order:status:{order_id}"
+
+    def cache_key(self, order_id):
+        return f"{self.prefix}order:latest:{order_id}"
+
+    # -- publishing and the cache: a plain pooled client --
+
+    def latest(self, order_id):
+        try:
+            raw = self._client.get(self.cache_key(order_id))
+        except (redis.RedisError, OSError):
+            return None
+        return json.loads(raw) if raw else None
+
+    def publish(self, message):
+        payload = json.dumps(message, separators=(",", ":"))
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            # Cache first: a waiter subscribing between the two still finds it.
+            pipe.setex(self.cache_key(message["id"]), CACHE_SECONDS, payload)
+            pipe.publish(self.channel(message["id"]), payload)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            metrics.publish_failures.inc()
+            if self._publisher_up is not False:
+                log.warning("Redis publish failed, waiters will re-check the database: %s", exc)
+            self._publisher_up = False
+            return
+        if not self._publisher_up:
+            log.info("Redis Publisher connected")
+            self._publisher_up = True
+        log.info("Redis notification sent")
+
+    def ready(self):
+        try:
+            self._client.ping()
+        except (redis.RedisError, OSError) as exc:
+            return False, f"redis: {exc}"
+        return True, "redis"
+
+    # -- subscribing: the waiter side --
+
+    def _ensure_subscribed(self, order_id):
+        if not self.connected:
+            return  # degraded: the re-check every few seconds stands in for messages
+        if order_id in self._requested:
+            ready = self._ready.get(order_id)
+            if ready is None or ready.is_set():
+                return
+        else:
+            ready = self._ready.get(order_id)
+            if ready is None:
+                ready = self._ready[order_id] = gevent.event.Event()
+            self._want.add(order_id)
+            self._wake_listener()
+        ready.wait(SUBSCRIBE_CONFIRM_TIMEOUT)
+
+    def _release(self, order_id):
+        self._drop.add(order_id)
+        self._wake_listener()
+
+    def _start_background(self):
+        super()._start_background()
+        if self._listener is None:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            self._listener = gevent.spawn(self._listen_forever)
+
+    def _greenlets(self):
+        return super()._greenlets() + [g for g in (self._listener,) if g is not None]
+
+    def _wake_listener(self):
+        if self._wake_w is None:
+            return
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    # -- the listener greenlet: the only user of the subscriber connection --
+
+    def _listen_forever(self):
+        backoff = 0.25
+        while True:
+            conn = None
+            try:
+                conn = self._connect()
+                backoff = 0.25
+                self._serve(conn)
+            except (redis.RedisError, OSError) as exc:
+                if self.connected:
+                    self._on_disconnected(exc)
+                else:
+                    log.debug("Redis subscriber still unreachable: %s", exc)
+            finally:
+                if conn is not None:
+                    conn.disconnect()
+            gevent.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, 10.0)
+
+    def _connect(self):
+        pool = redis.ConnectionPool.from_url(
+            self.url, protocol=2, socket_connect_timeout=1, socket_keepalive=True,
+            client_name=f"eventi-sub-{os.getpid()}",
+        )  # RESP2: pub/sub messages arrive as plain replies, not RESP3 pushes
+        conn = pool.make_connection()
+        conn.connect()
+        # A fresh connection has no subscriptions: re-request every channel we hold
+        # waiters for, keeping the confirmations that new waiters still wait on.
+        self._ready = {order_id: ready for order_id, ready in self._ready.items() if not ready.is_set()}
+        self._requested.clear()
+        self._inflight.clear()
+        self._drop.clear()
+        self._want = set(self._waiters)
+        # Messages may have been missed while we were away: once resubscribed, re-check everyone.
+        self._recheck_when_resubscribed = bool(self._want)
+        self.connected = True
+        metrics.listener_connected.set(1)
+        metrics.subscribed_channels.set(0)
+        metrics.redis_transitions.labels("connected").inc()
+        log.info("Redis subscriber connected")
+        return conn
+
+    def _on_disconnected(self, exc):
+        self.connected = False
+        metrics.listener_connected.set(0)
+        metrics.redis_transitions.labels("disconnected").inc()
+        log.warning("Redis subscriber disconnected, re-checking the database every %gs until it is back: %s",
+                    self.degraded_interval, exc)
+        for ready in self._ready.values():
+            ready.set()  # nobody waits for a confirmation that cannot come
+        self._recheck_now.set()
+
+    def _serve(self, conn):
+        sock = conn._sock  # redis-py keeps it private; we only select() on it
+        ping_sent = None
+        while True:
+            self._sync_subscriptions(conn)
+            while conn.can_read(timeout=0):
+                self._handle(conn.read_response())
+                ping_sent = None
+            timeout = self.ping_interval if ping_sent is None else max(0, ping_sent + self.ping_interval - time.monotonic())
+            readable, _, _ = gevent.select.select([sock, self._wake_r], [], [], timeout)
+            if self._wake_r in readable:
+                self._drain_wake_pipe()
+            if not readable:
+                if ping_sent is not None:
+                    raise redis.ConnectionError(f"no PONG from Redis within {self.ping_interval:g}s")
+                conn.send_command("PING")
+                ping_sent = time.monotonic()
+
+    def _drain_wake_pipe(self):
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+
+    def _sync_subscriptions(self, conn):
+        subscribe, unsubscribe = [], []
+        for order_id in self._want:
+            if self._waiters.get(order_id) and order_id not in self._requested:
+                ready = self._ready.setdefault(order_id, gevent.event.Event())
+                self._inflight.setdefault(order_id, collections.deque()).append(ready)
+                self._requested.add(order_id)
+                subscribe.append(self.channel(order_id))
+            elif not self._waiters.get(order_id):
+                ready = self._ready.pop(order_id, None)
+                if ready is not None and order_id not in self._requested:
+                    ready.set()
+        self._want.clear()
+        for order_id in self._drop:
+            if not self._waiters.get(order_id) and order_id in self._requested:
+                self._requested.discard(order_id)
+                self._ready.pop(order_id, None)
+                self._inflight.setdefault(order_id, collections.deque()).append(None)
+                unsubscribe.append(self.channel(order_id))
+        self._drop.clear()
+        for command, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
+            for start in range(0, len(channels), SUBSCRIBE_BATCH):
+                conn.send_command(command, *channels[start:start + SUBSCRIBE_BATCH])
+
+    def _handle(self, reply):
+        kind = reply[0]
+        if kind == b"message":
+            self._on_message(reply[1], reply[2])
+        elif kind in (b"subscribe", b"unsubscribe"):
+            order_id = reply[1][len(self._channel_prefix):].decode()
+            queue = self._inflight.get(order_id)
+            ready = queue.popleft() if queue else None
+            if queue is not None and not queue:
+                del self._inflight[order_id]
+            metrics.subscribed_channels.set(reply[2])
+            if ready is not None:
+                ready.set()
+                log.info("Subscribed to Redis channel: %s", reply[1].decode())
+            if self._recheck_when_resubscribed and not self._inflight:
+                self._recheck_when_resubscribed = False
+                self._recheck_now.set()
+
+    def _on_message(self, channel, data):
+        order_id = channel[len(self._channel_prefix):].decode()
+        log.info("Redis message received for order: %s", order_id)
+        try:
+            message = json.loads(data)
+        except ValueError:
+            log.warning("Ignoring a malformed message on %s", channel.decode())
+            return
+        self._deliver(order_id, message)
+
+
+def create_hub(config):
+    limits = dict(
+        max_per_order=config["WAIT_MAX_PER_ORDER"],
+        max_per_worker=config["WAIT_MAX_PER_WORKER"],
+        recheck_interval=config["WAIT_RECHECK_INTERVAL"],
+        degraded_interval=config["WAIT_RECHECK_INTERVAL_DEGRADED"],
+    )
+    if config.get("REDIS_URL"):
+        return RedisHub(config["REDIS_URL"], config.get("REDIS_PREFIX", ""), **limits)
+    return LocalHub(**limits)

@@ -1,0 +1,83 @@
+"""Events, ticket types, orders and tickets."""
+import secrets
+from datetime import datetime, timezone
+
+from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from ..extensions import db
+
+
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+def new_order_id():
+    # 128 random bits, URL-safe: the id is the only key to a customer's order.
+    return secrets.token_urlsafe(16)
+
+
+class Event(db.Model):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    venue: Mapped[str] = mapped_column(String(200))
+    starts_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True))
+    ticket_types: Mapped[list["TicketType"]] = relationship(back_populates="event", order_by="TicketType.price")
+
+
+class TicketType(db.Model):
+    __tablename__ = "ticket_types"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id"))
+    code: Mapped[str] = mapped_column(String(50))
+    name: Mapped[str] = mapped_column(String(100))
+    price: Mapped[int]
+    capacity: Mapped[int]
+    # Tickets held by pending or completed orders; released when an order fails.
+    reserved: Mapped[int] = mapped_column(default=0)
+    event: Mapped[Event] = relationship(back_populates="ticket_types", lazy="joined", innerjoin=True)
+
+    __table_args__ = (db.UniqueConstraint("event_id", "code"),)
+
+    @property
+    def available(self):
+        return max(self.capacity - self.reserved, 0)
+
+
+class Order(db.Model):
+    __tablename__ = "orders"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_order_id)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    version: Mapped[int] = mapped_column(default=1)
+    ticket_type_id: Mapped[int] = mapped_column(ForeignKey("ticket_types.id"))
+    quantity: Mapped[int]
+    amount: Mapped[int]
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(254))
+    phone: Mapped[str] = mapped_column(String(12))
+    payhero_reference: Mapped[str | None] = mapped_column(String(100), index=True)
+    checkout_request_id: Mapped[str | None] = mapped_column(String(100), index=True)
+    receipt: Mapped[str | None] = mapped_column(String(100))
+    result_code: Mapped[int | None]
+    result_desc: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
+
+    # Joined eagerly so that reading an order for an answer is one SELECT.
+    ticket_type: Mapped[TicketType] = relationship(lazy="joined", innerjoin=True)
+    tickets: Mapped[list["Ticket"]] = relationship(order_by="Ticket.id", lazy="joined")
+
+    __table_args__ = (Index("ix_orders_status_created", "status", "created_at"),)
+
+
+class Ticket(db.Model):
+    __tablename__ = "tickets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)

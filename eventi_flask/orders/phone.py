@@ -1,0 +1,20 @@
+"""Kenyan M-Pesa phone numbers: normalised to 2547XXXXXXXX / 2541XXXXXXXX."""
+import re
+
+_PHONE = re.compile(r"^(?:\+?254|0)?([17]\d{8})$")
+_SEPARATORS = re.compile(r"[\s\-().]")
+
+
+def normalize_phone(raw):
+    """Return the 12-digit 254... form, or None when `raw` is not a Kenyan mobile number."""
+    if not isinstance(raw, str):
+        return None
+    match = _PHONE.match(_SEPARATORS.sub("", raw))
+    return "254" + match.group(1) if match else None
+
+
+def mask_phone(phone):
+    """2547******78: enough for a customer to recognise, too little to misuse."""
+    if not phone or len(phone) < 6:
+        return "***"
+    return phone[:4] + "*" * (len(phone) - 6) + phone[-2:]

@@ -1,0 +1,252 @@
+"""The orders service layer: each public function owns its transaction."""
+import logging
+import secrets
+import time
+
+from flask import current_app
+from sqlalchemy import select
+
+from .. import metrics
+from ..errors import ApiError
+from ..extensions import db
+from ..notify.hub import WaitLimitReached
+from ..notify.service import get_hub, notify_after_commit
+from ..payhero.client import PayHeroError, get_payhero
+from .models import Event, Order, Ticket, TicketType, utcnow
+from .schemas import serialize_event, serialize_order
+from .state import PLAIN_REASONS, Decision, Status, decide
+
+log = logging.getLogger(__name__)
+
+
+def event_by_slug(slug):
+    event = db.session.scalar(select(Event).where(Event.slug == slug))
+    if event is None:
+        raise ApiError(404, "event_not_found", f"No event called {slug!r}.")
+    return serialize_event(event)
+
+
+def order_by_id(order_id):
+    order = db.session.get(Order, order_id)
+    if order is None:
+        raise ApiError(404, "order_not_found", "No order with that id.")
+    return serialize_order(order)
+
+
+def _touch(order):
+    """Every committed change bumps the version and is published after the commit."""
+    order.version += 1
+    order.updated_at = utcnow()
+    notify_after_commit(db.session, serialize_order(order))
+
+
+def create_order(data):
+    """Reserve tickets and save a pending order, then ask PayHero for the STK push."""
+    ticket_type = db.session.scalar(
+        select(TicketType)
+        .join(Event)
+        .where(Event.slug == data["event"], TicketType.code == data["ticket_type"])
+        .with_for_update(of=TicketType)
+    )
+    if ticket_type is None:
+        db.session.rollback()
+        known = db.session.scalar(select(Event.id).where(Event.slug == data["event"]))
+        if known is None:
+            raise ApiError(404, "event_not_found", f"No event called {data['event']!r}.", {"event": "Unknown event."})
+        raise ApiError(404, "ticket_type_not_found", f"No ticket type {data['ticket_type']!r} for this event.",
+                       {"ticket_type": "Unknown ticket type."})
+    if ticket_type.available < data["quantity"]:
+        db.session.rollback()
+        raise ApiError(409, "sold_out", f"Only {ticket_type.available} {ticket_type.name} tickets are left.",
+                       {"quantity": f"Only {ticket_type.available} left."})
+    ticket_type.reserved += data["quantity"]
+    order = Order(
+        ticket_type=ticket_type,
+        quantity=data["quantity"],
+        amount=ticket_type.price * data["quantity"],
+        name=data["name"].strip(),
+        email=data["email"],
+        phone=data["phone"],
+        version=1,
+    )
+    db.session.add(order)
+    db.session.flush()
+    notify_after_commit(db.session, serialize_order(order))
+    # Saved before PayHero is called: its callback may arrive before its answer does.
+    db.session.commit()
+    return _request_payment(order)
+
+
+def _callback_url():
+    config = current_app.config
+    return f"{config['PUBLIC_BASE_URL']}/api/payhero/callback?token={config['PAYHERO_CALLBACK_TOKEN']}"
+
+
+def _request_payment(order):
+    try:
+        answer = get_payhero().start_payment(
+            amount=order.amount,
+            phone=order.phone,
+            external_reference=order.id,
+            customer_name=order.name,
+            callback_url=_callback_url(),
+        )
+    except PayHeroError as exc:
+        log.warning("PayHero refused the payment request for order %s: %s", order.id, exc)
+        failed = _finish_without_payhero(order.id, f"The payment could not be started: {exc.public_message}")
+        raise ApiError(502, "payhero_unavailable",
+                       "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
+                       headers={"X-Order-Id": failed["id"]})
+    locked = _lock_order(order.id)
+    if locked.payhero_reference is None:
+        locked.payhero_reference = answer["reference"]
+        locked.checkout_request_id = locked.checkout_request_id or answer["checkout_request_id"]
+        _touch(locked)
+    body = serialize_order(locked)
+    db.session.commit()
+    return body
+
+
+def _lock_order(order_id):
+    return db.session.scalar(select(Order).where(Order.id == order_id).with_for_update(of=Order))
+
+
+def _finish_without_payhero(order_id, reason):
+    order = _lock_order(order_id)
+    if order.status == Status.PENDING:
+        order.status = Status.FAILED.value
+        order.result_desc = reason
+        order.ticket_type.reserved -= order.quantity
+        _touch(order)
+    body = serialize_order(order)
+    db.session.commit()
+    return body
+
+
+def find_order_for_payment(outcome):
+    """The order a PayHero outcome is about: our id first, then PayHero's own references."""
+    if outcome.order_id:
+        order = db.session.get(Order, outcome.order_id)
+        if order is not None:
+            return order.id
+    for column, value in ((Order.checkout_request_id, outcome.checkout_request_id), (Order.payhero_reference, outcome.reference)):
+        if value:
+            order_id = db.session.scalar(select(Order.id).where(column == value))
+            if order_id is not None:
+                return order_id
+    return None
+
+
+def payhero_reference(order_id):
+    return db.session.scalar(select(Order.payhero_reference).where(Order.id == order_id))
+
+
+def apply_payment_outcome(order_id, outcome, record=None):
+    """Apply `outcome` to the order under a row lock; return (Transition, order body).
+
+    The lock makes concurrent repeats of one callback queue up: the first one
+    moves the order, the others find it final and change nothing.  `record`,
+    a stored callback row, gets its outcome in the same transaction.
+    """
+    order = _lock_order(order_id)
+    transition = decide(order.status, order.amount, outcome)
+    if transition.decision is Decision.APPLY:
+        order.status = transition.status.value
+        order.result_code = outcome.result_code
+        order.result_desc = outcome.result_desc or PLAIN_REASONS.get(outcome.result_code)
+        order.receipt = outcome.receipt or None
+        order.payhero_reference = order.payhero_reference or outcome.reference
+        order.checkout_request_id = order.checkout_request_id or outcome.checkout_request_id
+        if transition.status is Status.COMPLETED:
+            order.tickets.extend(Ticket(code=_ticket_code()) for _ in range(order.quantity))
+        else:
+            order.ticket_type.reserved -= order.quantity
+        _touch(order)
+        log.info("Order status updated: %s", order.status)
+    elif transition.decision is Decision.IGNORED_FINAL:
+        log.warning("Order %s is already %s; a later %s outcome was recorded and not applied",
+                    order.id, order.status, outcome.status.value)
+    if record is not None:
+        record.order_id = order.id
+        record.outcome = transition.decision.value
+    body = serialize_order(order)
+    db.session.commit()
+    return transition, body
+
+
+def _ticket_code():
+    raw = secrets.token_hex(6).upper()
+    return f"{raw[:4]}-{raw[4:8]}-{raw[8:]}"
+
+
+def current_versions(order_ids):
+    """{id: version} for the given orders, in one query per thousand ids."""
+    versions = {}
+    for start in range(0, len(order_ids), 1000):
+        chunk = order_ids[start:start + 1000]
+        versions.update(db.session.execute(select(Order.id, Order.version).where(Order.id.in_(chunk))).all())
+    db.session.remove()
+    return versions
+
+
+def _settled(order, since):
+    """True when a wait should answer with `order` now rather than hold."""
+    if order["status"] != Status.PENDING:
+        return True
+    return since is not None and order["version"] > since
+
+
+def _read_order(order_id):
+    order = db.session.get(Order, order_id)
+    body = serialize_order(order) if order is not None else None
+    # Give the connection back before holding: a held wait owns no database connection.
+    db.session.remove()
+    return body
+
+
+def wait_for_order(order_id, timeout, since):
+    """The long poll: (order body, how it ended).  See GET /api/orders/<id>/wait in API.md.
+
+    At most one database query: none when the cache answers, none when a
+    published message (which carries the whole order) wakes us.
+    """
+    hub = get_hub()
+    started = time.monotonic()
+    deadline = started + timeout
+    result = "error"
+    try:
+        waiter = hub.watch(order_id)
+    except WaitLimitReached as exc:
+        if exc.scope == "order":
+            raise ApiError(429, "too_many_waiters", "Too many open waits for this order.", headers={"Retry-After": "5"})
+        raise ApiError(503, "server_busy", "This server is holding as many waits as it can.", headers={"Retry-After": "2"})
+    try:
+        # Subscribed first, then read: a change committed after this read will be delivered.
+        cached = hub.latest(order_id)
+        order = cached["order"] if cached and "order" in cached else None
+        if order is None:
+            order = _read_order(order_id)
+            if order is None:
+                raise ApiError(404, "order_not_found", "No order with that id.")
+        log.info("Long polling started for order: %s", order_id)
+        while not _settled(order, since):
+            waiter.seen_version = order["version"]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                result = "timeout"
+                return order, result
+            message, recheck = waiter.wait(remaining)
+            if message is not None and message["version"] > order["version"]:
+                order = message["order"]
+                latency_ms = time.time() * 1000 - message["published_at_ms"]
+                log.info("Order %s status changed via Redis (%dms)", order_id, latency_ms)
+                metrics.delivery_latency.observe(max(latency_ms, 0) / 1000)
+            elif recheck:
+                fresh = _read_order(order_id)
+                if fresh is not None and fresh["version"] > order["version"]:
+                    order = fresh
+        result = "changed"
+        return order, result
+    finally:
+        hub.unwatch(waiter)
+        metrics.wait_duration.labels(result).observe(time.monotonic() - started)

@@ -1,0 +1,86 @@
+"""The PayHero API client (live, or the built-in sandbox: same wire format).
+
+A payment POST is never retried: it may already have reached the customer's
+phone, and a second STK push would ask them to pay twice.
+"""
+import logging
+
+import requests
+from flask import current_app
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "eventi.payhero"
+
+
+class PayHeroError(Exception):
+    """PayHero refused a request or did not answer.  public_message is safe to show."""
+
+    def __init__(self, public_message, detail=None):
+        super().__init__(detail or public_message)
+        self.public_message = public_message
+
+
+class PayHeroClient:
+    def __init__(self, base_url, username, password, channel_id, connect_timeout=5.0, read_timeout=20.0):
+        self.base_url = base_url.rstrip("/")
+        self.channel_id = channel_id
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = requests.Session()
+        self.session.auth = (username, password)
+        self.session.headers["Accept"] = "application/json"
+
+    def _call(self, method, path, **kwargs):
+        url = f"{self.base_url}{path}"
+        try:
+            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.Timeout as exc:
+            raise PayHeroError("PayHero did not answer in time", str(exc)) from exc
+        except requests.RequestException as exc:
+            raise PayHeroError("PayHero could not be reached", str(exc)) from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400 or not isinstance(body, dict):
+            reason = (body.get("error_message") or body.get("message")) if isinstance(body, dict) else None
+            raise PayHeroError(f"PayHero answered {response.status_code}", reason or response.text[:200])
+        return body
+
+    def start_payment(self, amount, phone, external_reference, customer_name, callback_url):
+        """Send the STK push; return {"reference", "checkout_request_id"}."""
+        body = self._call("POST", "/api/v2/payments", json={
+            "amount": amount,
+            "phone_number": phone,
+            "channel_id": self.channel_id,
+            "provider": "m-pesa",
+            "external_reference": external_reference,
+            "customer_name": customer_name,
+            "callback_url": callback_url,
+        })
+        if not body.get("success") or not body.get("reference"):
+            raise PayHeroError("PayHero refused the payment request", str(body)[:200])
+        return {"reference": str(body["reference"]), "checkout_request_id": body.get("CheckoutRequestID")}
+
+    def transaction_status(self, reference):
+        """PayHero's view of one payment: {"status": QUEUED|SUCCESS|FAILED, "provider_reference", ...}."""
+        body = self._call("GET", "/api/v2/transaction-status", params={"reference": reference})
+        if body.get("status") not in ("QUEUED", "SUCCESS", "FAILED"):
+            raise PayHeroError("PayHero sent a status we do not know", str(body)[:200])
+        return body
+
+
+def init_app(app):
+    config = app.config
+    app.extensions[EXTENSION] = PayHeroClient(
+        config["PAYHERO_BASE_URL"],
+        config["PAYHERO_API_USERNAME"],
+        config["PAYHERO_API_PASSWORD"],
+        config["PAYHERO_CHANNEL_ID"],
+        config["PAYHERO_CONNECT_TIMEOUT"],
+        config["PAYHERO_READ_TIMEOUT"],
+    )
+
+
+def get_payhero():
+    return current_app.extensions[EXTENSION]

@@ -1,0 +1,139 @@
+"""The sandbox PayHero: the live wire format, served by the app itself.
+
+It keeps no state: a payment's outcome, amount and start time are encoded in
+the reference it hands out, so any worker or instance can answer
+transaction-status for it.  The callback is POSTed over HTTP to the
+callback_url, through the real callback route, from a greenlet.
+"""
+import base64
+import hashlib
+import logging
+import secrets
+import time
+
+import gevent
+import requests
+from flask import Blueprint, current_app, jsonify, request
+
+from ..orders.phone import normalize_phone
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("sandbox", __name__, url_prefix="/sandbox/payhero")
+
+# phone -> (ResultCode, ResultDesc); None: the customer never answers, so no callback.
+SANDBOX_PHONES = {
+    "254708000001": (1032, "Request cancelled by user"),
+    "254708000002": (1, "The balance is insufficient for the transaction"),
+    "254708000003": (2001, "The initiator information is invalid"),
+    "254708000004": None,
+    "254708000005": (1037, "DS timeout user cannot be reached"),
+}
+SUCCESS = (0, "The service request is processed successfully.")
+NO_ANSWER_CODE = -1
+
+
+def _refuse(status, message):
+    response = jsonify({"success": False, "error_message": message})
+    response.status_code = status
+    return response
+
+
+def _outcome_for(phone):
+    return SANDBOX_PHONES.get(phone, SUCCESS)
+
+
+def _receipt(reference):
+    return "S" + base64.b32encode(hashlib.sha256(reference.encode()).digest()).decode()[:9]
+
+
+def make_reference(result_code, amount, started_ms):
+    return f"SBX-{result_code}-{amount}-{started_ms}-{secrets.token_hex(4)}"
+
+
+def read_reference(reference):
+    """(result_code, amount, started_ms) from a sandbox reference, or None."""
+    parts = (reference or "").split("-")
+    if len(parts) != 5 or parts[0] != "SBX":
+        return None
+    try:
+        return int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+def classic_callback(reference, checkout_request_id, order_id, amount, phone, result_code, result_desc):
+    success = result_code == 0
+    return {
+        "forward_url": "",
+        "status": success,
+        "response": {
+            "Amount": amount,
+            "CheckoutRequestID": checkout_request_id,
+            "ExternalReference": order_id,
+            "MerchantRequestID": reference,
+            "MpesaReceiptNumber": _receipt(reference) if success else "",
+            "Phone": "+" + phone,
+            "ResultCode": result_code,
+            "ResultDesc": result_desc,
+            "Status": "Success" if success else "Failed",
+        },
+    }
+
+
+def _send_callback(url, body):
+    try:
+        response = requests.post(url, json=body, timeout=10)
+        log.info("Sandbox PayHero callback for %s answered %s", body["response"]["ExternalReference"], response.status_code)
+    except requests.RequestException as exc:
+        log.warning("Sandbox PayHero could not deliver a callback: %s", exc)
+
+
+@bp.before_request
+def _require_basic_auth():
+    if request.authorization is None or request.authorization.type != "basic":
+        return _refuse(401, "Basic authentication is required")
+    return None
+
+
+@bp.post("/api/v2/payments")
+def start_payment():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _refuse(400, "Send a JSON body")
+    amount, phone, url = body.get("amount"), normalize_phone(body.get("phone_number")), body.get("callback_url")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+        return _refuse(400, "amount must be a positive whole number")
+    if phone is None:
+        return _refuse(400, "phone_number is not a valid Kenyan number")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return _refuse(400, "callback_url must be an http(s) URL")
+    outcome = _outcome_for(phone)
+    result_code = NO_ANSWER_CODE if outcome is None else outcome[0]
+    reference = make_reference(result_code, amount, int(time.time() * 1000))
+    checkout_request_id = "ws_CO_" + secrets.token_hex(10)
+    if outcome is not None:
+        callback = classic_callback(reference, checkout_request_id, body.get("external_reference"), amount, phone, *outcome)
+        gevent.spawn_later(current_app.config["SANDBOX_CALLBACK_DELAY"], _send_callback, url, callback)
+    return jsonify({"success": True, "status": "QUEUED", "reference": reference, "CheckoutRequestID": checkout_request_id})
+
+
+@bp.get("/api/v2/transaction-status")
+def transaction_status():
+    reference = request.args.get("reference", "")
+    decoded = read_reference(reference)
+    if decoded is None:
+        return _refuse(404, "No transaction with that reference")
+    result_code, amount, started_ms = decoded
+    answered = time.time() * 1000 >= started_ms + current_app.config["SANDBOX_CALLBACK_DELAY"] * 1000
+    if not answered or result_code == NO_ANSWER_CODE:
+        status = "QUEUED"
+    else:
+        status = "SUCCESS" if result_code == 0 else "FAILED"
+    return jsonify({
+        "status": status,
+        "reference": reference,
+        "amount": amount,
+        "result_code": result_code if status != "QUEUED" else None,
+        "provider_reference": _receipt(reference) if status == "SUCCESS" else "",
+    })

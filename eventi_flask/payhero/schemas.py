@@ -1,0 +1,105 @@
+"""PayHero callback bodies, both shapes, parsed into one PaymentOutcome."""
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
+
+from ..orders.schemas import StrictInteger
+from ..orders.state import PaymentOutcome
+
+
+class Amount(fields.Number):
+    """KES as a JSON number; a whole number of shillings (300 or 300.0)."""
+
+    num_type = float
+
+    def _validated(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        return int(value) if float(value).is_integer() else value
+
+
+def _references_present(data, *names):
+    if not any(data.get(name) for name in names):
+        raise ValidationError(f"One of {', '.join(names)} is required.", names[0])
+
+
+class ClassicResponseSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    Amount = Amount(load_default=None)
+    CheckoutRequestID = fields.String(load_default=None)
+    ExternalReference = fields.String(load_default=None)
+    MpesaReceiptNumber = fields.String(load_default=None, allow_none=True)
+    ResultCode = StrictInteger(required=True)
+    ResultDesc = fields.String(load_default=None, allow_none=True)
+    Status = fields.String(load_default=None)
+
+    @validates_schema
+    def _identifies_a_payment(self, data, **kwargs):
+        _references_present(data, "ExternalReference", "CheckoutRequestID")
+        if data["ResultCode"] == 0 and data["Amount"] is None:
+            raise ValidationError("Amount is required for a successful payment.", "Amount")
+
+
+class ClassicCallbackSchema(Schema):
+    """{"status": bool, "response": {...M-Pesa fields...}}: the shape PayHero's v2 docs show."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.Boolean(load_default=None, truthy={True}, falsy={False})
+    response = fields.Nested(ClassicResponseSchema, required=True)
+
+
+class FlatCallbackSchema(Schema):
+    """{"success": bool, "status": "success|failed", "external_reference", "amount", ...}."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    success = fields.Boolean(required=True, truthy={True}, falsy={False})
+    status = fields.String(load_default=None)
+    message = fields.String(load_default=None, allow_none=True)
+    reference = fields.String(load_default=None, allow_none=True)
+    external_reference = fields.String(load_default=None, allow_none=True)
+    amount = Amount(load_default=None)
+    provider_reference = fields.String(load_default=None, allow_none=True)
+    result_code = StrictInteger(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _identifies_a_payment(self, data, **kwargs):
+        _references_present(data, "external_reference", "reference")
+        if data["success"] and data["amount"] is None:
+            raise ValidationError("amount is required for a successful payment.", "amount")
+
+
+def parse_callback(body):
+    """PaymentOutcome from a decoded JSON body; ValidationError naming bad fields otherwise."""
+    if not isinstance(body, dict):
+        raise ValidationError("The callback body must be a JSON object.", "_schema")
+    if "response" in body:
+        r = ClassicCallbackSchema().load(body)["response"]
+        return PaymentOutcome(
+            success=r["ResultCode"] == 0,
+            result_code=r["ResultCode"],
+            result_desc=r["ResultDesc"],
+            receipt=r["MpesaReceiptNumber"] or None,
+            amount=r["Amount"],
+            checkout_request_id=r["CheckoutRequestID"],
+            order_id=r["ExternalReference"],
+        )
+    data = FlatCallbackSchema().load(body)
+    success = data["success"] and (data["status"] or "success").lower() == "success"
+    result_code = data["result_code"] if data["result_code"] is not None else (0 if success else None)
+    return PaymentOutcome(
+        success=success,
+        result_code=result_code,
+        result_desc=data["message"],
+        receipt=data["provider_reference"] if success else None,
+        amount=data["amount"],
+        reference=data["reference"],
+        order_id=data["external_reference"],
+    )
