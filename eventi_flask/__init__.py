@@ -6,7 +6,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import errors, logs, metrics, notify, ops, orders, payhero
+from . import errors, logs, metrics, notify, ops, orders, payhero, web
 from .extensions import db, migrate
 
 log = logging.getLogger(__name__)
@@ -51,4 +51,5 @@ def create_app(config=None):
     payhero.init_app(app)
     orders.init_app(app)
     ops.init_app(app)
+    web.init_app(app)
     return app

@@ -262,7 +262,7 @@ class RedisHub(Hub):
         try:
             pipe = self._client.pipeline(transaction=False)
             # Cache first: a waiter subscribing between the two still finds it.
-            pipe.setex(self.cache_key(message["id"]), CACHE_SECONDS, payload)
+            pipe.set(self.cache_key(message["id"]), payload, ex=CACHE_SECONDS)
             pipe.publish(self.channel(message["id"]), payload)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:

@@ -1,0 +1,122 @@
+"""Fixtures.  The suite runs monkey-patched, as gunicorn's gevent worker does."""
+from gevent import monkey
+
+monkey.patch_all()
+
+import re  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
+import requests_mock  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+from config import TestConfig  # noqa: E402
+from eventi_flask import create_app  # noqa: E402
+from eventi_flask.extensions import db  # noqa: E402
+from eventi_flask.notify.service import get_hub  # noqa: E402
+from eventi_flask.orders.commands import seed_demo  # noqa: E402
+from tests.support import REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
+
+# PayHero and our own callback URL live on this host in unit tests; requests-mock
+# carries both to the app in-process (see `wire`).
+PUBLIC = "http://eventi.test"
+BACKENDS = ["sqlite-local", "postgres-redis"]
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    name, url = create_database()
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def settings(backend, tmp_path, request):
+    """Environment for the app under test; a test may add to it with @pytest.mark.env(...)."""
+    env = {
+        "PUBLIC_BASE_URL": PUBLIC,
+        "SANDBOX_CALLBACK_DELAY": "0.05",
+        "ORDER_LIMIT_PER_PHONE": "off",
+        "ORDER_LIMIT_PER_CLIENT": "off",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/test.sqlite3",
+    }
+    if backend == "postgres-redis":
+        env["DATABASE_URL"] = request.getfixturevalue("pg_url")
+        env["REDIS_URL"] = REDIS_URL
+        env["REDIS_PREFIX"] = f"test:{uuid.uuid4().hex[:10]}:"
+    for marker in reversed(list(request.node.iter_markers("env"))):
+        env.update(marker.kwargs)
+    return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "env(**vars): extra environment for the app under test")
+
+
+@pytest.fixture
+def app(settings):
+    app = create_app(TestConfig({k: v for k, v in settings.items() if v is not None}))
+    with app.app_context():
+        db.create_all()
+        if db.engine.dialect.name == "postgresql":
+            tables = ", ".join(t.name for t in db.metadata.sorted_tables)
+            db.session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            db.session.commit()
+        seed_demo()
+        db.session.remove()
+    yield app
+    with app.app_context():
+        get_hub().stop()
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def wire(app):
+    """Outbound HTTP to PayHero (the sandbox) and back to our callback URL, carried in-process."""
+    client = app.test_client()
+
+    def forward(request, context):
+        response = client.open(request.path_url, method=request.method, data=request.body,
+                               headers={k: v for k, v in request.headers.items() if k.lower() != "content-length"})
+        context.status_code = response.status_code
+        context.headers["Content-Type"] = response.headers.get("Content-Type", "")
+        return response.get_data()
+
+    with requests_mock.Mocker() as mocker:
+        mocker.register_uri(requests_mock.ANY, re.compile("^" + re.escape(PUBLIC) + "/"), content=forward)
+        yield mocker
+
+
+@pytest.fixture
+def redis_client():
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def live_server_factory(tmp_path_factory):
+    """start(**env) -> a LiveServer running gunicorn from the Procfile; stopped at the end."""
+    servers = []
+
+    def start(**env):
+        log_path = tmp_path_factory.mktemp("gunicorn") / "server.log"
+        server = LiveServer(env, log_path)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,120 @@
+"""Helpers for tests: waiting on conditions with deadlines, real servers, databases."""
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres:postgres@127.0.0.1:5432/postgres")
+DEMO = {"event": "test-this-end-to-end", "ticket_type": "early-bird", "quantity": 1,
+        "name": "Wanjiku Kamau", "email": "wanjiku@example.com", "phone": "0712345678"}
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def create_database(prefix="eventi_test"):
+    """A fresh, empty PostgreSQL database; returns (name, url)."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(name):
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def procfile_command(process="web"):
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith(process + ":"):
+            return shlex.split(line.split(":", 1)[1])
+    raise AssertionError(f"no {process}: line in the Procfile")
+
+
+class LiveServer:
+    """gunicorn started from the Procfile's web line, after the release step, on its own database."""
+
+    def __init__(self, env, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db_name, db_url = create_database()
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "DATABASE_URL": db_url,
+            "REDIS_URL": REDIS_URL,
+            "REDIS_PREFIX": f"test:{uuid.uuid4().hex[:8]}:",
+            "PUBLIC_BASE_URL": self.url,
+            "ORDER_LIMIT_PER_PHONE": "off",
+            "ORDER_LIMIT_PER_CLIENT": "off",
+            **{k: str(v) for k, v in env.items() if v is not None},
+        }
+        for name, value in env.items():
+            if value is None:
+                self.env.pop(name, None)
+        self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env.get('PATH', '')}"
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self, timeout=30):
+        release = procfile_command("release")
+        subprocess.run(release, cwd=ROOT, env=self.env, check=True, capture_output=True)
+        subprocess.run(["flask", "--app", "wsgi", "seed-demo"], cwd=ROOT, env=self.env, check=True, capture_output=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(procfile_command("web"), cwd=ROOT, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._healthy, timeout, 0.1, f"gunicorn on {self.url} (log: {self.log_path})")
+        return self
+
+    def _healthy(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return requests.get(self.url + "/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def log(self):
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(35)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self._log.close()
+        drop_database(self.db_name)
+
+    def create_order(self, **overrides):
+        response = requests.post(self.url + "/api/orders", json={**DEMO, **overrides}, timeout=10)
+        assert response.status_code == 201, response.text
+        return response.json()
