@@ -118,3 +118,18 @@ class LiveServer:
         response = requests.post(self.url + "/api/orders", json={**DEMO, **overrides}, timeout=10)
         assert response.status_code == 201, response.text
         return response.json()
+
+
+def callback_body(order, result_code=0, amount=None, shape="classic", desc=None):
+    """A PayHero callback for `order` (an order JSON) in either payload shape."""
+    from eventi_flask.payhero.sandbox import classic_callback
+
+    amount = order["amount"] if amount is None else amount
+    payment = order["payment"]
+    if shape == "classic":
+        return classic_callback(payment["reference"] or "REF", payment["checkout_request_id"] or "ws_CO_x",
+                                order["id"], amount, "254712345678", result_code, desc or f"result {result_code}")
+    success = result_code == 0
+    return {"success": success, "status": "success" if success else "failed", "message": desc or "done",
+            "reference": payment["reference"], "external_reference": order["id"], "amount": amount,
+            "currency": "KES", "provider_reference": "QFLAT12345" if success else "", "result_code": result_code}

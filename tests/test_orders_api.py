@@ -27,7 +27,7 @@ def test_create_order_sends_stk_push_and_returns_pending_order(client, wire):
     assert order["status"] == "pending"
     assert order["amount"] == 600 and order["currency"] == "KES"
     assert order["phone"] == "2547******78"
-    assert order["payment"]["reference"].startswith("SBX-")
+    assert order["payment"]["reference"].startswith("SBX_")
     assert order["payment"]["checkout_request_id"].startswith("ws_CO_")
     assert len(order["id"]) >= 22  # 128 random bits, URL-safe base64
     payment = next(r for r in wire.request_history if r.path.endswith("/api/v2/payments"))
@@ -37,3 +37,88 @@ def test_create_order_sends_stk_push_and_returns_pending_order(client, wire):
     assert sent["amount"] == 600 and sent["provider"] == "m-pesa"
     assert sent["callback_url"] == "http://eventi.test/api/payhero/callback?token=sandbox"
     assert payment.headers["Authorization"].startswith("Basic ")
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"phone": "0812345678"}, "phone"),
+    ({"quantity": 0}, "quantity"),
+    ({"quantity": 11}, "quantity"),
+    ({"quantity": "2"}, "quantity"),
+    ({"email": "not-an-email"}, "email"),
+    ({"name": "   "}, "name"),
+    ({"name": None}, "name"),
+])
+def test_bad_fields_are_named_and_nothing_is_sent(client, wire, change, field):
+    response = client.post("/api/orders", json={**DEMO, **change})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_request" and field in error["fields"]
+    assert wire.call_count == 0
+
+
+def test_missing_fields_are_all_named(client, wire):
+    response = client.post("/api/orders", json={})
+    assert response.status_code == 400
+    assert set(response.get_json()["error"]["fields"]) == {"event", "ticket_type", "quantity", "name", "email", "phone"}
+
+
+@pytest.mark.parametrize("data", [b"not json", b"[1, 2]", b""])
+def test_a_body_that_is_not_a_json_object_is_400(client, wire, data):
+    response = client.post("/api/orders", data=data, content_type="application/json")
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("change, code", [({"event": "nope"}, "event_not_found"), ({"ticket_type": "vip"}, "ticket_type_not_found")])
+def test_unknown_event_or_ticket_type_is_404(client, wire, change, code):
+    response = client.post("/api/orders", json={**DEMO, **change})
+    assert response.status_code == 404 and response.get_json()["error"]["code"] == code
+    assert wire.call_count == 0
+
+
+def test_not_enough_tickets_left_is_409(app, client, wire):
+    from eventi_flask.extensions import db
+    from eventi_flask.orders.models import TicketType
+
+    with app.app_context():
+        db.session.execute(db.update(TicketType).values(capacity=TicketType.reserved + 3))
+        db.session.commit()
+    assert client.post("/api/orders", json={**DEMO, "quantity": 3}).status_code == 201
+    response = client.post("/api/orders", json={**DEMO, "quantity": 1})
+    assert response.status_code == 409 and response.get_json()["error"]["code"] == "sold_out"
+
+
+@pytest.mark.parametrize("payhero_answer", [
+    {"status_code": 500, "json": {"error_message": "down"}},
+    {"status_code": 200, "json": {"success": False, "error_message": "Insufficient float"}},
+    {"status_code": 200, "text": "<html>gateway</html>"},
+])
+def test_payhero_refusal_is_502_and_the_order_is_kept_failed(app, client, wire, payhero_answer):
+    wire.post("http://eventi.test/sandbox/payhero/api/v2/payments", **payhero_answer)
+    response = client.post("/api/orders", json=DEMO)
+    assert response.status_code == 502
+    assert response.get_json()["error"]["code"] == "payhero_unavailable"
+    order = client.get(f"/api/orders/{response.headers['X-Order-Id']}").get_json()
+    assert order["status"] == "failed" and order["payment"]["reference"] is None
+    assert wire.call_count == 1  # a payment POST is never retried blindly
+
+
+def test_payhero_timeout_is_502(client, wire):
+    import requests
+
+    wire.post("http://eventi.test/sandbox/payhero/api/v2/payments", exc=requests.ConnectTimeout)
+    assert client.post("/api/orders", json=DEMO).status_code == 502
+
+
+def test_get_order_and_404(client, wire):
+    order = client.post("/api/orders", json=DEMO).get_json()
+    response = client.get(f"/api/orders/{order['id']}")
+    assert response.status_code == 200 and response.get_json() == order
+    assert response.headers["Cache-Control"] == "no-store"
+    missing = client.get("/api/orders/does-not-exist")
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "order_not_found"
+
+
+def test_unknown_route_and_method_are_json_errors(client):
+    assert client.get("/api/nothing").get_json()["error"]["code"] == "not_found"
+    response = client.delete("/api/orders")
+    assert response.status_code == 405 and "error" in response.get_json()

@@ -48,12 +48,12 @@ def _receipt(reference):
 
 
 def make_reference(result_code, amount, started_ms):
-    return f"SBX-{result_code}-{amount}-{started_ms}-{secrets.token_hex(4)}"
+    return f"SBX_{result_code}_{amount}_{started_ms}_{secrets.token_hex(4)}"
 
 
 def read_reference(reference):
     """(result_code, amount, started_ms) from a sandbox reference, or None."""
-    parts = (reference or "").split("-")
+    parts = (reference or "").split("_")
     if len(parts) != 5 or parts[0] != "SBX":
         return None
     try:

@@ -90,7 +90,7 @@ def _handle(record, raw_body, content_type, token):
 def _verified(outcome, order_id):
     """Ask PayHero to confirm a success before completing; None if it does not."""
     reference = outcome.reference or orders.payhero_reference(order_id)
-    db.session.remove()  # no connection held across the HTTP call
+    db.session.commit()  # ends the read transaction: no connection held across the HTTP call
     if not reference:
         return None
     try:

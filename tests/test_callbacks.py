@@ -1,0 +1,131 @@
+"""POST /api/payhero/callback: every status code of API.md, and a payment is never lost."""
+import pytest
+from sqlalchemy import func, select
+
+from eventi_flask.extensions import db
+from eventi_flask.orders.models import Order, Ticket, TicketType
+from eventi_flask.payhero.models import PayheroCallback
+from tests.support import DEMO, callback_body
+
+URL = "/api/payhero/callback?token=sandbox"
+
+
+@pytest.fixture
+def order(client, wire):
+    wire.reset_mock()
+    response = client.post("/api/orders", json={**DEMO, "quantity": 2, "phone": "0708000004"})  # sandbox: no callback
+    assert response.status_code == 201
+    return response.get_json()
+
+
+def stored(app):
+    with app.app_context():
+        rows = db.session.scalars(select(PayheroCallback).order_by(PayheroCallback.id)).all()
+        return [(r.outcome, r.order_id, r.body) for r in rows]
+
+
+def reserved(app):
+    with app.app_context():
+        return db.session.scalar(select(TicketType.reserved).where(TicketType.code == "early-bird"))
+
+
+@pytest.mark.parametrize("shape", ["classic", "flat"])
+def test_success_completes_the_order_and_issues_tickets(app, client, order, shape):
+    response = client.post(URL, json=callback_body(order, shape=shape))
+    assert response.status_code == 200
+    assert response.get_json() == {"received": True, "order": order["id"], "status": "completed"}
+    done = client.get(f"/api/orders/{order['id']}").get_json()
+    assert done["status"] == "completed" and done["version"] == order["version"] + 1
+    assert done["payment"]["receipt"] and done["payment"]["result_code"] == 0
+    assert len(done["tickets"]) == 2 and len({t["code"] for t in done["tickets"]}) == 2
+    assert [row[:2] for row in stored(app)] == [("applied", order["id"])]
+
+
+def test_a_repeat_is_200_and_changes_nothing(app, client, order):
+    body = callback_body(order)
+    assert client.post(URL, json=body).status_code == 200
+    first = client.get(f"/api/orders/{order['id']}").get_json()
+    again = client.post(URL, json=body)
+    assert again.status_code == 200 and again.get_json()["status"] == "completed"
+    assert client.get(f"/api/orders/{order['id']}").get_json() == first
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Ticket.id))) == 2
+    assert [row[0] for row in stored(app)] == ["applied", "repeat"]
+
+
+def test_a_late_failure_after_success_is_recorded_not_applied(app, client, order):
+    client.post(URL, json=callback_body(order))
+    late = client.post(URL, json=callback_body(order, result_code=1))
+    assert late.status_code == 200 and late.get_json()["status"] == "completed"
+    assert client.get(f"/api/orders/{order['id']}").get_json()["status"] == "completed"
+    assert [row[0] for row in stored(app)] == ["applied", "ignored_final"]
+
+
+@pytest.mark.parametrize("code, status", [(1032, "cancelled"), (1, "failed"), (2001, "failed"), (1037, "failed")])
+def test_failures_release_the_tickets(app, client, order, code, status):
+    assert reserved(app) == 2
+    response = client.post(URL, json=callback_body(order, result_code=code))
+    assert response.status_code == 200 and response.get_json()["status"] == status
+    body = client.get(f"/api/orders/{order['id']}").get_json()
+    assert body["payment"]["result_code"] == code and "tickets" not in body
+    assert reserved(app) == 0
+
+
+def test_amount_mismatch_is_422_and_the_order_stays_pending(app, client, order):
+    response = client.post(URL, json=callback_body(order, amount=1))
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] == "amount_mismatch"
+    assert client.get(f"/api/orders/{order['id']}").get_json()["status"] == "pending"
+    assert stored(app)[0][0] == "amount_mismatch"
+
+
+@pytest.mark.parametrize("url", ["/api/payhero/callback", "/api/payhero/callback?token=wrong"])
+def test_missing_or_wrong_token_is_401(app, client, order, url):
+    response = client.post(url, json=callback_body(order))
+    assert response.status_code == 401
+    assert client.get(f"/api/orders/{order['id']}").get_json()["status"] == "pending"
+    assert stored(app)[0][0] == "unauthorized"
+
+
+@pytest.mark.parametrize("data, content_type, status", [
+    (b"{not json", "application/json", 400),
+    (b'{"response": {"ResultCode": "zero"}}', "application/json", 400),
+    (b"[]", "application/json", 400),
+    (b"ResultCode=0", "application/x-www-form-urlencoded", 415),
+])
+def test_malformed_bodies_are_rejected_and_still_stored(app, client, order, data, content_type, status):
+    response = client.post(URL, data=data, content_type=content_type)
+    assert response.status_code == status
+    assert "error" in response.get_json()
+    assert stored(app) == [("invalid", None, data.decode())]
+
+
+def test_unknown_reference_is_404(app, client, order):
+    body = callback_body(order)
+    body["response"]["ExternalReference"] = "no-such-order"
+    body["response"]["CheckoutRequestID"] = "ws_CO_unknown"
+    assert client.post(URL, json=body).status_code == 404
+    assert stored(app)[0][0] == "unknown_order"
+
+
+def test_found_by_checkout_request_id_when_the_external_reference_is_missing(client, order):
+    body = callback_body(order)
+    del body["response"]["ExternalReference"]
+    assert client.post(URL, json=body).get_json()["status"] == "completed"
+
+
+@pytest.mark.env(PAYHERO_VERIFY_CALLBACKS="1")
+def test_verification_completes_only_what_payhero_confirms(app, client, order, wire):
+    # The sandbox reference of this order says "never answered": transaction-status stays QUEUED.
+    response = client.post(URL, json=callback_body(order))
+    assert response.status_code == 200 and response.get_json()["status"] == "pending"
+    assert client.get(f"/api/orders/{order['id']}").get_json()["status"] == "pending"
+    assert stored(app)[0][0] == "unverified"
+    assert any(r.path.endswith("/transaction-status") for r in wire.request_history)
+
+
+@pytest.mark.env(PAYHERO_VERIFY_CALLBACKS="1", SANDBOX_CALLBACK_DELAY="0")
+def test_verification_lets_a_confirmed_payment_complete(client, wire):
+    order = client.post("/api/orders", json=DEMO).get_json()
+    response = client.post(URL, json=callback_body(order))
+    assert response.get_json()["status"] == "completed"

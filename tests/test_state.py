@@ -1,0 +1,100 @@
+"""The order state machine, phone numbers and PayHero's two payload shapes: no database."""
+import pytest
+from marshmallow import ValidationError
+
+from eventi_flask.orders.phone import mask_phone, normalize_phone
+from eventi_flask.orders.state import Decision, PaymentOutcome, Status, decide
+from eventi_flask.payhero.sandbox import classic_callback
+from eventi_flask.payhero.schemas import parse_callback
+
+PAID = PaymentOutcome(success=True, result_code=0, amount=300, receipt="SAE3YULR0Y")
+
+
+@pytest.mark.parametrize("code, status", [
+    (1032, Status.CANCELLED), (1, Status.FAILED), (2001, Status.FAILED),
+    (1037, Status.FAILED), (1019, Status.FAILED), (1001, Status.FAILED), (17, Status.FAILED),
+])
+def test_failure_codes_move_a_pending_order_to_their_final_status(code, status):
+    transition = decide("pending", 300, PaymentOutcome(success=False, result_code=code))
+    assert transition.decision is Decision.APPLY and transition.status is status
+
+
+def test_success_with_the_right_amount_completes():
+    transition = decide("pending", 300, PAID)
+    assert transition.decision is Decision.APPLY and transition.status is Status.COMPLETED
+
+
+def test_success_with_another_amount_leaves_the_order_pending():
+    transition = decide("pending", 500, PAID)
+    assert transition.decision is Decision.AMOUNT_MISMATCH and transition.status is Status.PENDING
+
+
+@pytest.mark.parametrize("final", ["completed", "failed", "cancelled"])
+def test_a_final_order_never_moves(final):
+    for outcome in (PAID, PaymentOutcome(success=False, result_code=1), PaymentOutcome(success=False, result_code=1032)):
+        transition = decide(final, 300, outcome)
+        assert transition.status.value == final
+        assert not transition.changes
+
+
+def test_the_same_outcome_again_is_a_repeat_and_a_different_one_is_ignored():
+    assert decide("completed", 300, PAID).decision is Decision.REPEAT
+    assert decide("completed", 300, PaymentOutcome(success=False, result_code=1)).decision is Decision.IGNORED_FINAL
+    assert decide("cancelled", 300, PaymentOutcome(success=False, result_code=1032)).decision is Decision.REPEAT
+
+
+@pytest.mark.parametrize("raw", [
+    "0712345678", "712345678", "254712345678", "+254712345678", "0712 345 678", "+254-712-345-678",
+])
+def test_phone_forms_normalise_to_254(raw):
+    assert normalize_phone(raw) == "254712345678"
+
+
+@pytest.mark.parametrize("raw, expected", [("0112345678", "254112345678"), ("+254112345678", "254112345678"), ("112345678", "254112345678")])
+def test_airtel_one_forms_normalise(raw, expected):
+    assert normalize_phone(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "0812345678", "071234567", "07123456789", "2557123456789", "phone", None, 712345678])
+def test_not_a_kenyan_mobile_number(raw):
+    assert normalize_phone(raw) is None
+
+
+def test_masked_phone_hides_the_middle():
+    assert mask_phone("254712345678") == "2547******78"
+
+
+def test_classic_success_shape():
+    body = classic_callback("REF1", "ws_CO_1", "order-1", 300, "254708000000", 0, "ok")
+    outcome = parse_callback(body)
+    assert outcome.success and outcome.status is Status.COMPLETED
+    assert (outcome.order_id, outcome.checkout_request_id, outcome.amount) == ("order-1", "ws_CO_1", 300)
+    assert outcome.receipt and outcome.receipt.startswith("S")
+
+
+def test_classic_failure_shape():
+    outcome = parse_callback(classic_callback("REF1", "ws_CO_1", "order-1", 300, "254708000001", 1032, "Request cancelled by user"))
+    assert not outcome.success and outcome.status is Status.CANCELLED and outcome.receipt is None
+
+
+def test_flat_shape():
+    outcome = parse_callback({"success": True, "status": "success", "message": "ok", "reference": "R1",
+                              "external_reference": "order-1", "amount": 300.0, "currency": "KES", "provider_reference": "SAE3"})
+    assert outcome.success and outcome.amount == 300 and outcome.receipt == "SAE3" and outcome.reference == "R1"
+    failed = parse_callback({"success": False, "status": "failed", "message": "Insufficient", "external_reference": "o", "result_code": 1})
+    assert failed.status is Status.FAILED and failed.result_code == 1
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"response": {"ResultCode": "0", "ExternalReference": "o", "Amount": 3}}, "ResultCode"),
+    ({"response": {"ResultCode": 0, "ExternalReference": "o"}}, "Amount"),
+    ({"response": {"ResultCode": 1}}, "ExternalReference"),
+    ({"response": {"ResultCode": 0, "ExternalReference": "o", "Amount": "300"}}, "Amount"),
+    ({"success": "yes", "external_reference": "o", "amount": 1}, "success"),
+    ({"success": True, "external_reference": "o"}, "amount"),
+    ({"status": "x"}, "success"),
+])
+def test_malformed_callbacks_name_the_bad_field(body, field):
+    with pytest.raises(ValidationError) as err:
+        parse_callback(body)
+    assert field in str(err.value.normalized_messages())
