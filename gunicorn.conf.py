@@ -12,8 +12,11 @@ backlog = 4096
 # at once with the current state, so the graceful window only drains stragglers.
 graceful_timeout = 30
 timeout = 30
-keepalive = 75
+# Idle keep-alive connections hold up a graceful stop, so keep them short.
+keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
+# The path without its query string: the callback URL carries the PayHero token there.
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms'
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
@@ -28,3 +31,26 @@ def on_starting(server):
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def post_worker_init(worker):
+    """On SIGTERM, answer every held wait at once with the current state, inside the graceful timeout.
+
+    gunicorn's own handler stops the worker accepting (and closes connections after
+    their answer); the hub then wakes every waiter, and the clients simply ask again.
+    """
+    import signal
+
+    import gevent
+
+    from eventi_flask.notify.service import HUB
+
+    hub = worker.wsgi.extensions[HUB]
+    stop_accepting = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        stop_accepting(sig, frame)
+        gevent.spawn(hub.shut_down)  # out of the signal handler, as gunicorn does for SIGQUIT
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn's init_signals leaves it

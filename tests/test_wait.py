@@ -167,7 +167,7 @@ def test_100_waiters_share_one_subscriber_connection_and_unsubscribe_when_answer
 def test_a_failed_publish_still_commits_and_answers_200(backend, app, client, order, hub):
     redis_only(backend)
     hub = hub
-    hub._client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens there
+    hub._client = hub.publisher_client("redis://127.0.0.1:1/0")  # nothing listens there
     response = client.post(CALLBACK, json=callback_body(order))
     assert response.status_code == 200 and response.get_json()["status"] == "completed"
     assert client.get(f"/api/orders/{order['id']}").get_json()["status"] == "completed"

@@ -25,6 +25,8 @@ import gevent
 import gevent.event
 import gevent.select
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .. import metrics
 
@@ -228,7 +230,7 @@ class RedisHub(Hub):
         self.url = url
         self.prefix = prefix
         self._channel_prefix = f"{prefix}order:status:".encode()
-        self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, health_check_interval=15)
+        self._client = self.publisher_client(url)
         self._publisher_up = None  # unknown until the first publish
         self.connected = False
         self.ping_interval = 5.0
@@ -241,6 +243,12 @@ class RedisHub(Hub):
         self._want = set()
         self._drop = set()
         self._recheck_when_resubscribed = False
+
+    @staticmethod
+    def publisher_client(url):
+        # One quick retry covers a pooled connection gone stale; more would hold up the webhook.
+        return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, health_check_interval=15,
+                                    retry=Retry(NoBackoff(), 1))
 
     def channel(self, order_id):
         return f"{self.prefix}order:status:{order_id}"
