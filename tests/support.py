@@ -120,16 +120,15 @@ class LiveServer:
         return response.json()
 
 
+
 def callback_body(order, result_code=0, amount=None, shape="classic", desc=None):
     """A PayHero callback for `order` (an order JSON) in either payload shape."""
-    from eventi_flask.payhero.sandbox import classic_callback
+    from eventi_flask.payhero.sandbox import classic_callback, flat_callback
 
     amount = order["amount"] if amount is None else amount
-    payment = order["payment"]
-    if shape == "classic":
-        return classic_callback(payment["reference"] or "REF", payment["checkout_request_id"] or "ws_CO_x",
-                                order["id"], amount, "254712345678", result_code, desc or f"result {result_code}")
-    success = result_code == 0
-    return {"success": success, "status": "success" if success else "failed", "message": desc or "done",
-            "reference": payment["reference"], "external_reference": order["id"], "amount": amount,
-            "currency": "KES", "provider_reference": "QFLAT12345" if success else "", "result_code": result_code}
+    reference = order["payment"]["reference"] or "REF"
+    desc = desc or f"result {result_code}"
+    if shape == "flat":
+        return flat_callback(reference, order["id"], amount, result_code, desc)
+    return classic_callback(reference, order["payment"]["checkout_request_id"] or "ws_CO_x", order["id"],
+                            amount, "254712345678", result_code, desc)

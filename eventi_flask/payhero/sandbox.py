@@ -81,6 +81,22 @@ def classic_callback(reference, checkout_request_id, order_id, amount, phone, re
     }
 
 
+def flat_callback(reference, order_id, amount, result_code, message):
+    """The flat shape of PayHero's newer docs; the sandbox itself sends the classic one."""
+    success = result_code == 0
+    return {
+        "success": success,
+        "status": "success" if success else "failed",
+        "message": message,
+        "reference": reference,
+        "external_reference": order_id,
+        "amount": amount,
+        "currency": "KES",
+        "provider_reference": _receipt(reference) if success else "",
+        "result_code": result_code,
+    }
+
+
 def _send_callback(url, body):
     try:
         response = requests.post(url, json=body, timeout=10)
