@@ -1,5 +1,6 @@
 """The orders service layer: each public function owns its transaction."""
 import logging
+import re
 import secrets
 import time
 
@@ -17,6 +18,8 @@ from .schemas import serialize_event, serialize_order
 from .state import PLAIN_REASONS, Decision, Status, decide
 
 log = logging.getLogger(__name__)
+
+ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")  # what new_order_id() makes, and no more
 
 
 def event_by_slug(slug):
@@ -210,6 +213,8 @@ def wait_for_order(order_id, timeout, since):
     At most one database query: none when the cache answers, none when a
     published message (which carries the whole order) wakes us.
     """
+    if not ORDER_ID.fullmatch(order_id):
+        raise ApiError(404, "order_not_found", "No order with that id.")  # without subscribing to anything
     hub = get_hub()
     started = time.monotonic()
     deadline = started + timeout

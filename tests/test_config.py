@@ -1,0 +1,47 @@
+"""Configuration: read from the environment, one clear line for a mistake."""
+import subprocess
+import sys
+
+import pytest
+
+from config import Config, ConfigError, database_url
+from tests.support import ROOT
+
+
+def test_heroku_postgres_urls_use_psycopg_3():
+    assert database_url("postgres://u:p@h:5432/d") == "postgresql+psycopg://u:p@h:5432/d"
+    assert database_url("postgresql://u@h/d") == "postgresql+psycopg://u@h/d"
+    assert database_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_defaults_are_the_embedded_ones():
+    config = Config({})
+    assert config.SQLALCHEMY_DATABASE_URI.startswith("sqlite:///") and config.REDIS_URL is None
+    assert config.PAYHERO_MODE == "sandbox" and config.PAYHERO_CALLBACK_TOKEN == "sandbox"
+    assert config.PAYHERO_BASE_URL == "http://127.0.0.1:8000/sandbox/payhero"
+    assert (config.WAIT_TIMEOUT_DEFAULT, config.WAIT_TIMEOUT_MAX) == (55, 60)
+    assert config.ORDER_LIMIT_PER_PHONE == "3 per 5 minutes" and config.ORDER_LIMIT_PER_CLIENT == "30 per minute"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"PORT": "eighty"}, "PORT"),
+    ({"PAYHERO_MODE": "test"}, "PAYHERO_MODE"),
+    ({"WAIT_TIMEOUT_DEFAULT": "90"}, "WAIT_TIMEOUT_DEFAULT"),
+    ({"PAYHERO_VERIFY_CALLBACKS": "maybe"}, "PAYHERO_VERIFY_CALLBACKS"),
+    ({"ORDER_LIMIT_PER_PHONE": "lots"}, "ORDER_LIMIT_PER_PHONE"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1"},
+     "PAYHERO_CALLBACK_TOKEN"),
+    ({"PAYHERO_MODE": "live", "PAYHERO_CALLBACK_TOKEN": "t"}, "PAYHERO_API_USERNAME"),
+])
+def test_a_mistake_names_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        Config(env)
+
+
+def test_the_cli_refuses_to_start_with_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "seed-demo"], cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", "PAYHERO_MODE": "live"}, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["Configuration error: PAYHERO_API_USERNAME is required but not set"]
