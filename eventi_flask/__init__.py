@@ -6,8 +6,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import errors, logs, metrics, notify, ops, orders, payhero, web
-from .extensions import db, migrate
+from . import errors, logs, metrics, notify, ops, orders, payhero, security, web
+from .extensions import db, limiter, migrate
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ def create_app(config=None):
     db.init_app(app)
     migrate.init_app(app, db, render_as_batch=True)
     errors.init_app(app)
+    security.init_app(app)
+    limiter.init_app(app)
     notify.init_app(app)
     payhero.init_app(app)
     orders.init_app(app)

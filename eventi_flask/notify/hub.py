@@ -141,6 +141,14 @@ class Hub:
             for waiter in list(waiters):
                 waiter.ask_recheck()
 
+    shutting_down = False
+
+    def shut_down(self):
+        """The worker is stopping (SIGTERM): every wait, held or new, answers now with the current state."""
+        self.shutting_down = True
+        log.info("Shutting down: answering %d held waits with the current state", self._count)
+        self.wake_all()
+
     def latest(self, order_id):
         """The last published message for this order if still cached, else None."""
         raise NotImplementedError

@@ -38,5 +38,23 @@ def seed_demo_command():
     click.echo(f"Demo event ready: /events/{event.slug}/checkout")
 
 
+@click.command("reconcile")
+@click.option("--every", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="Keep running, once every SECONDS (for a clock: process).")
+def reconcile_command(every):
+    """Settle pending orders whose PayHero callback never came."""
+    import time
+
+    from .reconcile import reconcile
+
+    while True:
+        summary = reconcile()
+        click.echo("Reconciled: " + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in summary.items()))
+        if every is None:
+            return
+        time.sleep(every)
+
+
 def init_app(app):
     app.cli.add_command(seed_demo_command)
+    app.cli.add_command(reconcile_command)

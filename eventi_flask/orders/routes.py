@@ -3,6 +3,7 @@ from flask import Blueprint, current_app, jsonify, request
 from marshmallow import ValidationError
 
 from ..errors import ApiError
+from ..security import limit_order_creation
 from . import service
 from .schemas import OrderCreateSchema, WaitArgsSchema, field_errors
 
@@ -22,8 +23,12 @@ def event(slug):
 
 
 @bp.post("/orders")
+@limit_order_creation
 def create_order():
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # JSON nested thousands deep: not an order
+        body = None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "Send the order as a JSON object.")
     data = _load(OrderCreateSchema(), body, "Some details need fixing.")

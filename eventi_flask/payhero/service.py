@@ -65,7 +65,7 @@ def _handle(record, raw_body, content_type, token):
         raise ApiError(415, "unsupported_media_type", "Callbacks must be sent as application/json.")
     try:
         outcome = parse_callback(json.loads(raw_body))
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, RecursionError, ValidationError) as exc:  # RecursionError: JSON nested thousands deep
         fields = field_errors(exc) if isinstance(exc, ValidationError) else {}
         _close(record, "invalid", json.dumps(fields) if fields else "not JSON")
         raise ApiError(400, "invalid_callback", "The callback body is not a PayHero payment result.", fields)

@@ -1,0 +1,93 @@
+"""Settling orders whose callback never came: `flask --app wsgi reconcile`.
+
+Pending orders older than RECONCILE_AFTER that have a PayHero reference are
+looked up with transaction-status, and the answer goes through the same
+state machine as a callback (apply_payment_outcome), so held waits are woken
+as usual.  Orders still pending after RECONCILE_EXPIRE_AFTER become `failed`
+with a plain reason and give their tickets back.  Safe to run as often as
+you like, from several places at once: every change is made under the
+order's row lock and only ever moves an order forward.
+"""
+import logging
+from datetime import timedelta, timezone
+
+from flask import current_app
+from sqlalchemy import select
+
+from ..extensions import db
+from ..payhero.client import PayHeroError, get_payhero
+from .models import Order, utcnow
+from .service import _finish_without_payhero, apply_payment_outcome
+from .state import PaymentOutcome, Status
+
+log = logging.getLogger(__name__)
+
+EXPIRED_REASON = "No answer came from M-Pesa in time, so this order has expired. Please try again."
+
+
+def _outcome_from_status(reference, answer):
+    """A PaymentOutcome from a transaction-status answer, or None while PayHero says QUEUED."""
+    status = answer["status"]
+    if status == "QUEUED":
+        return None
+    amount = answer.get("amount")
+    result_code = answer.get("result_code")
+    if status == "SUCCESS":
+        return PaymentOutcome(
+            success=True, result_code=0, receipt=answer.get("provider_reference") or None, reference=reference,
+            amount=amount if isinstance(amount, int) and not isinstance(amount, bool) else None,
+        )
+    return PaymentOutcome(
+        success=False, reference=reference,
+        result_code=result_code if isinstance(result_code, int) and result_code != 0 else None,
+        result_desc=answer.get("result_desc") or None,
+    )
+
+
+def _pending_older_than(seconds):
+    cutoff = utcnow() - timedelta(seconds=seconds)
+    rows = db.session.execute(
+        select(Order.id, Order.payhero_reference, Order.created_at)
+        .where(Order.status == Status.PENDING.value, Order.created_at < cutoff)
+        .order_by(Order.created_at)
+    ).all()
+    db.session.remove()  # no connection held across the calls to PayHero
+    return rows
+
+
+def reconcile():
+    """Settle forgotten pending orders; return counts by what happened to them."""
+    config = current_app.config
+    expire_after = config["RECONCILE_EXPIRE_AFTER"]
+    expire_cutoff = utcnow() - timedelta(seconds=expire_after)
+    summary = {"checked": 0, "settled": 0, "still_pending": 0, "expired": 0, "errors": 0}
+    for order_id, reference, created_at in _pending_older_than(config["RECONCILE_AFTER"]):
+        if reference:
+            summary["checked"] += 1
+            try:
+                outcome = _outcome_from_status(reference, get_payhero().transaction_status(reference))
+            except PayHeroError as exc:
+                # Not knowing is no reason to fail an order the customer may have paid: next run.
+                log.warning("Reconcile: could not ask PayHero about order %s: %s", order_id, exc)
+                summary["errors"] += 1
+                continue
+            if outcome is not None:
+                transition, order = apply_payment_outcome(order_id, outcome)
+                if transition.changes:
+                    log.info("Reconcile: order %s settled as %s from PayHero's transaction status",
+                             order_id, order["status"])
+                    summary["settled"] += 1
+                    continue
+        if _as_utc(created_at) < expire_cutoff:
+            order = _finish_without_payhero(order_id, EXPIRED_REASON)
+            if order["status"] == Status.FAILED.value and order["result_desc"] == EXPIRED_REASON:
+                log.info("Reconcile: order %s expired after %gs pending", order_id, expire_after)
+                summary["expired"] += 1
+                continue
+        summary["still_pending"] += 1
+    return summary
+
+
+def _as_utc(moment):
+    # SQLite hands back naive datetimes; we only ever store UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -1,0 +1,93 @@
+"""Security headers on every response, and the limits on order creation.
+
+Each order sends an STK push to a phone, so creating orders is limited per
+normalised phone number (ORDER_LIMIT_PER_PHONE) and per client address
+(ORDER_LIMIT_PER_CLIENT; behind proxies ProxyFix has already put the real
+client in remote_addr).  Counts live in Redis when REDIS_URL is set, so every
+worker and instance shares them, and fall back to this process's memory while
+Redis is unreachable: an outage never stops customers from paying.
+"""
+from flask import current_app, g, request
+from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import HTTPException
+
+from .extensions import limiter
+from .orders.phone import normalize_phone
+
+# No inline script or style anywhere: pages load one script and one stylesheet from this host.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    # Order ids in page URLs are capabilities: never hand them to another site.
+    "Referrer-Policy": "no-referrer",
+}
+
+PHONE_LIMIT_MESSAGE = "Too many payment requests for this phone number. Please wait a few minutes and try again."
+CLIENT_LIMIT_MESSAGE = "Too many orders from your connection. Please wait a minute and try again."
+
+
+def add_security_headers(response):
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if response.status_code not in (429, 503):
+        # The limiter stamps Retry-After on every limited answer; it only means something on a refusal.
+        response.headers.pop("Retry-After", None)
+    return response
+
+
+def _order_phone():
+    """The normalised phone of the order being created, or None (the view then answers 400)."""
+    if "order_phone" not in g:
+        try:
+            body = request.get_json(silent=True)
+        except (HTTPException, RecursionError):  # too large or too deep: the view refuses it
+            body = None
+        g.order_phone = normalize_phone(body.get("phone")) if isinstance(body, dict) else None
+    return g.order_phone
+
+
+def _phone_key():
+    return f"phone:{_order_phone()}"
+
+
+def _limit(name):
+    # When a limit is "off" the exemption below skips it; the string only has to parse.
+    return lambda: current_app.config[name] or "1 per second"
+
+
+def _phone_limit_off():
+    return current_app.config["ORDER_LIMIT_PER_PHONE"] is None or _order_phone() is None
+
+
+def _client_limit_off():
+    return current_app.config["ORDER_LIMIT_PER_CLIENT"] is None
+
+
+def limit_order_creation(view):
+    """Decorate POST /api/orders: 429 with Retry-After past either limit."""
+    view = limiter.limit(_limit("ORDER_LIMIT_PER_CLIENT"), key_func=get_remote_address,
+                         exempt_when=_client_limit_off, error_message=CLIENT_LIMIT_MESSAGE)(view)
+    view = limiter.limit(_limit("ORDER_LIMIT_PER_PHONE"), key_func=_phone_key,
+                         exempt_when=_phone_limit_off, error_message=PHONE_LIMIT_MESSAGE)(view)
+    return view
+
+
+def init_app(app):
+    """Security headers, and the limiter's settings (limiter.init_app(app) follows in create_app)."""
+    app.after_request(add_security_headers)
+    config = app.config
+    config["RATELIMIT_ENABLED"] = bool(config["ORDER_LIMIT_PER_PHONE"] or config["ORDER_LIMIT_PER_CLIENT"])
+    config["RATELIMIT_STRATEGY"] = "moving-window"
+    if config.get("REDIS_URL"):
+        config["RATELIMIT_STORAGE_URI"] = config["REDIS_URL"]
+        config["RATELIMIT_STORAGE_OPTIONS"] = {
+            "key_prefix": f"{config.get('REDIS_PREFIX', '')}limits",
+            "socket_connect_timeout": 1,
+            "socket_timeout": 1,
+        }
+    else:
+        config["RATELIMIT_STORAGE_URI"] = "memory://"
