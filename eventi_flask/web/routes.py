@@ -1,4 +1,79 @@
-"""Server-rendered pages (see issue: checkout and payment-status pages)."""
-from flask import Blueprint
+"""Server-rendered pages: the checkout form and the payment-status page.
 
-bp = Blueprint("web", __name__, template_folder="templates", static_folder="static", static_url_path="/static")
+The views only look things up and render; the work happens in the JSON API,
+which the page's one script (static/eventi.js) calls.
+"""
+from flask import Blueprint, current_app, render_template, request
+
+from ..errors import ApiError
+from ..orders import service
+from . import presenters
+
+# /static belongs to the app's own static route; ours must not sit under it.
+bp = Blueprint("web", __name__, template_folder="templates", static_folder="static", static_url_path="/assets")
+
+# No inline script, style or handler anywhere in these pages, and nothing from another host.
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'self'",
+    "base-uri 'none'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+    "object-src 'none'",
+])
+
+
+@bp.app_template_filter("kes")
+def kes_filter(amount):
+    return presenters.kes(amount)
+
+
+@bp.get("/events/<slug>/checkout")
+def checkout(slug):
+    event = service.event_by_slug(slug)
+    # "Try again" comes back with the ticket choice in the query string; the
+    # personal details come back from the browser's sessionStorage instead.
+    choice = presenters.checkout_choice(event, request.args.get("ticket_type"), request.args.get("quantity", type=int))
+    return render_template(
+        "checkout.html",
+        event=event,
+        starts_at=presenters.event_date(event["starts_at"]),
+        choice=choice,
+        phone_pattern=presenters.PHONE_PATTERN,
+        phone_separators=presenters.PHONE_SEPARATORS,
+        phone_message=presenters.PHONE_MESSAGE,
+        sandbox_phones=presenters.sandbox_phones() if current_app.config["PAYHERO_MODE"] == "sandbox" else None,
+        sandbox_delay=current_app.config["SANDBOX_CALLBACK_DELAY"],
+    )
+
+
+@bp.get("/orders/<order_id>")
+def order_status(order_id):
+    order = service.order_by_id(order_id)
+    event = service.event_by_slug(order["event"])
+    ticket_names = {ticket["id"]: ticket["name"] for ticket in event["ticket_types"]}
+    return render_template(
+        "order.html",
+        order=order,
+        event=event,
+        ticket_name=ticket_names.get(order["ticket_type"], order["ticket_type"]),
+        reason=presenters.failure_reason(order),
+        reasons=presenters.reasons_for_browser(),
+        hold_seconds=current_app.config["WAIT_TIMEOUT_DEFAULT"],
+    )
+
+
+@bp.errorhandler(ApiError)
+def page_error(exc):
+    """An unknown event or order gets a page a person can use, not the API's JSON."""
+    return render_template("error.html", status=exc.status, message=exc.message), exc.status
+
+
+@bp.after_request
+def page_headers(response):
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    # The order id in the address is the key to the order: never hand it to another site.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if request.endpoint == "web.order_status":
+        response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,330 @@
+// Eventi's pages: the checkout form and the payment-status long poll.
+// One ES module, no build step, no dependencies; the server renders the HTML
+// and this only adds behaviour (so it runs under CSP default-src 'self').
+
+const HELD_WAITS_BEFORE_GIVING_UP = 4;
+const FINAL_STATUSES = new Set(["completed", "cancelled", "failed"]);
+// A held wait that has not answered this long after its hold is presumed lost
+// (a mobile network can drop a connection without telling anyone).
+const LOST_WAIT_GRACE_SECONDS = 15;
+const MAX_BACKOFF_MS = 30000;
+
+const formatKes = (amount) => `KES ${Number(amount).toLocaleString("en-US")}`;
+const detailsKey = (slug) => `eventi:checkout:${slug}`;
+const REMEMBERED_FIELDS = ["name", "email", "phone"];
+
+if (document.body.dataset.page === "checkout") startCheckout(document.querySelector("form[data-checkout]"));
+if (document.body.dataset.page === "order") startStatusPage(document.querySelector("[data-order]"));
+
+// ---------------------------------------------------------------- checkout
+
+const FORM_SENTENCES = {
+  network: "We couldn't reach Eventi. Check your internet connection and try again.",
+  404: "Sorry, these tickets are no longer on sale.",
+  409: "Choose fewer tickets or another ticket type.",
+  429: "You've started several payments in the last few minutes. Please wait a few minutes, then try again.",
+  502: "We couldn't reach M-Pesa to start the payment. Nothing was charged; please try again in a moment.",
+  other: "Something went wrong on our side. Please try again in a moment.",
+};
+
+function startCheckout(form) {
+  const slug = form.dataset.event;
+  const payButton = form.querySelector("[data-pay]");
+  const totalOutput = form.querySelector("[data-total]");
+  const formError = form.querySelector("[data-form-error]");
+  const rules = checkoutRules(form.dataset);
+  // Fields are checked on submit, then again as they are corrected. Not on blur: a
+  // message appearing under a field moves the Pay button away from the pointer mid-click.
+  const flagged = new Set();
+
+  restoreDetails(form, slug);
+  showTotal();
+
+  form.addEventListener("change", showTotal);
+  form.addEventListener("input", (event) => {
+    if (flagged.has(event.target.name)) checkField(event.target.name);
+  });
+  for (const chip of document.querySelectorAll("[data-fill-phone]")) {
+    chip.addEventListener("click", () => {
+      form.elements.phone.value = chip.dataset.fillPhone;
+      checkField("phone");
+      form.elements.phone.focus();
+    });
+  }
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    submit();
+  });
+
+  function values() {
+    const data = Object.fromEntries(new FormData(form));
+    return { ticket_type: data.ticket_type || "", quantity: data.quantity || "", name: data.name || "",
+             email: (data.email || "").trim(), phone: data.phone || "" };
+  }
+
+  function showTotal() {
+    const ticket = form.querySelector("input[name=ticket_type]:checked");
+    const total = ticket ? Number(ticket.dataset.price) * Number(form.elements.quantity.value) : 0;
+    totalOutput.textContent = formatKes(total);
+    payButton.textContent = `Pay ${formatKes(total)} with M-Pesa`;
+  }
+
+  function checkField(name) {
+    const message = rules[name](values()[name]);
+    showFieldError(form, name, message);
+    if (message) flagged.add(name);
+    return message;
+  }
+
+  async function submit() {
+    showFormError("");
+    saveDetails(form, slug);
+    const invalid = Object.keys(rules).filter((name) => checkField(name));
+    if (invalid.length) {
+      focusField(form, invalid[0]);
+      return;
+    }
+    setBusy(true);
+    try {
+      const response = await fetch("/api/orders", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify({ event: slug, ...values(), quantity: Number(values().quantity) }),
+      });
+      const body = await response.json().catch(() => ({}));
+      if (response.status === 201) {
+        window.location.assign(`/orders/${encodeURIComponent(body.id)}`);
+        return; // stay busy while the status page loads
+      }
+      showRefusal(response.status, body.error || {});
+    } catch {
+      showFormError(FORM_SENTENCES.network);
+    }
+    setBusy(false);
+  }
+
+  function showRefusal(status, error) {
+    const fields = error.fields || {};
+    const onForm = Object.keys(fields).filter((name) => name in rules);
+    for (const name of onForm) {
+      showFieldError(form, name, fields[name]);
+      flagged.add(name);
+    }
+    if (status === 400 && onForm.length) {
+      focusField(form, onForm[0]);
+      return;
+    }
+    if (status === 409) showFormError(`${error.message || "Not enough tickets are left."} ${FORM_SENTENCES[409]}`);
+    else showFormError(FORM_SENTENCES[status] || (status === 400 && error.message) || FORM_SENTENCES.other);
+  }
+
+  function showFormError(message) {
+    formError.textContent = message;
+    formError.hidden = !message;
+  }
+
+  function setBusy(busy) {
+    payButton.disabled = busy;
+    form.setAttribute("aria-busy", String(busy));
+    if (busy) payButton.textContent = "Sending the M-Pesa prompt…";
+    else showTotal();
+  }
+}
+
+// The API's own rules, checked before anything is sent (see POST /api/orders).
+function checkoutRules({ phonePattern, phoneSeparators, phoneMessage }) {
+  const phone = new RegExp(phonePattern);
+  const separators = new RegExp(phoneSeparators, "g");
+  const email = /^[^\s@]+@[^\s@]+\.[^\s@]+$/;
+  return {
+    ticket_type: (value) => (value ? "" : "Choose a ticket type."),
+    quantity: (value) => (/^([1-9]|10)$/.test(value) ? "" : "Choose between 1 and 10 tickets."),
+    name: (value) => (!value.trim() ? "Enter your name." : value.length > 200 ? "Enter your name (up to 200 characters)." : ""),
+    email: (value) => (email.test(value) && value.length <= 254 ? "" : "Enter a valid email address."),
+    phone: (value) => (phone.test(value.replace(separators, "")) ? "" : phoneMessage),
+  };
+}
+
+function showFieldError(form, name, message) {
+  const error = form.querySelector(`[data-error-for="${name}"]`);
+  error.textContent = message;
+  error.hidden = !message;
+  for (const input of form.querySelectorAll(`[name="${name}"]`)) input.setAttribute("aria-invalid", String(Boolean(message)));
+  form.querySelector(`[data-field="${name}"]`).classList.toggle("has-error", Boolean(message));
+}
+
+function focusField(form, name) {
+  const input = form.querySelector(`[name="${name}"]:checked`) || form.querySelector(`[name="${name}"]`);
+  input.focus();
+}
+
+// Name, email and phone stay in this tab only (never in a URL), so "Try again" can refill them.
+function saveDetails(form, slug) {
+  const details = Object.fromEntries(REMEMBERED_FIELDS.map((name) => [name, form.elements[name].value]));
+  try {
+    sessionStorage.setItem(detailsKey(slug), JSON.stringify(details));
+  } catch {
+    // Private modes may refuse storage; the form still works, it just won't refill.
+  }
+}
+
+function restoreDetails(form, slug) {
+  let details = {};
+  try {
+    details = JSON.parse(sessionStorage.getItem(detailsKey(slug)) || "{}");
+  } catch {
+    return;
+  }
+  for (const name of REMEMBERED_FIELDS) {
+    if (typeof details[name] === "string" && !form.elements[name].value) form.elements[name].value = details[name];
+  }
+}
+
+// ---------------------------------------------------------------- payment status
+
+function startStatusPage(root) {
+  const view = statusView(root, JSON.parse(root.dataset.reasons));
+  const holdSeconds = Number(root.dataset.holdSeconds);
+  let order = JSON.parse(root.dataset.order);
+  let polling = false;
+
+  root.querySelector("[data-action=check-again]").addEventListener("click", () => {
+    view.show("pending");
+    longPoll();
+  });
+
+  if (FINAL_STATUSES.has(order.status)) resolved();
+  else longPoll(); // also what a reload does: the page is rendered fresh, and the wait resumes
+
+  function resolved() {
+    console.log(`✅ Payment status resolved! Final status: ${order.status}`);
+    view.render(order);
+  }
+
+  // One held request at a time. A hold that ends with no change is one attempt;
+  // a network error is retried with backoff and is not an attempt.
+  async function longPoll() {
+    if (polling) return;
+    polling = true;
+    let attempt = 1;
+    let networkFailures = 0;
+    try {
+      while (attempt <= HELD_WAITS_BEFORE_GIVING_UP) {
+        view.attempt(attempt);
+        console.log(`⏳ Long polling attempt ${attempt}/${HELD_WAITS_BEFORE_GIVING_UP} - Waiting for payment...`);
+        let answer;
+        try {
+          answer = await waitForChange(order, holdSeconds);
+        } catch (error) {
+          if (!error.retryable) break;
+          networkFailures += 1;
+          const delay = error.retryAfterMs || backoff(networkFailures);
+          console.warn(`🔌 Could not reach the server (${error.message}); retrying in ${Math.ceil(delay / 1000)}s`);
+          view.connection(`Connection problem: trying again in ${Math.ceil(delay / 1000)} seconds…`);
+          await pause(delay);
+          continue;
+        }
+        networkFailures = 0;
+        view.connection("");
+        console.log(`📊 Order status received: ${JSON.stringify(answer)}`);
+        const changed = answer.version > order.version;
+        order = answer;
+        if (FINAL_STATUSES.has(order.status)) {
+          resolved();
+          return;
+        }
+        if (!changed) attempt += 1;
+      }
+      view.show("still-waiting");
+    } finally {
+      polling = false;
+    }
+  }
+}
+
+class WaitFailed extends Error {
+  constructor(message, { retryable = true, retryAfterMs = 0 } = {}) {
+    super(message);
+    this.retryable = retryable;
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
+async function waitForChange(order, holdSeconds) {
+  const lost = new AbortController();
+  const timer = setTimeout(() => lost.abort(), (holdSeconds + LOST_WAIT_GRACE_SECONDS) * 1000);
+  const url = `/api/orders/${encodeURIComponent(order.id)}/wait?timeout=${holdSeconds}&since=${order.version}`;
+  try {
+    const response = await fetch(url, { cache: "no-store", headers: { Accept: "application/json" }, signal: lost.signal });
+    if (response.ok) return await response.json();
+    const retryAfterMs = Number(response.headers.get("Retry-After")) * 1000 || 0;
+    // 429/5xx are the server or a proxy asking us to come back later; other 4xx won't get better.
+    const retryable = response.status === 429 || response.status >= 500;
+    throw new WaitFailed(`HTTP ${response.status}`, { retryable, retryAfterMs });
+  } catch (error) {
+    if (error instanceof WaitFailed) throw error;
+    throw new WaitFailed(lost.signal.aborted ? "no answer in time" : error.message);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function backoff(failures) {
+  const base = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** (failures - 1));
+  return Math.round(base * (0.75 + Math.random() / 2)); // jitter: reconnecting phones don't stampede
+}
+
+// Sleep, but wake early when the browser says the network is back.
+function pause(ms) {
+  return new Promise((resolve) => {
+    const wake = () => {
+      clearTimeout(timer);
+      window.removeEventListener("online", wake);
+      resolve();
+    };
+    const timer = setTimeout(wake, ms);
+    window.addEventListener("online", wake);
+  });
+}
+
+function statusView(root, reasons) {
+  const states = root.querySelectorAll("[data-state]");
+  const titles = Object.fromEntries([...states].map((state) => [state.dataset.state, state.querySelector("h1").textContent]));
+  const slots = (name) => root.querySelectorAll(`[data-slot="${name}"]`);
+  const fill = (name, text) => slots(name).forEach((slot) => { slot.textContent = text; });
+
+  function show(name) {
+    for (const state of states) state.hidden = state.dataset.state !== name;
+    document.title = `${titles[name]} · Eventi`;
+  }
+
+  function reasonFor(payment) {
+    return reasons.codes[String(payment.result_code)] || payment.result_desc || reasons.fallback;
+  }
+
+  return {
+    show,
+    attempt: (n) => fill("attempt", String(n)),
+    connection(message) {
+      fill("connection", message);
+      slots("connection").forEach((slot) => { slot.hidden = !message; });
+    },
+    render(order) {
+      if (order.status === "completed") {
+        fill("receipt", order.payment.receipt || "");
+        fill("amount", formatKes(order.amount));
+        for (const list of slots("tickets")) {
+          list.replaceChildren(...(order.tickets || []).map((ticket) => {
+            const item = document.createElement("li");
+            item.className = "code";
+            item.textContent = ticket.code;
+            return item;
+          }));
+        }
+      } else if (order.status !== "pending") {
+        fill("reason", reasonFor(order.payment));
+      }
+      show(order.status);
+    },
+  };
+}

@@ -1,0 +1,275 @@
+"""The checkout and payment-status pages in real Chromium, against gunicorn with the gevent worker.
+
+Playwright's sync API runs its own asyncio loop on a greenlet.  Under the
+suite's gevent monkey-patching that loop's selector is gevent's, which only
+waits on the hub: it works because nothing else in this process needs the
+hub while the browser is driven (the servers are separate processes).
+"""
+import json
+import time
+from datetime import datetime
+from urllib.parse import urlparse
+
+import pytest
+import requests
+from playwright.sync_api import expect, sync_playwright
+
+from eventi_flask.orders.state import PLAIN_REASONS
+from eventi_flask.payhero.sandbox import SUCCESS, classic_callback
+from tests.support import DEMO, ROOT
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "test-artifacts"
+CHECKOUT_PATH = f"/events/{DEMO['event']}/checkout"
+CALLBACK_DELAY = 3
+PAGE_BUDGET_BYTES = 100 * 1024
+# Ends a page's initial state, one per status; CSP violations and failed loads show up as errors.
+RESOLVED = "✅ Payment status resolved! Final status: {}"
+
+
+@pytest.fixture(scope="module")
+def shop(live_server_factory):
+    """The realistic server: the sandbox answers after 3 s, a wait holds for the default 55 s."""
+    return live_server_factory(SANDBOX_CALLBACK_DELAY=CALLBACK_DELAY)
+
+
+@pytest.fixture(scope="module")
+def impatient_shop(live_server_factory):
+    """Holds of one second, so four unanswered waits take seconds, not minutes."""
+    return live_server_factory(SANDBOX_CALLBACK_DELAY=CALLBACK_DELAY, WAIT_TIMEOUT_DEFAULT=1)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Recorder:
+    """Everything a page did that a test asserts on: requests, console lines, errors."""
+
+    def __init__(self, page):
+        self.requests, self.console, self.errors = [], [], []
+        page.on("request", lambda request: self.requests.append(request))
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    def _console(self, message):
+        self.console.append(message.text)
+        if message.type == "error":
+            self.errors.append(message.text)
+
+    def waits(self):
+        return [r for r in self.requests if is_wait(r)]
+
+    def order_posts(self):
+        return [r for r in self.requests if r.method == "POST" and urlparse(r.url).path == "/api/orders"]
+
+
+# Records, in the page's own clock, when the success state became visible:
+# Playwright's own polling is too coarse to time a 1 s budget.
+RECORD_SUCCESS_SHOWN = """
+new MutationObserver(() => {
+  const success = document.querySelector('[data-state=completed]');
+  if (success && !success.hidden && !window.successShownAt) window.successShownAt = Date.now();
+}).observe(document, {subtree: true, childList: true, attributes: true, attributeFilter: ['hidden']});
+"""
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.add_init_script(RECORD_SUCCESS_SHOWN)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.recorder = Recorder(page)
+    yield page
+    context.close()
+
+
+def fill_checkout(page, server, phone, **details):
+    details = {**DEMO, "phone": phone, **details}
+    page.goto(server.url + CHECKOUT_PATH)
+    page.get_by_label("Full name").fill(details["name"])
+    page.get_by_label("Email").fill(details["email"])
+    page.get_by_label("M-Pesa phone number").fill(details["phone"])
+    return details
+
+
+def pay(page, server, phone):
+    """Fill the checkout as a customer would, press Pay, and land on the order's status page."""
+    fill_checkout(page, server, phone)
+    page.get_by_role("button", name="Pay KES 300 with M-Pesa").click()
+    page.wait_for_url("**/orders/*")
+    return urlparse(page.url).path.rsplit("/", 1)[1]
+
+
+def is_wait(request):
+    return urlparse(request.url).path.endswith("/wait")
+
+
+def fetch_order(server, order_id):
+    return requests.get(f"{server.url}/api/orders/{order_id}", timeout=5).json()
+
+
+def timestamp(iso):
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def heading(page, name):
+    return page.get_by_role("heading", name=name, exact=True)
+
+
+def screenshot(page, name, width):
+    page.set_viewport_size({"width": width, "height": 900})
+    path = ARTIFACTS / f"{name}-{width}.png"
+    path.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_sandbox_payment_shows_success_within_a_second_of_the_callback_after_one_wait(shop, page):
+    order_id = pay(page, shop, "0712345678")
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+
+    order = fetch_order(shop, order_id)
+    assert order["status"] == "completed"
+    callback_applied = timestamp(order["updated_at"])
+    assert callback_applied - timestamp(order["created_at"]) >= CALLBACK_DELAY - 0.1
+    shown_after = page.evaluate("window.successShownAt") / 1000 - callback_applied
+    assert 0 <= shown_after < 1.0, f"success shown {shown_after:.3f}s after the callback"
+    assert len(page.recorder.waits()) == 1
+
+    expect(page.locator("[data-slot=receipt]")).to_have_text(order["payment"]["receipt"])
+    expect(page.locator("[data-slot=amount]")).to_have_text("KES 300")
+    expect(page.locator("[data-slot=tickets] li")).to_have_text([t["code"] for t in order["tickets"]])
+    expect(heading(page, "Waiting for payment")).to_be_hidden()
+    console = page.recorder.console
+    assert "⏳ Long polling attempt 1/4 - Waiting for payment..." in console
+    assert any(line.startswith("📊 Order status received: {") and '"status":"completed"' in line for line in console)
+    assert console[-1] == RESOLVED.format("completed")
+    assert page.recorder.errors == []
+
+
+@pytest.mark.parametrize("phone, title, result_code", [
+    ("0708000001", "Payment cancelled", 1032),
+    ("0708000002", "Payment failed", 1),
+])
+def test_unsuccessful_payment_gives_the_reason_and_try_again_refills_the_form(shop, page, phone, title, result_code):
+    pay(page, shop, phone)
+    expect(heading(page, title)).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    expect(page.locator("[data-state]:not([hidden]) [data-slot=reason]")).to_have_text(PLAIN_REASONS[result_code])
+    assert page.recorder.console[-1] == RESOLVED.format("cancelled" if result_code == 1032 else "failed")
+
+    page.get_by_role("link", name="Try again").click()
+    page.wait_for_url(f"**{CHECKOUT_PATH}?*")
+    expect(page.get_by_label("Full name")).to_have_value(DEMO["name"])
+    expect(page.get_by_label("Email")).to_have_value(DEMO["email"])
+    expect(page.get_by_label("M-Pesa phone number")).to_have_value(phone)
+    expect(page.get_by_label("Early bird")).to_be_checked()
+    assert page.recorder.errors == []
+
+
+def test_four_unanswered_holds_say_still_waiting_and_check_again_finds_a_later_success(impatient_shop, page):
+    order_id = pay(page, impatient_shop, "0708000004")  # the sandbox never calls back for this phone
+    expect(heading(page, "Still waiting")).to_be_visible(timeout=15_000)
+    assert len(page.recorder.waits()) == 4
+    for attempt in range(1, 5):
+        assert f"⏳ Long polling attempt {attempt}/4 - Waiting for payment..." in page.recorder.console
+    assert fetch_order(impatient_shop, order_id)["status"] == "pending"
+
+    with page.expect_request(is_wait):
+        page.get_by_role("button", name="Check again").click()
+    expect(heading(page, "Waiting for payment")).to_be_visible()
+    pending = fetch_order(impatient_shop, order_id)
+    callback = classic_callback(pending["payment"]["reference"], pending["payment"]["checkout_request_id"], order_id,
+                                pending["amount"], "254708000004", *SUCCESS)
+    answer = requests.post(f"{impatient_shop.url}/api/payhero/callback?token=sandbox", json=callback, timeout=5)
+    assert answer.status_code == 200, answer.text
+
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=5000)
+    assert page.recorder.console[-1] == RESOLVED.format("completed")
+    assert page.recorder.errors == []
+
+
+def test_bad_phone_is_flagged_beside_the_field_and_nothing_is_sent(shop, page):
+    fill_checkout(page, shop, "0612 345 678")
+    page.get_by_role("button", name="Pay KES 300 with M-Pesa").click()
+
+    phone = page.get_by_label("M-Pesa phone number")
+    expect(page.locator("#phone-error")).to_have_text("Enter a Safaricom or Airtel Kenya number, like 0712 345 678.")
+    expect(phone).to_have_attribute("aria-invalid", "true")
+    expect(phone).to_be_focused()
+    expect(phone).to_have_value("0612 345 678")
+    assert page.recorder.order_posts() == []
+    assert urlparse(page.url).path == CHECKOUT_PATH
+
+
+def test_server_field_error_is_shown_beside_its_field_and_the_form_keeps_what_was_typed(shop, page):
+    # The client's checks pass; the server is made to disagree about the quantity on the way out.
+    def send_eleven(route):
+        route.continue_(post_data=json.dumps({**json.loads(route.request.post_data), "quantity": 11}))
+
+    page.route("**/api/orders", send_eleven)
+    fill_checkout(page, shop, "0712345678")
+    with page.expect_response("**/api/orders") as refused:
+        page.get_by_role("button", name="Pay KES 300 with M-Pesa").click()
+    assert refused.value.status == 400
+
+    expect(page.locator("#quantity-error")).to_have_text("Choose between 1 and 10 tickets.")
+    expect(page.get_by_label("Number of tickets")).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_label("Full name")).to_have_value(DEMO["name"])
+    expect(page.get_by_label("M-Pesa phone number")).to_have_value("0712345678")
+    expect(page.get_by_role("button", name="Pay KES 300 with M-Pesa")).to_be_enabled()
+    assert urlparse(page.url).path == CHECKOUT_PATH
+
+
+def test_reload_in_the_middle_of_a_wait_resumes_it_and_ends_on_success(shop, page):
+    with page.expect_request(is_wait):
+        order_id = pay(page, shop, "0712345670")
+    with page.expect_request(is_wait):
+        page.reload()
+    reloaded_at = time.time()
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    assert timestamp(fetch_order(shop, order_id)["updated_at"]) > reloaded_at, "the callback came before the reload"
+    assert len(page.recorder.waits()) == 2
+    assert page.recorder.console[-1] == RESOLVED.format("completed")
+
+
+def test_pages_are_light_self_hosted_and_screenshotted_at_phone_and_desktop_widths(shop, page):
+    order = shop.create_order(phone="0712345671", quantity=2)
+    response = page.goto(shop.url + CHECKOUT_PATH)
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    expect(page.get_by_role("button", name="Pay KES 300 with M-Pesa")).to_be_enabled()
+    page.get_by_label("Number of tickets").select_option("3")
+    expect(page.get_by_role("button", name="Pay KES 900 with M-Pesa")).to_be_visible()
+    page.get_by_label("Regular").check()
+    expect(page.get_by_role("button", name="Pay KES 1,500 with M-Pesa")).to_be_visible()
+    page.get_by_label("Number of tickets").select_option("1")
+    page.get_by_label("Early bird").check()
+    weight = sum(len(r.response().body()) for r in page.recorder.requests)
+    assert weight < PAGE_BUDGET_BYTES, f"checkout weighs {weight} bytes"
+    assert {urlparse(r.url).netloc for r in page.recorder.requests} == {urlparse(shop.url).netloc}
+    fill_checkout(page, shop, "0712 345 678")
+    for width in (360, 1280):
+        screenshot(page, "checkout", width)
+
+    page.goto(f"{shop.url}/orders/{order['id']}")
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    for width in (360, 1280):
+        path = screenshot(page, "success", width)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, "the page scrolls sideways"
+    assert path.stat().st_size > 0
+    assert page.recorder.errors == []
+
+
+def test_unknown_order_gets_a_not_found_page(shop, page):
+    response = page.goto(f"{shop.url}/orders/not-a-real-order")
+    assert response.status == 404
+    expect(heading(page, "We couldn't find that page")).to_be_visible()
