@@ -14,7 +14,9 @@ from ..payhero.sandbox import SANDBOX_PHONES
 # Kenya keeps UTC+3 all year, so a fixed offset needs no tz database on the host.
 EVENT_TIMEZONE = timezone(timedelta(hours=3), "EAT")
 FALLBACK_REASON = "M-Pesa did not complete the payment."
-NO_ANSWER = "No answer: the prompt is never answered, so no result arrives."
+# Short names for the sandbox banner; the status page uses the full PLAIN_REASONS sentences.
+SANDBOX_OUTCOMES = {1032: "Cancelled on the phone", 1: "Insufficient funds", 2001: "Wrong PIN", 1037: "Phone unreachable"}
+NO_ANSWER = "Never answered: no result arrives"
 UNSUCCESSFUL_STATUSES = ("cancelled", "failed")
 
 # The server's own phone rule and wording, handed to the browser so the
@@ -64,6 +66,6 @@ def local_phone(normalised):
 def sandbox_phones():
     """[(phone, outcome sentence)] for the sandbox banner, from the sandbox's own table."""
     return [
-        (local_phone(phone), NO_ANSWER if outcome is None else f"{PLAIN_REASONS.get(outcome[0], outcome[1])} (code {outcome[0]})")
+        (local_phone(phone), NO_ANSWER if outcome is None else SANDBOX_OUTCOMES.get(outcome[0], outcome[1]))
         for phone, outcome in sorted(SANDBOX_PHONES.items())
     ]

@@ -115,6 +115,8 @@ function startCheckout(form) {
       return;
     }
     if (status === 409) showFormError(`${error.message || "Not enough tickets are left."} ${FORM_SENTENCES[409]}`);
+    // The limiter says which limit was hit (this phone, or this connection): its words are the better ones.
+    else if (status === 429) showFormError(error.message || FORM_SENTENCES[429]);
     else showFormError(FORM_SENTENCES[status] || (status === 400 && error.message) || FORM_SENTENCES.other);
   }
 
