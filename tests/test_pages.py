@@ -84,14 +84,27 @@ new MutationObserver(() => {
 
 
 @pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.add_init_script(RECORD_SUCCESS_SHOWN)
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    page.recorder = Recorder(page)
-    yield page
-    context.close()
+def new_page(browser):
+    """new_page() -> a page in a fresh browser context (empty cache and storage), with a Recorder."""
+    contexts = []
+
+    def open_page():
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        context.add_init_script(RECORD_SUCCESS_SHOWN)
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.recorder = Recorder(page)
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture
+def page(new_page):
+    return new_page()
 
 
 def fill_checkout(page, server, phone, **details):
@@ -111,8 +124,12 @@ def pay(page, server, phone):
     return urlparse(page.url).path.rsplit("/", 1)[1]
 
 
+def is_wait_url(url):
+    return urlparse(url).path.endswith("/wait")
+
+
 def is_wait(request):
-    return urlparse(request.url).path.endswith("/wait")
+    return is_wait_url(request.url)
 
 
 def fetch_order(server, order_id):
@@ -262,7 +279,33 @@ def test_reload_in_the_middle_of_a_wait_resumes_it_and_ends_on_success(shop, pag
     assert page.recorder.console[-1] == RESOLVED.format("completed")
 
 
-def test_pages_are_light_self_hosted_and_screenshotted_at_phone_and_desktop_widths(shop, page):
+def test_a_network_error_is_retried_without_counting_as_an_attempt(shop, page):
+    dropped = []
+
+    def drop_the_first_wait(route):
+        if dropped:
+            route.continue_()
+        else:
+            dropped.append(route.request.url)
+            route.abort("connectionreset")
+
+    page.route(is_wait_url, drop_the_first_wait)
+    pay(page, shop, "0712345672")
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    console = page.recorder.console
+    assert dropped and len(page.recorder.waits()) == 2
+    assert any(line.startswith("🔌 Could not reach the server") for line in console)
+    assert console.count("⏳ Long polling attempt 1/4 - Waiting for payment...") == 2
+    assert not any("attempt 2/4" in line for line in console)
+    assert console[-1] == RESOLVED.format("completed")
+
+
+def page_weight(page):
+    """Bytes a first visit downloads: the page and everything it loaded (bodies, before any compression)."""
+    return sum(len(request.response().body()) for request in page.recorder.requests)
+
+
+def test_pages_are_light_self_hosted_and_screenshotted_at_phone_and_desktop_widths(shop, page, new_page):
     order = shop.create_order(phone="0712345671", quantity=2)
     response = page.goto(shop.url + CHECKOUT_PATH)
     assert "default-src 'self'" in response.headers["content-security-policy"]
@@ -273,20 +316,26 @@ def test_pages_are_light_self_hosted_and_screenshotted_at_phone_and_desktop_widt
     expect(page.get_by_role("button", name="Pay KES 1,500 with M-Pesa")).to_be_visible()
     page.get_by_label("Number of tickets").select_option("1")
     page.get_by_label("Early bird").check()
-    weight = sum(len(r.response().body()) for r in page.recorder.requests)
-    assert weight < PAGE_BUDGET_BYTES, f"checkout weighs {weight} bytes"
-    assert {urlparse(r.url).netloc for r in page.recorder.requests} == {urlparse(shop.url).netloc}
+    checkout_weight = page_weight(page)
+    assert checkout_weight < PAGE_BUDGET_BYTES, f"checkout weighs {checkout_weight} bytes"
     fill_checkout(page, shop, "0712 345 678")
+    page.evaluate("document.activeElement.blur()")  # no focus ring in the picture
     for width in (360, 1280):
         screenshot(page, "checkout", width)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, "the checkout scrolls sideways"
 
-    page.goto(f"{shop.url}/orders/{order['id']}")
-    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    status = new_page()  # a cold cache, as for someone following a link to their order
+    status.goto(f"{shop.url}/orders/{order['id']}")
+    expect(heading(status, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    status_weight = page_weight(status)
+    assert status_weight < PAGE_BUDGET_BYTES, f"the status page weighs {status_weight} bytes"
+    print(f"checkout {checkout_weight} bytes, status page {status_weight} bytes")
     for width in (360, 1280):
-        path = screenshot(page, "success", width)
-        assert page.evaluate("document.documentElement.scrollWidth") <= width, "the page scrolls sideways"
-    assert path.stat().st_size > 0
-    assert page.recorder.errors == []
+        screenshot(status, "success", width)
+        assert status.evaluate("document.documentElement.scrollWidth") <= width, "the status page scrolls sideways"
+    for visited in (page, status):
+        assert {urlparse(r.url).netloc for r in visited.recorder.requests} == {urlparse(shop.url).netloc}
+        assert visited.recorder.errors == []
 
 
 def test_unknown_order_gets_a_not_found_page(shop, page):
