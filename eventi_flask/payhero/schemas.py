@@ -1,8 +1,13 @@
 """PayHero callback bodies, both shapes, parsed into one PaymentOutcome."""
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from ..orders.schemas import StrictInteger
 from ..orders.state import PaymentOutcome
+
+# Values past what the order's columns hold are bad fields (400), never a database error (500):
+# result codes are 32-bit integers, references and receipts at most 100 characters.
+RESULT_CODE_RANGE = (-2**31, 2**31 - 1)
+FITS_COLUMN = validate.Length(max=100)
 
 
 class Amount(fields.Number):
@@ -30,10 +35,10 @@ class ClassicResponseSchema(Schema):
         unknown = EXCLUDE
 
     Amount = Amount(load_default=None)
-    CheckoutRequestID = fields.String(load_default=None)
-    ExternalReference = fields.String(load_default=None)
-    MpesaReceiptNumber = fields.String(load_default=None, allow_none=True)
-    ResultCode = StrictInteger(required=True)
+    CheckoutRequestID = fields.String(load_default=None, validate=FITS_COLUMN)
+    ExternalReference = fields.String(load_default=None, validate=FITS_COLUMN)
+    MpesaReceiptNumber = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
+    ResultCode = StrictInteger(required=True, validate=validate.Range(*RESULT_CODE_RANGE))
     ResultDesc = fields.String(load_default=None, allow_none=True)
     Status = fields.String(load_default=None)
 
@@ -63,11 +68,11 @@ class FlatCallbackSchema(Schema):
     success = fields.Boolean(required=True, truthy={True}, falsy={False})
     status = fields.String(load_default=None)
     message = fields.String(load_default=None, allow_none=True)
-    reference = fields.String(load_default=None, allow_none=True)
-    external_reference = fields.String(load_default=None, allow_none=True)
+    reference = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
+    external_reference = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
     amount = Amount(load_default=None)
-    provider_reference = fields.String(load_default=None, allow_none=True)
-    result_code = StrictInteger(load_default=None, allow_none=True)
+    provider_reference = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
+    result_code = StrictInteger(load_default=None, allow_none=True, validate=validate.Range(*RESULT_CODE_RANGE))
 
     @validates_schema
     def _identifies_a_payment(self, data, **kwargs):
