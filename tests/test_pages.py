@@ -16,8 +16,7 @@ import requests
 from playwright.sync_api import expect, sync_playwright
 
 from eventi_flask.orders.state import PLAIN_REASONS
-from eventi_flask.payhero.sandbox import SUCCESS, classic_callback
-from tests.support import DEMO, ROOT
+from tests.support import DEMO, ROOT, callback_body
 
 pytestmark = pytest.mark.browser
 
@@ -206,10 +205,8 @@ def test_four_unanswered_holds_say_still_waiting_and_check_again_finds_a_later_s
     with page.expect_request(is_wait):
         page.get_by_role("button", name="Check again").click()
     expect(heading(page, "Waiting for payment")).to_be_visible()
-    pending = fetch_order(impatient_shop, order_id)
-    callback = classic_callback(pending["payment"]["reference"], pending["payment"]["checkout_request_id"], order_id,
-                                pending["amount"], "254708000004", *SUCCESS)
-    answer = requests.post(f"{impatient_shop.url}/api/payhero/callback?token=sandbox", json=callback, timeout=5)
+    success = callback_body(fetch_order(impatient_shop, order_id))  # classic shape, ResultCode 0
+    answer = requests.post(f"{impatient_shop.url}/api/payhero/callback?token=sandbox", json=success, timeout=5)
     assert answer.status_code == 200, answer.text
 
     expect(heading(page, "Payment successful")).to_be_visible(timeout=5000)

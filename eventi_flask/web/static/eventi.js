@@ -85,11 +85,12 @@ function startCheckout(form) {
       return;
     }
     setBusy(true);
+    const order = values();
     try {
       const response = await fetch("/api/orders", {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify({ event: slug, ...values(), quantity: Number(values().quantity) }),
+        body: JSON.stringify({ event: slug, ...order, quantity: Number(order.quantity) }),
       });
       const body = await response.json().catch(() => ({}));
       if (response.status === 201) {
