@@ -7,12 +7,15 @@ client in remote_addr).  Counts live in Redis when REDIS_URL is set, so every
 worker and instance shares them, and fall back to this process's memory while
 Redis is unreachable: an outage never stops customers from paying.
 """
+import logging
+import re
+
 from flask import current_app, g, request
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 
 from .extensions import limiter
-from .orders.phone import normalize_phone
+from .orders.phone import mask_phone, normalize_phone
 
 # No inline script or style anywhere: pages load one script and one stylesheet from this host.
 CONTENT_SECURITY_POLICY = (
@@ -28,6 +31,34 @@ SECURITY_HEADERS = {
 
 PHONE_LIMIT_MESSAGE = "Too many payment requests for this phone number. Please wait a few minutes and try again."
 CLIENT_LIMIT_MESSAGE = "Too many orders from your connection. Please wait a minute and try again."
+
+
+_PHONE = re.compile(r"(?<![\w])(?:\+?254|0)?[17]\d{8}(?!\d)")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_TOKEN = re.compile(r"(token=)[^&\s\"']+", re.I)
+
+
+def redact(text):
+    """Mask phone numbers, emails and callback tokens in a log line."""
+    text = _PHONE.sub(lambda m: mask_phone(m.group(0)), text)
+    text = _EMAIL.sub("<email>", text)
+    return _TOKEN.sub(r"\1<redacted>", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Our own lines never name a customer, but text from elsewhere (PayHero's error bodies,
+    exception messages) might: every record our handlers write passes through redact()."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
 
 
 def add_security_headers(response):
@@ -79,6 +110,9 @@ def limit_order_creation(view):
 def init_app(app):
     """Security headers, and the limiter's settings (limiter.init_app(app) follows in create_app)."""
     app.after_request(add_security_headers)
+    for handler in logging.getLogger("eventi_flask").handlers:  # set up by logs.configure()
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     config = app.config
     config["RATELIMIT_ENABLED"] = bool(config["ORDER_LIMIT_PER_PHONE"] or config["ORDER_LIMIT_PER_CLIENT"])
     config["RATELIMIT_STRATEGY"] = "moving-window"
