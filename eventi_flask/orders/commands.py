@@ -2,6 +2,7 @@
 from datetime import datetime, timedelta, timezone
 
 import click
+from flask.cli import with_appcontext
 from sqlalchemy import select
 
 from ..extensions import db
@@ -39,6 +40,7 @@ def seed_demo_command():
 
 
 @click.command("reconcile")
+@with_appcontext
 @click.option("--every", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
               help="Keep running, once every SECONDS (for a clock: process).")
 def reconcile_command(every):

@@ -80,7 +80,7 @@ def reconcile():
                     continue
         if _as_utc(created_at) < expire_cutoff:
             order = _finish_without_payhero(order_id, EXPIRED_REASON)
-            if order["status"] == Status.FAILED.value and order["result_desc"] == EXPIRED_REASON:
+            if order["status"] == Status.FAILED.value and order["payment"]["result_desc"] == EXPIRED_REASON:
                 log.info("Reconcile: order %s expired after %gs pending", order_id, expire_after)
                 summary["expired"] += 1
                 continue
