@@ -431,13 +431,13 @@ async def paced(rate, coroutines):
     return tasks
 
 
-async def wait_for_waiters(pool, n, limit):
-    """Until the worker reports n held waits (or `limit` seconds pass); returns the last gauge value."""
+async def wait_for_waiters(pool, payments, limit):
+    """Until the worker holds a wait for every payment that has not failed (or `limit` seconds pass)."""
     deadline = time.monotonic() + limit
     held = 0
     while time.monotonic() < deadline:
         held = (await scrape(pool)).get("eventi_waiters", 0)
-        if held >= n:
+        if held + sum(1 for p in payments if p.error or p.answered_at) >= len(payments):
             break
         await asyncio.sleep(0.25)
     return held
@@ -461,13 +461,14 @@ async def run_status_phase(args, target, mode):
     deadline = started + args.timeout + args.n / args.rate + 60 if args.rate else started + 600
     if mode == "long-poll":
         tasks = await paced(args.open_rate, [hold_wait(host, port, p, args.timeout, deadline, opening) for p in payments])
-        held = await wait_for_waiters(api, args.n, 120)
+        held = await wait_for_waiters(api, payments, 120)
     else:
         tasks = await paced(args.open_rate, [short_poll(host, port, p, args.poll_interval, deadline, opening) for p in payments])
         while opening.locked() or opening._value < args.open_concurrency:
             await asyncio.sleep(0.1)
         held = None
     hold_seconds = time.monotonic() - started
+    cpu1 = cpu_seconds(target.get("worker_pid"))
     m1 = await scrape(api)
     first_requests = sum(p.requests for p in payments)
     connections = redis_connections(target["redis_url"], target["worker_pid"]) if target.get("worker_pid") and target.get("redis_url") else None
@@ -509,6 +510,7 @@ async def run_status_phase(args, target, mode):
         "status_requests_per_payment": round(requests / n, 3),
         "db_queries_per_payment": round(queries / n, 3),
         "db_queries_per_first_request": round(hold_queries / first_requests, 3) if first_requests else None,
+        "worker_cpu_ms_per_first_request": _round((cpu1 - cpu0) * 1000 / first_requests) if cpu0 is not None and first_requests else None,
         "worker_cpu_ms_per_payment": _round((cpu2 - cpu0) * 1000 / n) if cpu0 is not None else None,
         "worker_rss_mb_holding": _round(rss_holding),
         "worker_rss_mb_peak": _round(sampler.rss_peak) if sampler.pid else None,
@@ -630,6 +632,7 @@ ROWS = [
     ("DB queries / payment", "db_queries_per_payment"),
     ("DB queries / first request", "db_queries_per_first_request"),
     ("DB queries / callback", "db_queries_per_callback"),
+    ("worker CPU ms / first request", "worker_cpu_ms_per_first_request"),
     ("worker CPU ms / payment", "worker_cpu_ms_per_payment"),
     ("worker CPU ms / callback", "worker_cpu_ms_per_callback"),
     ("worker RSS MB holding", "worker_rss_mb_holding"),
