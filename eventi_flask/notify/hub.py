@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CACHE_SECONDS = 60
 SUBSCRIBE_CONFIRM_TIMEOUT = 2.0  # past this, the waiter goes on and the re-check covers it
 SUBSCRIBE_BATCH = 1000
+PUBLISHER_POOL_SIZE = 16  # publish and cache connections per process (the subscriber is apart)
 
 
 class WaitLimitReached(Exception):
@@ -255,8 +256,13 @@ class RedisHub(Hub):
     @staticmethod
     def publisher_client(url):
         # One quick retry covers a pooled connection gone stale; more would hold up the webhook.
-        return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, health_check_interval=15,
-                                    retry=Retry(NoBackoff(), 1))
+        # Bounded: under gevent every concurrent cache read or publish would otherwise open its own
+        # connection (a burst of thousands of waits arriving meant hundreds of sockets); past the
+        # bound a caller waits for a free connection, up to 2 s, then fails as a Redis error does.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=PUBLISHER_POOL_SIZE, timeout=2, socket_timeout=2, socket_connect_timeout=1,
+            health_check_interval=15, retry=Retry(NoBackoff(), 1))
+        return redis.Redis(connection_pool=pool)
 
     def channel(self, order_id):
         return f"{self.prefix}order:status:{order_id}"
