@@ -129,3 +129,10 @@ def test_verification_lets_a_confirmed_payment_complete(client, wire):
     order = client.post("/api/orders", json=DEMO).get_json()
     response = client.post(URL, json=callback_body(order))
     assert response.get_json()["status"] == "completed"
+
+
+def test_a_body_over_the_limit_is_413_and_still_leaves_a_trace(app, client, order):
+    response = client.post(URL, data=b'{"padding": "' + b"x" * 70_000 + b'"}', content_type="application/json")
+    assert response.status_code == 413
+    [(outcome, order_id, body)] = stored(app)
+    assert (outcome, order_id, body) == ("too_large", None, "")

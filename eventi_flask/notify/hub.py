@@ -241,7 +241,7 @@ class RedisHub(Hub):
         self._channel_prefix = f"{prefix}order:status:".encode()
         self._client = self.publisher_client(url)
         self._publisher_up = None  # unknown until the first publish
-        self.connected = False
+        self.connected = None  # None until the listener's first attempt: waiters still wait for it
         self.ping_interval = 5.0
         self._listener = None
         self._wake_r = self._wake_w = None
@@ -273,6 +273,8 @@ class RedisHub(Hub):
     # -- publishing and the cache: a plain pooled client --
 
     def latest(self, order_id):
+        if self.connected is False:
+            return None  # Redis is away: don't make every new wait pay a timeout; the database answers
         try:
             raw = self._client.get(self.cache_key(order_id))
         except (redis.RedisError, OSError):
@@ -308,7 +310,7 @@ class RedisHub(Hub):
     # -- subscribing: the waiter side --
 
     def _ensure_subscribed(self, order_id):
-        if not self.connected:
+        if self.connected is False:
             return  # degraded: the re-check every few seconds stands in for messages
         if order_id in self._requested:
             ready = self._ready.get(order_id)
@@ -356,7 +358,7 @@ class RedisHub(Hub):
                 backoff = 0.25
                 self._serve(conn)
             except (redis.RedisError, OSError) as exc:
-                if self.connected:
+                if self.connected is not False:
                     self._on_disconnected(exc)
                 else:
                     log.debug("Redis subscriber still unreachable: %s", exc)

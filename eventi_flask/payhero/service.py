@@ -40,6 +40,12 @@ def _close(record, outcome, detail=None, order_id=None):
     metrics.callbacks.labels(outcome).inc()
 
 
+def record_refused_body(content_type, remote_addr, length):
+    """A body too large to read is still a callback received: keep a trace of it."""
+    log.info("PAYHERO Callback received")
+    _close(_store(b"", content_type, remote_addr), "too_large", f"{length} bytes, over the 64 KB limit; body not kept")
+
+
 def token_matches(given):
     expected = current_app.config["PAYHERO_CALLBACK_TOKEN"]
     return hmac.compare_digest((given or "").encode(), expected.encode())
