@@ -17,7 +17,7 @@ from sqlalchemy import select
 from ..extensions import db
 from ..payhero.client import PayHeroError, get_payhero
 from .models import Order, utcnow
-from .service import _finish_without_payhero, apply_payment_outcome
+from .service import apply_payment_outcome, fail_pending_order
 from .state import PaymentOutcome, Status
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def reconcile():
                     summary["settled"] += 1
                     continue
         if _as_utc(created_at) < expire_cutoff:
-            order = _finish_without_payhero(order_id, EXPIRED_REASON)
+            order = fail_pending_order(order_id, EXPIRED_REASON)
             if order["status"] == Status.FAILED.value and order["payment"]["result_desc"] == EXPIRED_REASON:
                 log.info("Reconcile: order %s expired after %gs pending", order_id, expire_after)
                 summary["expired"] += 1

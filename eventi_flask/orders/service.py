@@ -96,7 +96,7 @@ def _request_payment(order):
         )
     except PayHeroError as exc:
         log.warning("PayHero refused the payment request for order %s: %s", order.id, exc)
-        failed = _finish_without_payhero(order.id, f"The payment could not be started: {exc.public_message}")
+        failed = fail_pending_order(order.id, f"The payment could not be started: {exc.public_message}")
         raise ApiError(502, "payhero_unavailable",
                        "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
                        headers={"X-Order-Id": failed["id"]})
@@ -114,7 +114,8 @@ def _lock_order(order_id):
     return db.session.scalar(select(Order).where(Order.id == order_id).with_for_update(of=Order))
 
 
-def _finish_without_payhero(order_id, reason):
+def fail_pending_order(order_id, reason):
+    """Fail an order that is still pending (PayHero refused it, or it expired) and free its tickets."""
     order = _lock_order(order_id)
     if order.status == Status.PENDING:
         order.status = Status.FAILED.value
