@@ -21,14 +21,14 @@ def _text(env, name, default=None, required=False):
     return value
 
 
-def _number(env, name, default, kind=int, minimum=None, maximum=None):
+def read_number(env, name, default, kind=int, minimum=None, maximum=None):
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}") from None
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {raw!r}")
     return value
@@ -84,7 +84,7 @@ class Config:
 
     def __init__(self, env=None):
         env = os.environ if env is None else env
-        self.PORT = _number(env, "PORT", 8000, minimum=1, maximum=65535)
+        self.PORT = read_number(env, "PORT", 8000, minimum=1, maximum=65535)
         instance_db = "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance", "eventi.sqlite3")
         self.SQLALCHEMY_DATABASE_URI = database_url(_text(env, "DATABASE_URL", instance_db))
         # hide_parameters: a failed statement's log line never carries a phone, email or callback body.
@@ -92,8 +92,8 @@ class Config:
         if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
             # Held waits give their connection back, so a small pool serves many.
             self.SQLALCHEMY_ENGINE_OPTIONS.update(
-                pool_size=_number(env, "DB_POOL_SIZE", 10, minimum=1),
-                max_overflow=_number(env, "DB_MAX_OVERFLOW", 20, minimum=0),
+                pool_size=read_number(env, "DB_POOL_SIZE", 10, minimum=1),
+                max_overflow=read_number(env, "DB_MAX_OVERFLOW", 20, minimum=0),
                 pool_timeout=10,
             )
 
@@ -115,25 +115,25 @@ class Config:
         self.PAYHERO_CHANNEL_ID = int(channel)
         self.PAYHERO_CALLBACK_TOKEN = _text(env, "PAYHERO_CALLBACK_TOKEN", "sandbox", required=live)
         self.PAYHERO_VERIFY_CALLBACKS = _flag(env, "PAYHERO_VERIFY_CALLBACKS")
-        self.PAYHERO_CONNECT_TIMEOUT = _number(env, "PAYHERO_CONNECT_TIMEOUT", 5.0, float, minimum=0.1)
-        self.PAYHERO_READ_TIMEOUT = _number(env, "PAYHERO_READ_TIMEOUT", 20.0, float, minimum=0.1)
-        self.SANDBOX_CALLBACK_DELAY = _number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
+        self.PAYHERO_CONNECT_TIMEOUT = read_number(env, "PAYHERO_CONNECT_TIMEOUT", 5.0, float, minimum=0.1)
+        self.PAYHERO_READ_TIMEOUT = read_number(env, "PAYHERO_READ_TIMEOUT", 20.0, float, minimum=0.1)
+        self.SANDBOX_CALLBACK_DELAY = read_number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
 
-        self.WAIT_TIMEOUT_MAX = _number(env, "WAIT_TIMEOUT_MAX", 60.0, float, minimum=0, maximum=3600)
-        self.WAIT_TIMEOUT_DEFAULT = _number(env, "WAIT_TIMEOUT_DEFAULT", 55.0, float, minimum=0, maximum=self.WAIT_TIMEOUT_MAX)
-        self.WAIT_MAX_PER_ORDER = _number(env, "WAIT_MAX_PER_ORDER", 20, minimum=1)
-        self.WAIT_MAX_PER_WORKER = _number(env, "WAIT_MAX_PER_WORKER", 10000, minimum=1)
+        self.WAIT_TIMEOUT_MAX = read_number(env, "WAIT_TIMEOUT_MAX", 60.0, float, minimum=0, maximum=3600)
+        self.WAIT_TIMEOUT_DEFAULT = read_number(env, "WAIT_TIMEOUT_DEFAULT", 55.0, float, minimum=0, maximum=self.WAIT_TIMEOUT_MAX)
+        self.WAIT_MAX_PER_ORDER = read_number(env, "WAIT_MAX_PER_ORDER", 20, minimum=1)
+        self.WAIT_MAX_PER_WORKER = read_number(env, "WAIT_MAX_PER_WORKER", 10000, minimum=1)
         # A held wait re-reads the database this often even with Redis up, so a
         # lost message costs latency, never the answer; much faster while Redis is down.
-        self.WAIT_RECHECK_INTERVAL = _number(env, "WAIT_RECHECK_INTERVAL", 15.0, float, minimum=0.1)
-        self.WAIT_RECHECK_INTERVAL_DEGRADED = _number(env, "WAIT_RECHECK_INTERVAL_DEGRADED", 2.0, float, minimum=0.1)
+        self.WAIT_RECHECK_INTERVAL = read_number(env, "WAIT_RECHECK_INTERVAL", 15.0, float, minimum=0.1)
+        self.WAIT_RECHECK_INTERVAL_DEGRADED = read_number(env, "WAIT_RECHECK_INTERVAL_DEGRADED", 2.0, float, minimum=0.1)
 
         self.ORDER_LIMIT_PER_PHONE = _rate_limit(env, "ORDER_LIMIT_PER_PHONE", "3 per 5 minutes")
         self.ORDER_LIMIT_PER_CLIENT = _rate_limit(env, "ORDER_LIMIT_PER_CLIENT", "30 per minute")
-        self.PROXY_HOPS = _number(env, "PROXY_HOPS", 0, minimum=0, maximum=10)
+        self.PROXY_HOPS = read_number(env, "PROXY_HOPS", 0, minimum=0, maximum=10)
 
-        self.RECONCILE_AFTER = _number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)
-        self.RECONCILE_EXPIRE_AFTER = _number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)
+        self.RECONCILE_AFTER = read_number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)
+        self.RECONCILE_EXPIRE_AFTER = read_number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)
 
         self.LOG_LEVEL = _choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
         self.LOG_FORMAT = _choice(env, "LOG_FORMAT", "text", ("text", "json"))

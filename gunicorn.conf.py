@@ -2,11 +2,19 @@
 import os
 import sys
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from config import Config, ConfigError, read_number  # noqa: E402
+
+try:
+    port = read_number(os.environ, "PORT", 8000, minimum=1, maximum=65535)
+    workers = read_number(os.environ, "WEB_CONCURRENCY", 1, minimum=1, maximum=64)
+    # 10,000 held waits plus room for callbacks, page loads and health checks.
+    worker_connections = read_number(os.environ, "GUNICORN_WORKER_CONNECTIONS", 12000, minimum=1)
+except ConfigError as exc:
+    print(f"Configuration error: {exc}", file=sys.stderr)
+    sys.exit(1)
+bind = f"0.0.0.0:{port}"
 worker_class = "gevent"
-# 10,000 held waits plus room for callbacks, page loads and health checks.
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "12000"))
 backlog = 4096
 # A held wait lasts up to WAIT_TIMEOUT_MAX (60 s); on SIGTERM they are answered
 # at once with the current state, so the graceful window only drains stragglers.
@@ -23,9 +31,6 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 def on_starting(server):
     """Refuse to start on a configuration mistake, with one line and no traceback."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from config import Config, ConfigError
-
     try:
         Config()
     except ConfigError as exc:

@@ -136,3 +136,40 @@ def test_a_body_over_the_limit_is_413_and_still_leaves_a_trace(app, client, orde
     assert response.status_code == 413
     [(outcome, order_id, body)] = stored(app)
     assert (outcome, order_id, body) == ("too_large", None, "")
+
+
+def test_a_callback_that_beats_a_lost_payhero_answer_stands(client, wire):
+    """PayHero times out after the STK push went out and the customer paid: no 502, no 'nothing was charged'."""
+    import requests
+
+    def paid_then_timeout(request, context):
+        order = client.get(f"/api/orders/{request.json()['external_reference']}").get_json()
+        assert client.post(URL, json=callback_body(order)).status_code == 200
+        raise requests.ReadTimeout("PayHero answered too late")
+
+    wire.post("http://eventi.test/sandbox/payhero/api/v2/payments", content=paid_then_timeout)
+    response = client.post("/api/orders", json=DEMO)
+    assert response.status_code == 201
+    assert response.get_json()["status"] == "completed" and len(response.get_json()["tickets"]) == 1
+
+
+def test_concurrent_failures_give_every_ticket_back(backend, app, client, wire):
+    import gevent
+
+    orders = [client.post("/api/orders", json={**DEMO, "phone": "0708000004"}).get_json() for _ in range(30)]
+    assert reserved(app) == 30
+    jobs = [gevent.spawn(client.post, URL, json=callback_body(order, result_code=1)) for order in orders]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    assert {job.value.status_code for job in jobs} == {200}
+    assert reserved(app) == 0
+
+
+def test_a_nul_character_is_400_and_the_body_is_still_stored(app, client, order):
+    body = callback_body(order)
+    body["response"]["ExternalReference"] = order["id"] + "\u0000"
+    response = client.post(URL, json=body)
+    assert response.status_code == 400
+    [(outcome, _, stored_body)] = stored(app)
+    assert outcome == "invalid" and "\\u0000" in stored_body
+    raw = client.post(URL, data=b'{"a": "\x00"}', content_type="application/json")
+    assert raw.status_code == 400 and stored(app)[1][0] == "invalid"

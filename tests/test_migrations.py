@@ -45,3 +45,17 @@ def test_json_logs_are_one_object_a_line():
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["message"] == "Order status updated: completed" and entry["level"] == "INFO"
+
+
+def test_json_log_tracebacks_are_redacted_too():
+    from eventi_flask.security import RedactingFilter
+
+    try:
+        raise ValueError("bad phone 0712345678 for a@b.co with token=s3cret")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("eventi_flask", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    RedactingFilter().filter(record)
+    line = JsonFormatter().format(record)
+    assert "0712345678" not in line and "a@b.co" not in line and "s3cret" not in line

@@ -122,3 +122,14 @@ def test_unknown_route_and_method_are_json_errors(client):
     assert client.get("/api/nothing").get_json()["error"]["code"] == "not_found"
     response = client.delete("/api/orders")
     assert response.status_code == 405 and "error" in response.get_json()
+
+
+@pytest.mark.parametrize("path", ["/api/orders/ab%00cd", "/api/events/a%00b", "/api/orders/ab%00cd/wait?timeout=0"])
+def test_ids_we_never_issue_are_404_not_a_database_error(client, path):
+    assert client.get(path).status_code == 404
+
+
+def test_a_nul_character_in_a_field_is_named(client, wire):
+    response = client.post("/api/orders", json={**DEMO, "name": "Wan\u0000jiku"})
+    assert response.status_code == 400 and "name" in response.get_json()["error"]["fields"]
+    assert wire.call_count == 0

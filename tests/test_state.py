@@ -98,3 +98,7 @@ def test_malformed_callbacks_name_the_bad_field(body, field):
     with pytest.raises(ValidationError) as err:
         parse_callback(body)
     assert field in str(err.value.normalized_messages())
+
+
+def test_only_ascii_digits_make_a_phone_number():
+    assert normalize_phone("0712\u0663\u0664\u0665\u0666\u0667\u0668") is None  # Arabic-Indic digits

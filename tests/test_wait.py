@@ -203,3 +203,30 @@ def test_a_slow_query_in_one_request_does_not_delay_a_notification(backend, app,
     assert answered.get_json()["status"] == "completed"
     assert answered_at - sent < 0.5
     assert slow.get(timeout=5) > answered_at  # the slow query was still running when the wait answered
+
+
+def test_publishing_holds_no_database_connection(app, client, order, hub, monkeypatch):
+    checked_out = []
+    publish = hub.publish
+
+    def observed(message):
+        checked_out.append(app.extensions["sqlalchemy"].engine.pool.checkedout())
+        publish(message)
+
+    monkeypatch.setattr(hub, "publish", observed)
+    client.post(CALLBACK, json=callback_body(order))
+    assert checked_out == [0]
+
+
+def test_a_foreign_message_on_our_channel_rechecks_and_the_listener_lives_on(backend, client, order, hub):
+    redis_only(backend)
+    waiting = gevent.spawn(wait, client, order)
+    wait_until(lambda: hub.waiter_count == 1)
+    publisher = redis.Redis.from_url(REDIS_URL)
+    # The API's bare shape (no order inside) and garbage: the database decides, and it says pending.
+    publisher.publish(hub.channel(order["id"]), '{"id": "x", "status": "completed", "version": "9"}')
+    publisher.publish(hub.channel(order["id"]), "not json")
+    waiting.join(timeout=0.5)
+    assert not waiting.ready() and not hub._listener.dead
+    client.post(CALLBACK, json=callback_body(order))
+    assert waiting.get(timeout=5).get_json()["status"] == "completed"

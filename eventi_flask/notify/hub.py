@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CACHE_SECONDS = 60
 SUBSCRIBE_CONFIRM_TIMEOUT = 2.0  # past this, the waiter goes on and the re-check covers it
 SUBSCRIBE_BATCH = 1000
+PUBLISH_PAUSE_AFTER_FAILURE = 2.0  # seconds without publish attempts after one fails
 PUBLISHER_POOL_SIZE = 16  # publish and cache connections per process (the subscriber is apart)
 
 
@@ -137,7 +138,7 @@ class Hub:
         return self._count
 
     def wake_all(self):
-        """Ask every waiter to re-read its order (shutdown, reconnect)."""
+        """Ask every waiter to re-read its order (or, shutting down, to answer with what it has)."""
         for waiters in list(self._waiters.values()):
             for waiter in list(waiters):
                 waiter.ask_recheck()
@@ -241,6 +242,7 @@ class RedisHub(Hub):
         self._channel_prefix = f"{prefix}order:status:".encode()
         self._client = self.publisher_client(url)
         self._publisher_up = None  # unknown until the first publish
+        self._publish_paused_until = 0.0
         self.connected = None  # None until the listener's first attempt: waiters still wait for it
         self.ping_interval = 5.0
         self._listener = None
@@ -282,6 +284,11 @@ class RedisHub(Hub):
         return json.loads(raw) if raw else None
 
     def publish(self, message):
+        if self.connected is False or time.monotonic() < self._publish_paused_until:
+            # Redis is known to be away: don't make each webhook wait out a timeout. Waiters
+            # everywhere are re-checking the database meanwhile.
+            metrics.publish_failures.inc()
+            return
         payload = json.dumps(message, separators=(",", ":"))
         try:
             pipe = self._client.pipeline(transaction=False)
@@ -294,6 +301,7 @@ class RedisHub(Hub):
             if self._publisher_up is not False:
                 log.warning("Redis publish failed, waiters will re-check the database: %s", exc)
             self._publisher_up = False
+            self._publish_paused_until = time.monotonic() + PUBLISH_PAUSE_AFTER_FAILURE
             return
         if not self._publisher_up:
             log.info("Redis Publisher connected")
@@ -357,7 +365,9 @@ class RedisHub(Hub):
                 conn = self._connect()
                 backoff = 0.25
                 self._serve(conn)
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # the listener must outlive anything, or the worker goes deaf
+                if not isinstance(exc, (redis.RedisError, OSError)):
+                    log.exception("Redis listener failed; reconnecting")
                 if self.connected is not False:
                     self._on_disconnected(exc)
                 else:
@@ -477,9 +487,24 @@ class RedisHub(Hub):
         try:
             message = json.loads(data)
         except ValueError:
-            log.warning("Ignoring a malformed message on %s", channel.decode())
+            message = None
+        if not _is_order_message(message):
+            # Not one of ours (another publisher on a shared channel?): the database decides.
+            log.warning("A message on %s is not an order message; re-checking the database", channel.decode())
+            for waiter in list(self._waiters.get(order_id, ())):
+                waiter.ask_recheck()
             return
         self._deliver(order_id, message)
+
+
+def _is_order_message(message):
+    """The message our publish() sends: carrying the whole order, with its version, both integers."""
+    if not isinstance(message, dict) or not isinstance(message.get("order"), dict):
+        return False
+    version = message.get("version")
+    published = message.get("published_at_ms")
+    return (isinstance(version, int) and not isinstance(version, bool) and message["order"].get("version") == version
+            and isinstance(published, (int, float)) and not isinstance(published, bool))
 
 
 def create_hub(config):

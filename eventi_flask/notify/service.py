@@ -1,7 +1,7 @@
 """Publishing order changes after the commit, never before.
 
 The service layer stages a message on the session; the after_commit hook
-hands it to the hub.  A rollback drops it.  A publish failure is logged by
+hands it to the hub once the connection is released.  A rollback drops it.  A publish failure is logged by
 the hub and never reaches the caller: the database already has the truth.
 """
 import time
@@ -11,6 +11,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 OUTBOX = "eventi.outbox"
+COMMITTED = "eventi.committed"
 HUB = "eventi.hub"
 
 
@@ -35,8 +36,17 @@ def notify_after_commit(session, order_body):
 
 
 @event.listens_for(Session, "after_commit")
-def publish_staged(session):
-    for hub, message in session.info.pop(OUTBOX, ()):
+def mark_committed(session):
+    session.info[COMMITTED] = session.info.pop(OUTBOX, [])
+
+
+@event.listens_for(Session, "after_transaction_end")
+def publish_staged(session, transaction):
+    # after_commit still holds the database connection; by transaction end it is
+    # back in the pool, so a slow Redis never keeps a connection from others.
+    if transaction.parent is not None:
+        return
+    for hub, message in session.info.pop(COMMITTED, ()):
         message["published_at_ms"] = int(time.time() * 1000)
         hub.publish(message)
 

@@ -1,15 +1,16 @@
 """Kenyan M-Pesa phone numbers: normalised to 2547XXXXXXXX / 2541XXXXXXXX."""
 import re
 
-_PHONE = re.compile(r"^(?:\+?254|0)?([17]\d{8})$")
-_SEPARATORS = re.compile(r"[\s\-().]")
+# [0-9], not \d: Python's \d takes any script's digits; M-Pesa and the browser want ASCII.
+PHONE = re.compile(r"^(?:\+?254|0)?([17][0-9]{8})$")
+SEPARATORS = re.compile(r"[\s\-().]")
 
 
 def normalize_phone(raw):
     """Return the 12-digit 254... form, or None when `raw` is not a Kenyan mobile number."""
     if not isinstance(raw, str):
         return None
-    match = _PHONE.match(_SEPARATORS.sub("", raw))
+    match = PHONE.match(SEPARATORS.sub("", raw))
     return "254" + match.group(1) if match else None
 
 

@@ -79,8 +79,8 @@ def reconcile():
                     summary["settled"] += 1
                     continue
         if _as_utc(created_at) < expire_cutoff:
-            order = fail_pending_order(order_id, EXPIRED_REASON)
-            if order["status"] == Status.FAILED.value and order["payment"]["result_desc"] == EXPIRED_REASON:
+            expired, _ = fail_pending_order(order_id, EXPIRED_REASON)
+            if expired:
                 log.info("Reconcile: order %s expired after %gs pending", order_id, expire_after)
                 summary["expired"] += 1
                 continue

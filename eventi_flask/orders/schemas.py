@@ -2,7 +2,7 @@
 from datetime import timezone
 
 from flask import current_app
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates
 
 from .phone import mask_phone, normalize_phone
 
@@ -29,6 +29,16 @@ class StrictInteger(fields.Integer):
 class OrderCreateSchema(Schema):
     class Meta:
         unknown = EXCLUDE
+
+    @pre_load
+    def _no_nul_characters(self, data, **kwargs):
+        # PostgreSQL cannot store NUL in text; say which field instead of failing later.
+        if isinstance(data, dict):
+            bad = {name: "Contains a character that is not allowed." for name, value in data.items()
+                   if isinstance(value, str) and "\x00" in value}
+            if bad:
+                raise ValidationError(bad)
+        return data
 
     event = fields.String(required=True, validate=validate.Length(min=1, max=100))
     ticket_type = fields.String(required=True, validate=validate.Length(min=1, max=50))

@@ -5,7 +5,7 @@ import secrets
 import time
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from .. import metrics
 from ..errors import ApiError
@@ -19,18 +19,21 @@ from .state import PLAIN_REASONS, Decision, Status, decide
 
 log = logging.getLogger(__name__)
 
-ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")  # what new_order_id() makes, and no more
+# What we issue, and no more: anything else is unknown without asking the database
+# (PostgreSQL refuses some characters, such as NUL, with an error rather than "not found").
+ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+SLUG = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 def event_by_slug(slug):
-    event = db.session.scalar(select(Event).where(Event.slug == slug))
+    event = db.session.scalar(select(Event).where(Event.slug == slug)) if SLUG.fullmatch(slug) else None
     if event is None:
         raise ApiError(404, "event_not_found", f"No event called {slug!r}.")
     return serialize_event(event)
 
 
 def order_by_id(order_id):
-    order = db.session.get(Order, order_id)
+    order = db.session.get(Order, order_id) if ORDER_ID.fullmatch(order_id) else None
     if order is None:
         raise ApiError(404, "order_not_found", "No order with that id.")
     return serialize_order(order)
@@ -96,10 +99,12 @@ def _request_payment(order):
         )
     except PayHeroError as exc:
         log.warning("PayHero refused the payment request for order %s: %s", order.id, exc)
-        failed = fail_pending_order(order.id, f"The payment could not be started: {exc.public_message}")
+        changed, body = fail_pending_order(order.id, f"The payment could not be started: {exc.public_message}")
+        if not changed:
+            return body  # a callback settled it while PayHero's answer was lost: that outcome stands
         raise ApiError(502, "payhero_unavailable",
                        "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
-                       headers={"X-Order-Id": failed["id"]})
+                       headers={"X-Order-Id": body["id"]})
     locked = _lock_order(order.id)
     if locked.payhero_reference is None:
         locked.payhero_reference = answer["reference"]
@@ -114,17 +119,24 @@ def _lock_order(order_id):
     return db.session.scalar(select(Order).where(Order.id == order_id).with_for_update(of=Order))
 
 
+def _release_tickets(order):
+    # In SQL, not in Python: concurrent failures on one ticket type must not overwrite each other.
+    db.session.execute(update(TicketType).where(TicketType.id == order.ticket_type_id)
+                       .values(reserved=TicketType.reserved - order.quantity))
+
+
 def fail_pending_order(order_id, reason):
-    """Fail an order that is still pending (PayHero refused it, or it expired) and free its tickets."""
+    """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body)."""
     order = _lock_order(order_id)
-    if order.status == Status.PENDING:
+    changed = order.status == Status.PENDING
+    if changed:
         order.status = Status.FAILED.value
         order.result_desc = reason
-        order.ticket_type.reserved -= order.quantity
+        _release_tickets(order)
         _touch(order)
     body = serialize_order(order)
     db.session.commit()
-    return body
+    return changed, body
 
 
 def find_order_for_payment(outcome):
@@ -166,7 +178,7 @@ def apply_payment_outcome(order_id, outcome, record=None):
         if transition.status is Status.COMPLETED:
             order.tickets.extend(Ticket(code=_ticket_code()) for _ in range(order.quantity))
         else:
-            order.ticket_type.reserved -= order.quantity
+            _release_tickets(order)
         _touch(order)
         log.info("Order status updated: %s", order.status)
     elif transition.decision is Decision.IGNORED_FINAL:
@@ -231,14 +243,16 @@ def wait_for_order(order_id, timeout, since):
     try:
         # Subscribed first, then read: a change committed after this read will be delivered.
         cached = hub.latest(order_id)
-        order = cached["order"] if cached and "order" in cached else None
-        if order is None:
+        order = cached.get("order") if isinstance(cached, dict) else None
+        if not isinstance(order, dict) or "version" not in order:
             order = _read_order(order_id)
             if order is None:
                 raise ApiError(404, "order_not_found", "No order with that id.")
         log.info("Long polling started for order: %s", order_id)
+        result = "immediate"
         # A stopping worker answers with what it knows; the client asks again, elsewhere.
         while not _settled(order, since) and not hub.shutting_down:
+            result = "changed"
             waiter.seen_version = order["version"]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -250,11 +264,12 @@ def wait_for_order(order_id, timeout, since):
                 latency_ms = time.time() * 1000 - message["published_at_ms"]
                 log.info("Order %s status changed via Redis (%dms)", order_id, latency_ms)
                 metrics.delivery_latency.observe(max(latency_ms, 0) / 1000)
-            elif recheck:
+            elif recheck and not hub.shutting_down:
                 fresh = _read_order(order_id)
                 if fresh is not None and fresh["version"] > order["version"]:
                     order = fresh
-        result = "changed"
+        if hub.shutting_down and not _settled(order, since):
+            result = "shutdown"
         return order, result
     finally:
         hub.unwatch(waiter)

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def _store(raw_body, content_type, remote_addr):
     record = PayheroCallback(
-        body=raw_body.decode("utf-8", errors="replace"),
+        # Kept as received, but for NUL, which PostgreSQL text cannot hold: written as its JSON escape.
+        body=raw_body.decode("utf-8", errors="replace").replace("\x00", "\\u0000"),
         content_type=(content_type or "")[:200] or None,
         remote_addr=remote_addr,
     )
@@ -70,6 +71,8 @@ def _handle(record, raw_body, content_type, token):
         _close(record, "invalid", "content type")
         raise ApiError(415, "unsupported_media_type", "Callbacks must be sent as application/json.")
     try:
+        if b"\\u0000" in raw_body:
+            raise ValueError("NUL character")  # no PayHero field holds one, and PostgreSQL cannot
         outcome = parse_callback(json.loads(raw_body))
     except (ValueError, RecursionError, ValidationError) as exc:  # RecursionError: JSON nested thousands deep
         fields = field_errors(exc) if isinstance(exc, ValidationError) else {}

@@ -21,8 +21,8 @@ UNSUCCESSFUL_STATUSES = ("cancelled", "failed")
 
 # The server's own phone rule and wording, handed to the browser so the
 # client-side check cannot drift from the API's.
-PHONE_PATTERN = phone_rules._PHONE.pattern
-PHONE_SEPARATORS = phone_rules._SEPARATORS.pattern
+PHONE_PATTERN = phone_rules.PHONE.pattern
+PHONE_SEPARATORS = phone_rules.SEPARATORS.pattern
 PHONE_MESSAGE = PhoneField.default_error_messages["invalid_phone"]
 
 
