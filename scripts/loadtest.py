@@ -316,11 +316,11 @@ def callback_body(order):
 class Payment:
     """One order's story: when its callback went out, when the customer saw it, how many requests it took."""
 
-    __slots__ = ("order", "sent_at", "answered_at", "requests", "status", "error", "callback_ms")
+    __slots__ = ("order", "due_at", "sent_at", "answered_at", "requests", "status", "error", "callback_ms")
 
     def __init__(self, order):
         self.order = order
-        self.sent_at = self.answered_at = self.callback_ms = None
+        self.due_at = self.sent_at = self.answered_at = self.callback_ms = None
         self.requests = 0
         self.status = None
         self.error = None
@@ -363,6 +363,7 @@ async def fire_callbacks(pool, payments, rate, token, stats):
     started = time.monotonic()
     tasks = []
     for i, payment in enumerate(payments):
+        payment.due_at = started + i / rate if rate else None
         if rate:
             delay = started + i / rate - time.monotonic()
             if delay > 0:
@@ -373,6 +374,9 @@ async def fire_callbacks(pool, payments, rate, token, stats):
     await asyncio.gather(*tasks)
     done = max((p.sent_at + p.callback_ms / 1000 for p in payments if p.callback_ms is not None), default=started)
     stats["callback_seconds"] = done - started
+    # Open loop, honestly: if every callback connection is busy, a callback leaves late; say how late.
+    lags = [(p.sent_at - p.due_at) * 1000 for p in payments if p.due_at is not None and p.sent_at is not None]
+    stats["send_lag_ms_p99"] = percentile(lags, 99)
     stats["callbacks_per_second"] = len(payments) / (done - started) if done > started else None
 
 
@@ -457,6 +461,7 @@ async def run_status_phase(args, target, mode):
     profiler = start_profiler(args, target)
     m0 = await scrape(api)
     cpu0 = cpu_seconds(target.get("worker_pid"))
+    client0 = time.process_time()
     started = time.monotonic()
     deadline = started + args.timeout + args.n / args.rate + 60 if args.rate else started + 600
     if mode == "long-poll":
@@ -481,6 +486,7 @@ async def run_status_phase(args, target, mode):
         task.cancel()
     m2 = await scrape(api)
     cpu2 = cpu_seconds(target.get("worker_pid"))
+    client_cpu = time.process_time() - client0
     stop_profiler(profiler)
     sampler.stop()
     api.close()
@@ -506,11 +512,15 @@ async def run_status_phase(args, target, mode):
         "first_errors": errors[:5],
         "latency_ms": {q: _round(percentile(latencies, q)) for q in (50, 90, 99, 100)},
         "callback_response_ms": {q: _round(percentile([p.callback_ms for p in payments if p.callback_ms], q)) for q in (50, 99)},
+        # Server side, publish after the commit -> wait answered, to the histogram's bucket bound.
+        "server_delivery_ms_le": {q: histogram_quantile(m0, m2, "eventi_delivery_latency_seconds", q) for q in (50, 99)},
         "callbacks_per_second": _round(stats.get("callbacks_per_second")),
+        "callback_send_lag_ms_p99": _round(stats.get("send_lag_ms_p99")),
         "status_requests_per_payment": round(requests / n, 3),
         "db_queries_per_payment": round(queries / n, 3),
         "db_queries_per_first_request": round(hold_queries / first_requests, 3) if first_requests else None,
         "worker_cpu_ms_per_first_request": _round((cpu1 - cpu0) * 1000 / first_requests) if cpu0 is not None and first_requests else None,
+        "client_cpu_ms_per_payment": _round(client_cpu * 1000 / n),
         "worker_cpu_ms_per_payment": _round((cpu2 - cpu0) * 1000 / n) if cpu0 is not None else None,
         "worker_rss_mb_holding": _round(rss_holding),
         "worker_rss_mb_peak": _round(sampler.rss_peak) if sampler.pid else None,
@@ -575,6 +585,22 @@ def stop_profiler(proc):
         proc.wait(30)
 
 
+def histogram_quantile(before, after, name, q):
+    """The upper bound (le) of the bucket holding quantile q of a Prometheus histogram, between two scrapes."""
+    buckets = []
+    for key, value in after.items():
+        if key.startswith(name + "_bucket{"):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), value - before.get(key, 0)))
+    buckets.sort()
+    if not buckets or not buckets[-1][1]:
+        return None
+    for le, count in buckets:
+        if count >= q / 100 * buckets[-1][1]:
+            return le * 1000
+    return None
+
+
 def _round(value, digits=2):
     return None if value is None else round(value, digits)
 
@@ -626,6 +652,9 @@ ROWS = [
     ("latency p99 ms", "latency_ms.99"),
     ("latency max ms", "latency_ms.100"),
     ("callbacks/s", "callbacks_per_second"),
+    ("server publish->answer p50 <= ms", "server_delivery_ms_le.50"),
+    ("server publish->answer p99 <= ms", "server_delivery_ms_le.99"),
+    ("callback send lag p99 ms", "callback_send_lag_ms_p99"),
     ("callback response p50 ms", "callback_response_ms.50"),
     ("callback response p99 ms", "callback_response_ms.99"),
     ("status requests / payment", "status_requests_per_payment"),
@@ -635,6 +664,7 @@ ROWS = [
     ("worker CPU ms / first request", "worker_cpu_ms_per_first_request"),
     ("worker CPU ms / payment", "worker_cpu_ms_per_payment"),
     ("worker CPU ms / callback", "worker_cpu_ms_per_callback"),
+    ("load generator CPU ms / payment", "client_cpu_ms_per_payment"),
     ("worker RSS MB holding", "worker_rss_mb_holding"),
     ("worker RSS MB peak", "worker_rss_mb_peak"),
     ("worker open files holding", "worker_open_files_holding"),
@@ -714,7 +744,8 @@ def main(argv=None):
     parser.add_argument("--settle", type=float, default=1.0, help="seconds between all waits held and the first callback")
     parser.add_argument("--poll-interval", type=float, default=3.0, help="short poll: seconds between GETs")
     parser.add_argument("--create-concurrency", type=int, default=16)
-    parser.add_argument("--callback-connections", type=int, default=32)
+    parser.add_argument("--callback-connections", type=int, default=128,
+                        help="keep-alive connections the callbacks go out on (more open as needed, up to this)")
     parser.add_argument("--open-rate", type=float, default=500, help="new waits (or pollers) per second")
     parser.add_argument("--open-concurrency", type=int, default=200, help="waits being connected at once")
     parser.add_argument("--token", default="sandbox", help="PAYHERO_CALLBACK_TOKEN")
