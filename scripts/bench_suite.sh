@@ -13,7 +13,7 @@ declare -A RUNS=(
   [callbacks-max]="--mode callbacks -n 3000 --rate 0 --callback-connections 16 --repeat 3"
   [callbacks-300]="--mode callbacks -n 6000 --rate 300 --repeat 3"
   [both]="--mode both -n 1000 --rate 50 --settle 10 --repeat 3"
-  [held10k-80]="-n 10000 --rate 80 --open-rate 250"
+  [held10k-80]="-n 10000 --rate 80 --open-rate 250 --timeout 280 --server-env WAIT_TIMEOUT_MAX=300"
   [profile]="-n 2000 --rate 100 --open-rate 300 --py-spy $OUT/profile.collapsed"
 )
 ORDER=(held1k held1k-50 callbacks-max callbacks-300 both held10k held10k-80 profile)
