@@ -2,6 +2,7 @@
 import logging
 
 from flask import jsonify
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ def handle_error(exc):
         if retry_after:
             headers["Retry-After"] = str(retry_after)
         return error_response(exc.code, _code_for(exc), exc.description, headers=headers)
+    if isinstance(exc, PoolTimeout):
+        # Every database connection is busy: shed load with a retryable answer, not a 500.
+        log.warning("Database pool exhausted; answering 503")
+        return error_response(503, "server_busy", "The server is busy; please try again in a moment.",
+                              headers={"Retry-After": "2"})
     log.exception("Unhandled error")
     return error_response(500, "internal_error", "Something went wrong on our side; please try again.")
 

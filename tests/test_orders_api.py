@@ -133,3 +133,17 @@ def test_a_nul_character_in_a_field_is_named(client, wire):
     response = client.post("/api/orders", json={**DEMO, "name": "Wan\u0000jiku"})
     assert response.status_code == 400 and "name" in response.get_json()["error"]["fields"]
     assert wire.call_count == 0
+
+
+def test_an_exhausted_database_pool_is_a_retryable_503(client, monkeypatch):
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from eventi_flask.orders import service
+
+    def busy(order_id):
+        raise PoolTimeout("QueuePool limit reached")
+
+    monkeypatch.setattr(service, "order_by_id", busy)
+    response = client.get("/api/orders/abcdefabcdefabcdef")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+    assert response.get_json()["error"]["code"] == "server_busy"
