@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import resource
 import signal
 import statistics

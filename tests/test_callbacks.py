@@ -3,7 +3,7 @@ import pytest
 from sqlalchemy import func, select
 
 from eventi_flask.extensions import db
-from eventi_flask.orders.models import Order, Ticket, TicketType
+from eventi_flask.orders.models import Ticket, TicketType
 from eventi_flask.payhero.models import PayheroCallback
 from tests.support import DEMO, callback_body
 

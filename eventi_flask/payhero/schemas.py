@@ -81,12 +81,15 @@ class FlatCallbackSchema(Schema):
             raise ValidationError("amount is required for a successful payment.", "amount")
 
 
+_classic, _flat = ClassicCallbackSchema(), FlatCallbackSchema()  # reusable; built once
+
+
 def parse_callback(body):
     """PaymentOutcome from a decoded JSON body; ValidationError naming bad fields otherwise."""
     if not isinstance(body, dict):
         raise ValidationError("The callback body must be a JSON object.", "_schema")
     if "response" in body:
-        r = ClassicCallbackSchema().load(body)["response"]
+        r = _classic.load(body)["response"]
         return PaymentOutcome(
             success=r["ResultCode"] == 0,
             result_code=r["ResultCode"],
@@ -96,7 +99,7 @@ def parse_callback(body):
             checkout_request_id=r["CheckoutRequestID"],
             order_id=r["ExternalReference"],
         )
-    data = FlatCallbackSchema().load(body)
+    data = _flat.load(body)
     success = data["success"] and (data["status"] or "success").lower() == "success"
     result_code = data["result_code"] if data["result_code"] is not None else (0 if success else None)
     return PaymentOutcome(
