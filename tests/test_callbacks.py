@@ -153,6 +153,34 @@ def test_a_callback_that_beats_a_lost_payhero_answer_stands(client, wire):
     assert response.get_json()["status"] == "completed" and len(response.get_json()["tickets"]) == 1
 
 
+@pytest.mark.parametrize("payhero_answer", ["timeout", "accepted"])
+def test_a_callback_from_another_request_during_the_payhero_call_stands(app, client, wire, payhero_answer):
+    """The callback is handled by another request (its own session) while ours waits on PayHero."""
+    import gevent
+    import requests
+
+    def paid_elsewhere(request, context):
+        order_id = request.json()["external_reference"]
+
+        def pay():
+            other = app.test_client()
+            order = other.get(f"/api/orders/{order_id}").get_json()
+            return other.post(URL, json=callback_body(order)).status_code
+
+        assert gevent.spawn(pay).get(timeout=10) == 200
+        if payhero_answer == "timeout":
+            raise requests.ReadTimeout("PayHero answered too late")
+        context.status_code = 201
+        return {"success": True, "status": "QUEUED", "reference": "REF-" + order_id, "CheckoutRequestID": "ws_CO_x"}
+
+    wire.post("http://eventi.test/sandbox/payhero/api/v2/payments", json=paid_elsewhere)
+    response = client.post("/api/orders", json=DEMO)
+    assert response.status_code == 201
+    created = response.get_json()
+    assert created["status"] == "completed" and len(created["tickets"]) == 1
+    assert client.get(f"/api/orders/{created['id']}").get_json() == created  # nothing moved it back or re-versioned it
+
+
 def test_concurrent_failures_give_every_ticket_back(backend, app, client, wire):
     import gevent
 

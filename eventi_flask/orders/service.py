@@ -116,7 +116,10 @@ def _request_payment(order):
 
 
 def _lock_order(order_id):
-    return db.session.scalar(select(Order).where(Order.id == order_id).with_for_update(of=Order))
+    # populate_existing: this session may still hold the order as it was before another
+    # request (a callback) changed it; the locked row is the truth.
+    return db.session.scalar(select(Order).where(Order.id == order_id).with_for_update(of=Order)
+                             .execution_options(populate_existing=True))
 
 
 def _release_tickets(order):
