@@ -181,6 +181,26 @@ def test_a_callback_from_another_request_during_the_payhero_call_stands(app, cli
     assert client.get(f"/api/orders/{created['id']}").get_json() == created  # nothing moved it back or re-versioned it
 
 
+def test_a_callback_that_fails_midway_changes_nothing_and_is_kept(app, client, order, monkeypatch):
+    """A database failure while applying: 503 so PayHero sends it again, the order untouched, the body kept."""
+    from sqlalchemy.exc import OperationalError
+
+    from eventi_flask.orders import rows
+
+    def lost_connection(*args):
+        raise OperationalError("INSERT INTO tickets ...", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(rows, "add_tickets", lost_connection)
+    response = client.post(URL, json=callback_body(order))
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert response.get_json()["error"]["code"] == "try_again"
+    assert client.get(f"/api/orders/{order['id']}").get_json() == order
+    assert [row[0] for row in stored(app)] == ["error"] and '"ResultCode": 0' in stored(app)[0][2]
+    monkeypatch.undo()
+    assert client.post(URL, json=callback_body(order)).get_json()["status"] == "completed"
+    assert [row[0] for row in stored(app)] == ["error", "applied"]
+
+
 def test_concurrent_failures_give_every_ticket_back(backend, app, client, wire):
     import gevent
 

@@ -72,7 +72,7 @@ def reconcile():
                 summary["errors"] += 1
                 continue
             if outcome is not None:
-                transition, order = apply_payment_outcome(order_id, outcome)
+                transition, order = apply_payment_outcome(outcome, order_id)
                 if transition.changes:
                     log.info("Reconcile: order %s settled as %s from PayHero's transaction status",
                              order_id, order["status"])

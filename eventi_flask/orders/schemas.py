@@ -95,27 +95,37 @@ def serialize_event(event):
     }
 
 
-def serialize_order(order):
+def order_body(values, ticket_codes=()):
+    """The public order (API.md) from a flat mapping: a row of the orders table
+    plus `event_slug` and `ticket_type_code`, and the codes of its tickets."""
     body = {
-        "id": order.id,
-        "status": order.status,
-        "version": order.version,
-        "event": order.ticket_type.event.slug,
-        "ticket_type": order.ticket_type.code,
-        "quantity": order.quantity,
-        "amount": order.amount,
+        "id": values["id"],
+        "status": values["status"],
+        "version": values["version"],
+        "event": values["event_slug"],
+        "ticket_type": values["ticket_type_code"],
+        "quantity": values["quantity"],
+        "amount": values["amount"],
         "currency": "KES",
-        "phone": mask_phone(order.phone),
-        "created_at": isoformat(order.created_at),
-        "updated_at": isoformat(order.updated_at),
+        "phone": mask_phone(values["phone"]),
+        "created_at": isoformat(values["created_at"]),
+        "updated_at": isoformat(values["updated_at"]),
         "payment": {
-            "reference": order.payhero_reference,
-            "checkout_request_id": order.checkout_request_id,
-            "receipt": order.receipt,
-            "result_code": order.result_code,
-            "result_desc": order.result_desc,
+            "reference": values["payhero_reference"],
+            "checkout_request_id": values["checkout_request_id"],
+            "receipt": values["receipt"],
+            "result_code": values["result_code"],
+            "result_desc": values["result_desc"],
         },
     }
-    if order.status == "completed":
-        body["tickets"] = [{"code": t.code} for t in order.tickets]
+    if values["status"] == "completed":
+        body["tickets"] = [{"code": code} for code in ticket_codes]
     return body
+
+
+def serialize_order(order):
+    """The public order from an ORM Order."""
+    values = {column.key: getattr(order, column.key) for column in order.__table__.columns}
+    values["event_slug"] = order.ticket_type.event.slug
+    values["ticket_type_code"] = order.ticket_type.code
+    return order_body(values, [ticket.code for ticket in order.tickets])

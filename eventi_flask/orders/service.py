@@ -5,7 +5,7 @@ import secrets
 import time
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from .. import metrics
 from ..errors import ApiError
@@ -13,8 +13,9 @@ from ..extensions import db
 from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
 from ..payhero.client import PayHeroError, get_payhero
-from .models import Event, Order, Ticket, TicketType, utcnow
-from .schemas import serialize_event, serialize_order
+from . import rows
+from .models import Event, Order, TicketType, utcnow
+from .schemas import order_body, serialize_event, serialize_order
 from .state import PLAIN_REASONS, Decision, Status, decide
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,15 @@ def event_by_slug(slug):
 
 
 def order_by_id(order_id):
-    order = db.session.get(Order, order_id) if ORDER_ID.fullmatch(order_id) else None
+    order = _read_order(order_id)
     if order is None:
         raise ApiError(404, "order_not_found", "No order with that id.")
-    return serialize_order(order)
+    return order
+
+
+def _row_body(connection, row):
+    codes = rows.ticket_codes(connection, row["id"]) if row["status"] == Status.COMPLETED else ()
+    return order_body(row, codes)
 
 
 def _touch(order):
@@ -122,12 +128,6 @@ def _lock_order(order_id):
                              .execution_options(populate_existing=True))
 
 
-def _release_tickets(order):
-    # In SQL, not in Python: concurrent failures on one ticket type must not overwrite each other.
-    db.session.execute(update(TicketType).where(TicketType.id == order.ticket_type_id)
-                       .values(reserved=TicketType.reserved - order.quantity))
-
-
 def fail_pending_order(order_id, reason):
     """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body)."""
     order = _lock_order(order_id)
@@ -135,7 +135,7 @@ def fail_pending_order(order_id, reason):
     if changed:
         order.status = Status.FAILED.value
         order.result_desc = reason
-        _release_tickets(order)
+        rows.release_tickets(db.session.connection(), order.ticket_type_id, order.quantity)
         _touch(order)
     body = serialize_order(order)
     db.session.commit()
@@ -143,56 +143,70 @@ def fail_pending_order(order_id, reason):
 
 
 def find_order_for_payment(outcome):
-    """The order a PayHero outcome is about: our id first, then PayHero's own references."""
-    if outcome.order_id:
-        # Only the id: loading the whole order (four joined tables) here cost a sixth of a
-        # callback's time, and apply_payment_outcome loads it again under its row lock.
-        order_id = db.session.scalar(select(Order.id).where(Order.id == outcome.order_id))
-        if order_id is not None:
-            return order_id
-    for column, value in ((Order.checkout_request_id, outcome.checkout_request_id), (Order.payhero_reference, outcome.reference)):
-        if value:
-            order_id = db.session.scalar(select(Order.id).where(column == value))
-            if order_id is not None:
-                return order_id
-    return None
+    """The id and PayHero reference of the order `outcome` is about, or (None, None)."""
+    row = rows.find_for_payment(db.session.connection(), _payment_keys(outcome), lock=False)
+    db.session.commit()  # ends the read: no connection held by the caller's next step
+    return (row["id"], row["payhero_reference"]) if row else (None, None)
 
 
-def payhero_reference(order_id):
-    return db.session.scalar(select(Order.payhero_reference).where(Order.id == order_id))
+def _payment_keys(outcome, order_id=None):
+    """Where to look for the order of a payment: our id first, then PayHero's own references."""
+    if order_id is not None:
+        return [("id", order_id)]
+    return [("id", outcome.order_id), ("checkout_request_id", outcome.checkout_request_id),
+            ("payhero_reference", outcome.reference)]
 
 
-def apply_payment_outcome(order_id, outcome, record=None):
-    """Apply `outcome` to the order under a row lock; return (Transition, order body).
+def apply_payment_outcome(outcome, order_id=None, record=None):
+    """Find the order `outcome` is about (or `order_id`), apply it under a row lock; commit.
 
+    Returns (Transition, order body), or (None, None) when no order matches.
     The lock makes concurrent repeats of one callback queue up: the first one
-    moves the order, the others find it final and change nothing.  `record`,
-    a stored callback row, gets its outcome in the same transaction.
+    moves the order, the others find it final and change nothing.
+    `record(order_id, transition)` runs in the same transaction, so a stored
+    callback commits together with its effect.
     """
-    order = _lock_order(order_id)
-    transition = decide(order.status, order.amount, outcome)
-    if transition.decision is Decision.APPLY:
-        order.status = transition.status.value
-        order.result_code = outcome.result_code
-        order.result_desc = outcome.result_desc or PLAIN_REASONS.get(outcome.result_code)
-        order.receipt = outcome.receipt or None
-        order.payhero_reference = order.payhero_reference or outcome.reference
-        order.checkout_request_id = order.checkout_request_id or outcome.checkout_request_id
-        if transition.status is Status.COMPLETED:
-            order.tickets.extend(Ticket(code=_ticket_code()) for _ in range(order.quantity))
+    connection = db.session.connection()
+    row = rows.find_for_payment(connection, _payment_keys(outcome, order_id), lock=True)
+    transition = body = None
+    if row is not None:
+        transition = decide(row["status"], row["amount"], outcome)
+        if transition.decision is Decision.APPLY:
+            body = _apply(connection, row, transition.status, outcome)
         else:
-            _release_tickets(order)
-        _touch(order)
-        log.info("Order status updated: %s", order.status)
-    elif transition.decision is Decision.IGNORED_FINAL:
-        log.warning("Order %s is already %s; a later %s outcome was recorded and not applied",
-                    order.id, order.status, outcome.status.value)
+            if transition.decision is Decision.IGNORED_FINAL:
+                log.warning("Order %s is already %s; a later %s outcome was recorded and not applied",
+                            row["id"], row["status"], outcome.status.value)
+            body = _row_body(connection, row)
     if record is not None:
-        record.order_id = order.id
-        record.outcome = transition.decision.value
-    body = serialize_order(order)
+        record(row["id"] if row is not None else None, transition)
     db.session.commit()
     return transition, body
+
+
+def _apply(connection, row, status, outcome):
+    changes = {
+        "status": status.value,
+        "result_code": outcome.result_code,
+        "result_desc": outcome.result_desc or PLAIN_REASONS.get(outcome.result_code),
+        "receipt": outcome.receipt or None,
+        "payhero_reference": row["payhero_reference"] or outcome.reference,
+        "checkout_request_id": row["checkout_request_id"] or outcome.checkout_request_id,
+        # As _touch() does for ORM changes: the version moves and the change is published.
+        "version": row["version"] + 1,
+        "updated_at": utcnow(),
+    }
+    rows.update_order(connection, row["id"], changes)
+    codes = []
+    if status is Status.COMPLETED:
+        codes = [_ticket_code() for _ in range(row["quantity"])]
+        rows.add_tickets(connection, row["id"], codes)
+    else:
+        rows.release_tickets(connection, row["ticket_type_id"], row["quantity"])
+    body = order_body({**row, **changes}, codes)
+    notify_after_commit(db.session, body)
+    log.info("Order status updated: %s", status.value)
+    return body
 
 
 def _ticket_code():
@@ -218,8 +232,11 @@ def _settled(order, since):
 
 
 def _read_order(order_id):
-    order = db.session.get(Order, order_id)
-    body = serialize_order(order) if order is not None else None
+    row = None
+    if ORDER_ID.fullmatch(order_id):
+        connection = db.session.connection()
+        row = rows.read(connection, order_id)
+    body = _row_body(connection, row) if row is not None else None
     # Give the connection back before holding: a held wait owns no database connection.
     db.session.remove()
     return body

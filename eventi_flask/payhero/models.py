@@ -17,7 +17,8 @@ class PayheroCallback(db.Model):
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[str] = mapped_column(Text)
     # Filled in once the callback has been handled: applied, repeat, ignored_final,
-    # amount_mismatch, unknown_order, invalid, unauthorized, unverified.
+    # amount_mismatch, unknown_order, invalid, unauthorized, unverified, too_large, and
+    # error when the database failed while applying it (answered 503: PayHero sends it again).
     outcome: Mapped[str] = mapped_column(String(32), default="received")
     detail: Mapped[str | None] = mapped_column(Text)
     order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True)
