@@ -24,6 +24,12 @@ def stored(app):
         return [(r.outcome, r.order_id, r.body) for r in rows]
 
 
+def counted(outcome):
+    from eventi_flask import metrics
+
+    return metrics.registry.get_sample_value("eventi_callbacks_total", {"outcome": outcome}) or 0.0
+
+
 def reserved(app):
     with app.app_context():
         return db.session.scalar(select(TicketType.reserved).where(TicketType.code == "early-bird"))
@@ -191,14 +197,115 @@ def test_a_callback_that_fails_midway_changes_nothing_and_is_kept(app, client, o
         raise OperationalError("INSERT INTO tickets ...", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(rows, "add_tickets", lost_connection)
+    before = {outcome: counted(outcome) for outcome in ("applied", "error")}
     response = client.post(URL, json=callback_body(order))
     assert response.status_code == 503 and response.headers["Retry-After"]
     assert response.get_json()["error"]["code"] == "try_again"
     assert client.get(f"/api/orders/{order['id']}").get_json() == order
     assert [row[0] for row in stored(app)] == ["error"] and '"ResultCode": 0' in stored(app)[0][2]
+    # /metrics counts what was committed, not what was rolled back
+    assert {outcome: counted(outcome) - n for outcome, n in before.items()} == {"applied": 0, "error": 1}
     monkeypatch.undo()
     assert client.post(URL, json=callback_body(order)).get_json()["status"] == "completed"
     assert [row[0] for row in stored(app)] == ["error", "applied"]
+
+
+def test_a_bug_while_applying_still_keeps_the_body(app, client, order, monkeypatch):
+    from eventi_flask.orders import rows
+
+    def bug(*args):
+        raise KeyError("code")
+
+    monkeypatch.setattr(rows, "add_tickets", bug)
+    response = client.post(URL, json=callback_body(order))
+    assert response.status_code == 500 and response.get_json()["error"]["code"] == "internal_error"
+    assert client.get(f"/api/orders/{order['id']}").get_json() == order
+    assert [row[0] for row in stored(app)] == ["error"] and order["id"] in stored(app)[0][2]
+
+
+def another_process(app, sql, **params):
+    """Change the database as another worker or the reconcile clock would: its own connection, committed."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    with engine.begin() as connection:
+        connection.execute(text(sql), params)
+    engine.dispose()
+
+
+SQLITE_ONLY = "PostgreSQL's row lock already makes a second writer wait for the first"
+
+
+def test_sqlite_a_callback_never_overwrites_a_change_made_since_it_read_the_order(backend, app, client, order,
+                                                                                    monkeypatch):
+    """SQLite has no row locks: two processes can read `pending` at once; only the first write may land."""
+    if backend != "sqlite-local":
+        pytest.skip(SQLITE_ONLY)
+    from eventi_flask.orders import rows
+
+    real_find = rows.find_for_payment
+
+    def read_then_cancelled_elsewhere(*args, **kwargs):
+        row = real_find(*args, **kwargs)
+        if row is not None and row["status"] == "pending":
+            another_process(app, "UPDATE orders SET status = 'cancelled', version = version + 1 WHERE id = :id",
+                            id=order["id"])
+        return row
+
+    monkeypatch.setattr(rows, "find_for_payment", read_then_cancelled_elsewhere)
+    response = client.post(URL, json=callback_body(order))
+    assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
+    after = client.get(f"/api/orders/{order['id']}").get_json()
+    assert (after["status"], after["version"], "tickets" in after) == ("cancelled", order["version"] + 1, False)
+    assert [row[:2] for row in stored(app)] == [("ignored_final", order["id"])]
+
+
+def test_sqlite_expiring_an_order_never_overwrites_a_payment_made_since_it_read_it(backend, app, client, order,
+                                                                                    monkeypatch):
+    if backend != "sqlite-local":
+        pytest.skip(SQLITE_ONLY)
+    from eventi_flask.orders import service
+
+    real_lock = service._lock_order
+
+    def read_then_paid_elsewhere(order_id):
+        locked = real_lock(order_id)
+        if locked.status == "pending":
+            another_process(app, "UPDATE orders SET status = 'completed', version = version + 1 WHERE id = :id",
+                            id=order_id)
+        return locked
+
+    monkeypatch.setattr(service, "_lock_order", read_then_paid_elsewhere)
+    with app.app_context():
+        changed, body = service.fail_pending_order(order["id"], "expired")
+    assert not changed and body["status"] == "completed"
+    assert reserved(app) == order["quantity"]  # the paid-for tickets stay taken
+
+
+@pytest.mark.env(PAYHERO_VERIFY_CALLBACKS="1")
+def test_verification_stores_the_body_before_asking_payhero(app, client, order, wire):
+    seen_while_asking = []
+
+    def transaction_status(request, context):
+        seen_while_asking.extend(stored(app))
+        context.status_code = 503
+        return b"{}"
+
+    wire.get("http://eventi.test/sandbox/payhero/api/v2/transaction-status", content=transaction_status)
+    response = client.post(URL, json=callback_body(order))
+    assert response.get_json()["status"] == "pending"
+    assert [row[:2] for row in seen_while_asking] == [("received", order["id"])]
+    assert [row[:2] for row in stored(app)] == [("unverified", order["id"])]  # the same row, now decided
+
+
+@pytest.mark.env(PAYHERO_VERIFY_CALLBACKS="1")
+def test_verification_is_not_asked_for_a_final_order(app, client, order, wire):
+    assert client.post(URL, json=callback_body(order, result_code=1)).get_json()["status"] == "failed"
+    wire.reset_mock()
+    late = client.post(URL, json=callback_body(order))
+    assert late.status_code == 200 and late.get_json()["status"] == "failed"
+    assert not any(r.path.endswith("/transaction-status") for r in wire.request_history)
+    assert [row[0] for row in stored(app)] == ["applied", "ignored_final"]
 
 
 def test_concurrent_failures_give_every_ticket_back(backend, app, client, wire):

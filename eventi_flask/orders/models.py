@@ -73,6 +73,9 @@ class Order(db.Model):
     tickets: Mapped[list["Ticket"]] = relationship(order_by="Ticket.id", lazy="joined")
 
     __table_args__ = (Index("ix_orders_status_created", "status", "created_at"),)
+    # Every ORM UPDATE says WHERE version = <the version read> and raises StaleDataError
+    # if another writer got there first (see rows.py); our code moves the version itself.
+    __mapper_args__ = {"version_id_col": version, "version_id_generator": False}
 
 
 class Ticket(db.Model):

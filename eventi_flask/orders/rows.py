@@ -31,7 +31,11 @@ _FIND_BY = {
     for column in (ORDERS.c.id, ORDERS.c.checkout_request_id, ORDERS.c.payhero_reference)
 }
 _TICKET_CODES = select(TICKETS.c.code).where(TICKETS.c.order_id == bindparam("order_id")).order_by(TICKETS.c.id)
-_UPDATE_ORDER = update(ORDERS).where(ORDERS.c.id == bindparam("order_id"))
+# Compare-and-set on the version: PostgreSQL's row lock already makes it hold; SQLite has no
+# row locks (and pysqlite reads outside any transaction), so there a writer that got there
+# first is noticed here instead of overwritten.
+_UPDATE_ORDER = update(ORDERS).where(ORDERS.c.id == bindparam("order_id"),
+                                     ORDERS.c.version == bindparam("read_version"))
 _INSERT_TICKET = insert(TICKETS)
 # In SQL, not in Python: concurrent failures on one ticket type must not overwrite each other.
 _RELEASE_TICKETS = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("ticket_type_id"))
@@ -57,8 +61,10 @@ def ticket_codes(connection, order_id):
     return connection.execute(_TICKET_CODES, {"order_id": order_id}).scalars().all()
 
 
-def update_order(connection, order_id, changes):
-    connection.execute(_UPDATE_ORDER, {"order_id": order_id, **changes})
+def update_order(connection, row, changes):
+    """Write `changes` to the order read as `row`; False if it changed since it was read."""
+    result = connection.execute(_UPDATE_ORDER, {"order_id": row["id"], "read_version": row["version"], **changes})
+    return result.rowcount == 1
 
 
 def add_tickets(connection, order_id, codes):

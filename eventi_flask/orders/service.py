@@ -6,6 +6,7 @@ import time
 
 from flask import current_app
 from sqlalchemy import select
+from sqlalchemy.orm.exc import StaleDataError
 
 from .. import metrics
 from ..errors import ApiError
@@ -111,14 +112,15 @@ def _request_payment(order):
         raise ApiError(502, "payhero_unavailable",
                        "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
                        headers={"X-Order-Id": body["id"]})
-    locked = _lock_order(order.id)
-    if locked.payhero_reference is None:
-        locked.payhero_reference = answer["reference"]
-        locked.checkout_request_id = locked.checkout_request_id or answer["checkout_request_id"]
-        _touch(locked)
-    body = serialize_order(locked)
-    db.session.commit()
-    return body
+    return _changing_order(order.id, lambda locked: _save_payhero_answer(locked, answer))
+
+
+def _save_payhero_answer(order, answer):
+    if order.payhero_reference is None:  # else a callback got here first and said it already
+        order.payhero_reference = answer["reference"]
+        order.checkout_request_id = order.checkout_request_id or answer["checkout_request_id"]
+        _touch(order)
+    return serialize_order(order)
 
 
 def _lock_order(order_id):
@@ -128,25 +130,42 @@ def _lock_order(order_id):
                              .execution_options(populate_existing=True))
 
 
+def _changing_order(order_id, change):
+    """Lock the order, `change(order)`, commit; return what `change` returned.
+
+    If another writer changed the order since it was read (possible only on
+    SQLite, which has no row locks), start again from what it is now.
+    """
+    while True:
+        result = change(_lock_order(order_id))
+        try:
+            db.session.commit()
+        except StaleDataError:
+            db.session.rollback()
+            continue
+        return result
+
+
 def fail_pending_order(order_id, reason):
     """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body)."""
-    order = _lock_order(order_id)
+    return _changing_order(order_id, lambda order: _fail_if_pending(order, reason))
+
+
+def _fail_if_pending(order, reason):
     changed = order.status == Status.PENDING
     if changed:
         order.status = Status.FAILED.value
         order.result_desc = reason
         rows.release_tickets(db.session.connection(), order.ticket_type_id, order.quantity)
         _touch(order)
-    body = serialize_order(order)
-    db.session.commit()
-    return changed, body
+    return changed, serialize_order(order)
 
 
 def find_order_for_payment(outcome):
-    """The id and PayHero reference of the order `outcome` is about, or (None, None)."""
+    """The order `outcome` is about, as {id, status, payhero_reference}, or None."""
     row = rows.find_for_payment(db.session.connection(), _payment_keys(outcome), lock=False)
     db.session.commit()  # ends the read: no connection held by the caller's next step
-    return (row["id"], row["payhero_reference"]) if row else (None, None)
+    return {key: row[key] for key in ("id", "status", "payhero_reference")} if row else None
 
 
 def _payment_keys(outcome, order_id=None):
@@ -167,17 +186,22 @@ def apply_payment_outcome(outcome, order_id=None, record=None):
     callback commits together with its effect.
     """
     connection = db.session.connection()
-    row = rows.find_for_payment(connection, _payment_keys(outcome, order_id), lock=True)
     transition = body = None
-    if row is not None:
+    while True:
+        row = rows.find_for_payment(connection, _payment_keys(outcome, order_id), lock=True)
+        if row is None:
+            break
         transition = decide(row["status"], row["amount"], outcome)
-        if transition.decision is Decision.APPLY:
-            body = _apply(connection, row, transition.status, outcome)
-        else:
+        if transition.decision is not Decision.APPLY:
             if transition.decision is Decision.IGNORED_FINAL:
                 log.warning("Order %s is already %s; a later %s outcome was recorded and not applied",
                             row["id"], row["status"], outcome.status.value)
             body = _row_body(connection, row)
+            break
+        body = _apply(connection, row, transition.status, outcome)
+        if body is not None:
+            break
+        # Changed since we read it (SQLite only: see rows.py): decide again on what it is now.
     if record is not None:
         record(row["id"] if row is not None else None, transition)
     db.session.commit()
@@ -185,6 +209,7 @@ def apply_payment_outcome(outcome, order_id=None, record=None):
 
 
 def _apply(connection, row, status, outcome):
+    """Move the order read as `row` to `status`; its new body, or None if it changed since it was read."""
     changes = {
         "status": status.value,
         "result_code": outcome.result_code,
@@ -196,7 +221,8 @@ def _apply(connection, row, status, outcome):
         "version": row["version"] + 1,
         "updated_at": utcnow(),
     }
-    rows.update_order(connection, row["id"], changes)
+    if not rows.update_order(connection, row, changes):
+        return None
     codes = []
     if status is Status.COMPLETED:
         codes = [_ticket_code() for _ in range(row["quantity"])]

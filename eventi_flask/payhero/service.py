@@ -7,7 +7,8 @@ import time
 
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import insert
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import metrics
@@ -16,20 +17,28 @@ from ..extensions import db
 from ..orders import service as orders
 from ..orders.models import utcnow
 from ..orders.schemas import field_errors
-from ..orders.state import Decision
+from ..orders.state import Decision, Status
 from .client import PayHeroError, get_payhero
 from .models import PayheroCallback
 from .schemas import parse_callback
 
 log = logging.getLogger(__name__)
 
-_INSERT_CALLBACK = insert(PayheroCallback.__table__)  # built once: this is the hot path
+CALLBACKS = PayheroCallback.__table__
+# Built once: this is the hot path.
+_INSERT_CALLBACK = insert(CALLBACKS).returning(CALLBACKS.c.id)
+_UPDATE_CALLBACK = update(CALLBACKS).where(CALLBACKS.c.id == bindparam("callback_id"))
+RECEIVED = "received"  # stored, not yet handled (only while PayHero is asked to confirm it)
 
 
 class StoredCallback:
-    """One callback as received.  It is written once, with what became of it, in the
-    transaction that applies it (or alone when it cannot be applied): a callback
-    is never applied without its record, nor recorded as applied when it was not."""
+    """One callback as received, and what became of it.
+
+    Normally written once, with its outcome, in the transaction that applies
+    it: a callback is never applied without its record, nor recorded as
+    applied when it was not.  When it cannot be applied (bad input, or an
+    error that rolled the transaction back) it is written alone.
+    """
 
     def __init__(self, raw_body, content_type, remote_addr):
         self.values = {
@@ -39,16 +48,37 @@ class StoredCallback:
             "content_type": (content_type or "")[:200] or None,
             "remote_addr": remote_addr,
         }
+        self.id = None  # once a committed row exists
+        self._written = None
 
-    def add(self, outcome, detail=None, order_id=None):
-        """Write the record in the current transaction; the caller commits."""
-        db.session.connection().execute(
-            _INSERT_CALLBACK, {**self.values, "outcome": outcome, "detail": detail, "order_id": order_id})
-        metrics.callbacks.labels(outcome).inc()
+    def write(self, outcome, detail=None, order_id=None):
+        """Write the record, or its new outcome, in the current transaction; the caller commits."""
+        connection = db.session.connection()
+        values = {"outcome": outcome, "detail": detail, "order_id": order_id}
+        if self.id is None:
+            self._written = (connection.execute(_INSERT_CALLBACK, {**self.values, **values}).scalar_one(), outcome)
+        else:
+            connection.execute(_UPDATE_CALLBACK, {"callback_id": self.id, **values})
+            self._written = (self.id, outcome)
+
+    def committed(self):
+        self.id, outcome = self._written
+        if outcome != RECEIVED:  # not an outcome yet: counted when it has one
+            metrics.callbacks.labels(outcome).inc()
 
     def save(self, outcome, detail=None, order_id=None):
-        self.add(outcome, detail, order_id)
+        self.write(outcome, detail, order_id)
         db.session.commit()
+        self.committed()
+
+    def save_after_error(self, exc):
+        """Applying failed and was rolled back: keep the body alone if the database still can."""
+        db.session.rollback()
+        try:
+            self.save("error", type(exc).__name__)
+        except SQLAlchemyError:
+            db.session.rollback()
+            log.error("Could not store a PayHero callback: the database is unavailable")
 
 
 def record_refused_body(content_type, remote_addr, length):
@@ -69,24 +99,19 @@ def handle_callback(raw_body, content_type, token, remote_addr=None):
     record = StoredCallback(raw_body, content_type, remote_addr)
     try:
         return _handle(record, raw_body, content_type, token)
+    except (ApiError, PoolTimeout):
+        raise  # answered as such; a pool timeout has no connection to store the body with
     except SQLAlchemyError as exc:
-        _save_after_error(record, exc)
+        record.save_after_error(exc)
         log.warning("PayHero callback not applied, database error: %s", type(exc).__name__)
         # Nothing was applied: a 503 makes PayHero send it again rather than give up.
         raise ApiError(503, "try_again", "The payment could not be recorded just now; please send it again.",
                        headers={"Retry-After": "5"}) from exc
+    except Exception as exc:  # a bug of ours: still keep the body, then answer 500
+        record.save_after_error(exc)
+        raise
     finally:
         metrics.callback_duration.observe(time.monotonic() - started)
-
-
-def _save_after_error(record, exc):
-    # Applying failed, and its transaction with it: the body is kept alone if it still can be.
-    db.session.rollback()
-    try:
-        record.save("error", type(exc).__name__)
-    except SQLAlchemyError:
-        db.session.rollback()
-        log.error("Could not store a PayHero callback: the database is unavailable")
 
 
 def _handle(record, raw_body, content_type, token):
@@ -106,17 +131,21 @@ def _handle(record, raw_body, content_type, token):
         raise ApiError(400, "invalid_callback", "The callback body is not a PayHero payment result.", fields)
     order_id = None
     if outcome.success and current_app.config["PAYHERO_VERIFY_CALLBACKS"]:
-        order_id, reference = orders.find_order_for_payment(outcome)
-        if order_id is not None:
-            outcome = _verified(outcome, order_id, reference)
+        found = orders.find_order_for_payment(outcome)
+        if found is not None and found["status"] == Status.PENDING:  # a final order is never changed: no need
+            order_id = found["id"]
+            # Stored before asking PayHero: that call can take seconds, and a restart then must not lose it.
+            record.save(RECEIVED, "asking PayHero to confirm", order_id)
+            outcome = _verified(outcome, order_id, outcome.reference or found["payhero_reference"])
             if outcome is None:
                 record.save("unverified", "PayHero did not confirm the payment", order_id)
-                return 200, {"received": True, "order": order_id, "status": "pending"}
+                return 200, {"received": True, "order": order_id, "status": found["status"]}
 
-    def add_record(found_id, transition):
-        record.add(transition.decision.value if transition else "unknown_order", order_id=found_id)
+    def write_record(found_id, transition):
+        record.write(transition.decision.value if transition else "unknown_order", order_id=found_id)
 
-    transition, order = orders.apply_payment_outcome(outcome, order_id, record=add_record)
+    transition, order = orders.apply_payment_outcome(outcome, order_id, record=write_record)
+    record.committed()
     if transition is None:
         raise ApiError(404, "order_not_found", "No order matches this payment's reference.")
     if transition.decision is Decision.AMOUNT_MISMATCH:
@@ -128,7 +157,6 @@ def _handle(record, raw_body, content_type, token):
 
 def _verified(outcome, order_id, reference):
     """Ask PayHero to confirm a success before completing; None if it does not."""
-    reference = outcome.reference or reference
     if not reference:
         return None
     try:
