@@ -1,4 +1,7 @@
 """Prometheus metrics, one registry per process (GET /metrics reports the worker that answers)."""
+import gc
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 registry = CollectorRegistry()
@@ -23,3 +26,21 @@ redis_transitions = Counter("eventi_redis_transitions_total", "Redis subscriber 
 publish_failures = Counter("eventi_redis_publish_failures_total", "Notifications that could not be published", registry=registry)
 db_queries = Counter("eventi_db_queries_total", "SQL statements executed by this process", registry=registry)
 wait_rejected = Counter("eventi_wait_rejected_total", "Wait requests refused by a limit", ["limit"], registry=registry)
+# A collection stops every greenlet of the worker at once: with thousands of waits held,
+# a full one shows as a latency spike for everyone, so its pauses are worth seeing.
+gc_pause = Histogram(
+    "eventi_gc_pause_seconds", "Pauses of Python's cyclic garbage collector, by generation", ["generation"],
+    registry=registry, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+_gc_started = 0.0
+
+
+def _time_gc(phase, info):
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started)
+
+
+gc.callbacks.append(_time_gc)

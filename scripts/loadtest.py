@@ -523,6 +523,7 @@ async def run_status_phase(args, target, mode):
         "worker_cpu_ms_per_payment": _round((cpu2 - cpu0) * 1000 / n) if cpu0 is not None else None,
         "worker_rss_mb_holding": _round(rss_holding),
         "worker_rss_mb_peak": _round(sampler.rss_peak) if sampler.pid else None,
+        **gc_pauses(m0, m2),
         "worker_open_files_holding": fds_holding,
         "worker_open_files_peak": sampler.fds_peak if sampler.pid else None,
         "redis_connections": connections,
@@ -600,6 +601,18 @@ def histogram_quantile(before, after, name, q):
     return None
 
 
+def gc_pauses(before, after):
+    """Full (generation 2) collections in the worker between two scrapes: how many, total and longest pause."""
+    key = 'eventi_gc_pause_seconds_%s{generation="2"}'
+    count = after.get(key % "count", 0) - before.get(key % "count", 0)
+    total = after.get(key % "sum", 0) - before.get(key % "sum", 0)
+    longest = histogram_quantile(
+        {k: v for k, v in before.items() if 'generation="2"' in k},
+        {k: v for k, v in after.items() if 'generation="2"' in k}, "eventi_gc_pause_seconds", 100)
+    return {"gc_full_collections": int(count), "gc_full_pause_ms_total": _round(total * 1000),
+            "gc_full_pause_ms_max_le": longest}
+
+
 def _round(value, digits=2):
     return None if value is None else round(value, digits)
 
@@ -666,6 +679,9 @@ ROWS = [
     ("load generator CPU ms / payment", "client_cpu_ms_per_payment"),
     ("worker RSS MB holding", "worker_rss_mb_holding"),
     ("worker RSS MB peak", "worker_rss_mb_peak"),
+    ("worker full GCs", "gc_full_collections"),
+    ("worker full GC pause ms, total", "gc_full_pause_ms_total"),
+    ("worker full GC pause ms, max <=", "gc_full_pause_ms_max_le"),
     ("worker open files holding", "worker_open_files_holding"),
     ("Redis subscriber conns", "redis_connections.subscriber"),
     ("Redis other conns", "redis_connections.other"),

@@ -48,3 +48,5 @@ def test_operations_endpoints(server):
     for name in ("eventi_waiters", "eventi_wait_duration_seconds", "eventi_delivery_latency_seconds",
                  "eventi_callbacks_total", "eventi_redis_listener_connected"):
         assert name in metrics, name
+    # The worker has collected garbage since it started (importing the app is enough), and says how long it took.
+    assert 'eventi_gc_pause_seconds_count{generation="0"}' in metrics
