@@ -3,7 +3,8 @@
 These use SQLAlchemy Core rather than the ORM, with every statement built once
 here and given its values as parameters at execution: no unit of work, no
 identity map, no per-call statement building or cache-key hashing.  That took
-a callback from 12 round trips and ~5.6 ms of worker CPU to 7 and ~2.8 ms.
+a callback from 12 round trips and 5.5 ms of CPU to 7 and 2.6 ms
+(scripts/bench_callback.py; BENCHMARKS.md).
 Creating orders and the rarer changes stay in the ORM (service.py).
 
 A row is a mapping of the orders table's columns plus `ticket_type_code` and
