@@ -21,16 +21,12 @@ _ORDER_ROW = (
     .join_from(ORDERS, TICKET_TYPES)
     .join(Event.__table__)
 )
-_READ_BY_ID = _ORDER_ROW.where(ORDERS.c.id == bindparam("key"))
-# How a payment result can name its order: our id, then PayHero's two references.
-_LOCK_BY = {
-    column.key: _ORDER_ROW.where(column == bindparam("key")).with_for_update(of=ORDERS)
-    for column in (ORDERS.c.id, ORDERS.c.checkout_request_id, ORDERS.c.payhero_reference)
-}
+# How an order is named: our id, or (in a payment result) PayHero's two references.
 _FIND_BY = {
     column.key: _ORDER_ROW.where(column == bindparam("key"))
     for column in (ORDERS.c.id, ORDERS.c.checkout_request_id, ORDERS.c.payhero_reference)
 }
+_LOCK_BY = {key: statement.with_for_update(of=ORDERS) for key, statement in _FIND_BY.items()}
 _TICKET_CODES = select(TICKETS.c.code).where(TICKETS.c.order_id == bindparam("order_id")).order_by(TICKETS.c.id)
 # Compare-and-set on the version: PostgreSQL's row lock already makes it hold; SQLite has no
 # row locks (and pysqlite reads outside any transaction), so there a writer that got there
@@ -44,7 +40,7 @@ _RELEASE_TICKETS = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("t
 
 
 def read(connection, order_id):
-    return connection.execute(_READ_BY_ID, {"key": order_id}).mappings().first()
+    return connection.execute(_FIND_BY["id"], {"key": order_id}).mappings().first()
 
 
 def find_for_payment(connection, keys, lock):
