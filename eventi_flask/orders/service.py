@@ -258,10 +258,11 @@ def _settled(order, since):
 
 
 def _read_order(order_id):
-    row = None
-    if ORDER_ID.fullmatch(order_id):
-        connection = db.session.connection()
-        row = rows.read(connection, order_id)
+    """The order's public body, or None; the database connection is given back either way."""
+    if not ORDER_ID.fullmatch(order_id):
+        return None
+    connection = db.session.connection()
+    row = rows.read(connection, order_id)
     body = _row_body(connection, row) if row is not None else None
     # Give the connection back before holding: a held wait owns no database connection.
     db.session.remove()
