@@ -118,6 +118,8 @@ class Config:
         self.PAYHERO_CONNECT_TIMEOUT = read_number(env, "PAYHERO_CONNECT_TIMEOUT", 5.0, float, minimum=0.1)
         self.PAYHERO_READ_TIMEOUT = read_number(env, "PAYHERO_READ_TIMEOUT", 20.0, float, minimum=0.1)
         self.SANDBOX_CALLBACK_DELAY = read_number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
+        # classic: the shape of PayHero's v2 docs; flat: its current webhook reference (no result code).
+        self.SANDBOX_CALLBACK_SHAPE = _choice(env, "SANDBOX_CALLBACK_SHAPE", "classic", ("classic", "flat"))
 
         self.WAIT_TIMEOUT_MAX = read_number(env, "WAIT_TIMEOUT_MAX", 60.0, float, minimum=0, maximum=3600)
         self.WAIT_TIMEOUT_DEFAULT = read_number(env, "WAIT_TIMEOUT_DEFAULT", 55.0, float, minimum=0, maximum=self.WAIT_TIMEOUT_MAX)

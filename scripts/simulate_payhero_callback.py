@@ -16,18 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests  # noqa: E402
 
-from eventi_flask.payhero.sandbox import classic_callback, flat_callback  # noqa: E402
+from eventi_flask.payhero.sandbox import result_description, sandbox_callback  # noqa: E402
 
 OUTCOMES = {"success": 0, "cancelled": 1032, "insufficient": 1, "wrong-pin": 2001, "unreachable": 1037, "expired": 1019}
 
 
 def build_callback(order, result_code, amount, shape):
-    reference = order["payment"]["reference"] or "SIMULATED"
-    desc = "The service request is processed successfully." if result_code == 0 else f"Simulated failure {result_code}"
-    if shape == "flat":
-        return flat_callback(reference, order["id"], amount, result_code, desc)
-    return classic_callback(reference, order["payment"]["checkout_request_id"] or "ws_CO_simulated", order["id"],
-                            amount, "254708000000", result_code, desc)
+    return sandbox_callback(shape, order["payment"]["reference"] or "SIMULATED",
+                            order["payment"]["checkout_request_id"] or "ws_CO_simulated", order["id"],
+                            amount, "254708000000", result_code, result_description(result_code))
 
 
 def send_callback(session, base_url, token, order, result_code=0, amount=None, shape="classic"):

@@ -3,6 +3,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import logging  # noqa: E402
 import re  # noqa: E402
 import uuid  # noqa: E402
 
@@ -97,6 +98,18 @@ def wire(app):
     with requests_mock.Mocker() as mocker:
         mocker.register_uri(requests_mock.ANY, re.compile("^" + re.escape(PUBLIC) + "/"), content=forward)
         yield mocker
+
+
+@pytest.fixture
+def log_lines(app):
+    """Messages our loggers emit during the test (they do not propagate to pytest's caplog)."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("eventi_flask")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import requests
@@ -121,14 +122,16 @@ class LiveServer:
 
 
 
-def callback_body(order, result_code=0, amount=None, shape="classic", desc=None):
-    """A PayHero callback for `order` (an order JSON) in either payload shape."""
-    from eventi_flask.payhero.sandbox import classic_callback, flat_callback
+def reference_asked(request):
+    """The reference a transaction-status request asks about (requests-mock's `qs` lowercases values)."""
+    return parse_qs(urlsplit(request.url).query)["reference"][0]
 
-    amount = order["amount"] if amount is None else amount
-    reference = order["payment"]["reference"] or "REF"
-    desc = desc or f"result {result_code}"
-    if shape == "flat":
-        return flat_callback(reference, order["id"], amount, result_code, desc)
-    return classic_callback(reference, order["payment"]["checkout_request_id"] or "ws_CO_x", order["id"],
-                            amount, "254712345678", result_code, desc)
+
+def callback_body(order, result_code=0, amount=None, shape="classic", desc=None):
+    """A PayHero callback for `order` (an order JSON) in either payload shape, with M-Pesa's own wording."""
+    from eventi_flask.payhero.sandbox import result_description, sandbox_callback
+
+    return sandbox_callback(shape, order["payment"]["reference"] or "REF",
+                            order["payment"]["checkout_request_id"] or "ws_CO_x", order["id"],
+                            order["amount"] if amount is None else amount, "254712345678", result_code,
+                            desc or result_description(result_code))

@@ -1,4 +1,6 @@
 """POST /api/payhero/callback: every status code of API.md, and a payment is never lost."""
+import json
+
 import pytest
 from sqlalchemy import func, select
 
@@ -328,3 +330,63 @@ def test_a_nul_character_is_400_and_the_body_is_still_stored(app, client, order)
     assert outcome == "invalid" and "\\u0000" in stored_body
     raw = client.post(URL, data=b'{"a": "\x00"}', content_type="application/json")
     assert raw.status_code == 400 and stored(app)[1][0] == "invalid"
+
+
+# PayHero's current webhook reference, verbatim but for our order's id and amount.
+FLAT_SUCCESS = {"success": True, "status": "success", "message": "The service request is processed successfully.",
+                "reference": "UFD004453187.iI", "external_reference": "test_ext", "amount": 1, "currency": "KES",
+                "transaction_id": "", "transaction_date": "2026-06-30T00:44:53Z", "transaction_type": "inbound_payment",
+                "provider_reference": "UFU51A2XO2", "provider": "mpesa_dc", "callback_urls": None}
+FLAT_CANCELLED = {"success": False, "status": "failed", "message": "Request Cancelled by user.",
+                  "reference": "UFD00452113.iI", "external_reference": "test_ext", "amount": 1, "currency": "KES",
+                  "transaction_id": "", "transaction_date": "2026-06-30T00:45:21Z", "transaction_type": "inbound_payment",
+                  "provider_reference": "", "provider": "mpesa_dc", "callback_urls": None}
+# A failure as the reference's short example has it: no amount, no currency.
+FLAT_INSUFFICIENT = {"success": False, "status": "failed", "message": "The balance is insufficient for the transaction.",
+                     "reference": "UFD00452114.iI", "external_reference": "test_ext",
+                     "transaction_type": "inbound_payment", "provider": "mpesa_dc"}
+
+
+@pytest.mark.parametrize("reference_body, status, code", [
+    (FLAT_SUCCESS, "completed", 0), (FLAT_CANCELLED, "cancelled", 1032), (FLAT_INSUFFICIENT, "failed", 1),
+])
+def test_flat_callbacks_as_payhero_sends_them(app, client, order, reference_body, status, code):
+    from eventi_flask.orders.state import PLAIN_REASONS
+
+    body = {**reference_body, "external_reference": order["id"]}
+    if "amount" in body:
+        body["amount"] = order["amount"]
+    response = client.post(URL, json=body)
+    assert response.status_code == 200 and response.get_json()["status"] == status
+    payment = client.get(f"/api/orders/{order['id']}").get_json()["payment"]
+    assert (payment["result_code"], payment["result_desc"]) == (code, body["message"])  # PayHero's words kept
+    assert payment["receipt"] == (body["provider_reference"] if status == "completed" else None)
+    page = client.get(f"/orders/{order['id']}").get_data(as_text=True)
+    if status != "completed":
+        assert PLAIN_REASONS[code] in page  # the plain reason, not PayHero's wording
+    [(outcome, order_id, kept)] = stored(app)
+    assert (outcome, order_id, json.loads(kept)) == ("applied", order["id"], body)
+
+
+def test_a_flat_failure_with_a_message_we_do_not_know_fails_with_payhero_s_words(client, order):
+    body = {**FLAT_CANCELLED, "external_reference": order["id"], "message": "System busy. Try again later."}
+    assert client.post(URL, json=body).get_json()["status"] == "failed"
+    payment = client.get(f"/api/orders/{order['id']}").get_json()["payment"]
+    assert (payment["result_code"], payment["result_desc"]) == (None, "System busy. Try again later.")
+
+
+@pytest.mark.env(SANDBOX_CALLBACK_SHAPE="flat")
+@pytest.mark.parametrize("phone, status, code", [
+    (DEMO["phone"], "completed", 0), ("0708000001", "cancelled", 1032), ("0708000002", "failed", 1),
+    ("0708000003", "failed", 2001), ("0708000005", "failed", 1037),
+])
+def test_the_sandbox_sends_flat_callbacks_end_to_end(app, client, wire, phone, status, code):
+    order = client.post("/api/orders", json={**DEMO, "phone": phone}).get_json()
+    done = client.get(f"/api/orders/{order['id']}/wait", query_string={"since": order["version"], "timeout": 10})
+    payment = done.get_json()["payment"]
+    assert (done.get_json()["status"], payment["result_code"]) == (status, code)
+    [(outcome, _, body)] = stored(app)
+    sent = json.loads(body)
+    assert outcome == "applied" and "response" not in sent and "result_code" not in sent
+    assert set(FLAT_SUCCESS) <= set(sent) and sent["provider"] == "mpesa_dc" and sent["callback_urls"] is None
+    assert payment["result_desc"] == sent["message"]

@@ -30,6 +30,7 @@ def test_defaults_are_the_embedded_ones():
     ({"PAYHERO_VERIFY_CALLBACKS": "maybe"}, "PAYHERO_VERIFY_CALLBACKS"),
     ({"ORDER_LIMIT_PER_PHONE": "lots"}, "ORDER_LIMIT_PER_PHONE"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"SANDBOX_CALLBACK_SHAPE": "round"}, "SANDBOX_CALLBACK_SHAPE"),
     ({"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1"},
      "PAYHERO_CALLBACK_TOKEN"),
     ({"PAYHERO_MODE": "live", "PAYHERO_CALLBACK_TOKEN": "t"}, "PAYHERO_API_USERNAME"),

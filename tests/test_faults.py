@@ -1,7 +1,6 @@
 """Real faults.  Redis: our own redis-server on a spare port, stopped, frozen and restarted under
 held waits.  gunicorn: workers killed with SIGKILL, stopped with SIGTERM, two instances on one
 Redis and one PostgreSQL.  Every wait below is on a condition with a deadline."""
-import logging
 import os
 import signal
 import subprocess
@@ -84,18 +83,6 @@ def settings(settings, redis_server):
 @pytest.fixture
 def hub(app):
     return app.extensions[HUB]
-
-
-@pytest.fixture
-def log_lines(app):
-    """Messages our loggers emit during the test (they do not propagate to pytest's caplog)."""
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("eventi_flask")
-    logger.addHandler(handler)
-    yield lines
-    logger.removeHandler(handler)
 
 
 def sample(name, **labels):

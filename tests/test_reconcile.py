@@ -13,7 +13,7 @@ from eventi_flask.notify.service import HUB
 from eventi_flask.orders.models import Order, utcnow
 from eventi_flask.orders.reconcile import EXPIRED_REASON
 from eventi_flask.orders.state import PLAIN_REASONS
-from tests.support import DEMO, wait_until
+from tests.support import DEMO, reference_asked, wait_until
 
 QUEUED_FOREVER = "0708000004"
 # The sandbox's transaction-status answers once its callback would have been sent: at once.
@@ -112,3 +112,35 @@ def test_the_procfile_runs_reconcile_on_a_clock():
     from tests.support import procfile_command
 
     assert procfile_command("clock") == ["flask", "--app", "wsgi", "reconcile", "--every", "60"]
+
+
+def test_a_status_payhero_does_not_document_leaves_that_order_pending_and_settles_the_rest(app, client, lost_callbacks,
+                                                                                           log_lines):
+    with app.app_context():
+        paid, failed, processing, refused = (place(client) for _ in range(4))
+        db.session.remove()
+    answers = {
+        paid["payment"]["reference"]: (200, {"status": "SUCCESS", "provider_reference": "",
+                                             "third_party_reference": "SKQ96C7K7H"}),
+        failed["payment"]["reference"]: (200, {"status": "FAILED"}),
+        processing["payment"]["reference"]: (200, {"status": "PROCESSING", "provider_reference": ""}),
+        refused["payment"]["reference"]: (400, {"error_code": "invalid_argument",
+                                                "error_message": "transaction reference not found", "status_code": 400}),
+    }
+
+    def transaction_status(request, context):
+        context.status_code, answer = answers[reference_asked(request)]
+        return answer
+
+    lost_callbacks.get(re.compile(r".*/api/v2/transaction-status"), json=transaction_status)
+    assert reconcile(app) == "Reconciled: 4 checked, 2 settled, 1 still pending, 0 expired, 1 errors"
+
+    def order(o):
+        return client.get(f"/api/orders/{o['id']}").get_json()
+
+    assert (order(paid)["status"], order(paid)["payment"]["receipt"]) == ("completed", "SKQ96C7K7H")
+    assert order(failed)["status"] == "failed"
+    # "not processed yet", as QUEUED (expired only past RECONCILE_EXPIRE_AFTER); PayHero's refusal is no verdict either
+    assert order(processing)["status"] == "pending" and order(refused)["status"] == "pending"
+    [line] = [line for line in log_lines if refused["id"] in line]
+    assert "invalid_argument: transaction reference not found" in line

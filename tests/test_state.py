@@ -3,9 +3,9 @@ import pytest
 from marshmallow import ValidationError
 
 from eventi_flask.orders.phone import mask_phone, normalize_phone
-from eventi_flask.orders.state import Decision, PaymentOutcome, Status, decide
+from eventi_flask.orders.state import Decision, PaymentOutcome, Status, decide, result_code_for_message
 from eventi_flask.payhero.sandbox import classic_callback
-from eventi_flask.payhero.schemas import parse_callback
+from eventi_flask.payhero.schemas import parse_callback, parse_transaction_status
 
 PAID = PaymentOutcome(success=True, result_code=0, amount=300, receipt="SAE3YULR0Y")
 
@@ -83,6 +83,39 @@ def test_flat_shape():
     assert outcome.success and outcome.amount == 300 and outcome.receipt == "SAE3" and outcome.reference == "R1"
     failed = parse_callback({"success": False, "status": "failed", "message": "Insufficient", "external_reference": "o", "result_code": 1})
     assert failed.status is Status.FAILED and failed.result_code == 1
+
+
+@pytest.mark.parametrize("message, code, status", [
+    ("Request Cancelled by user.", 1032, Status.CANCELLED),
+    ("Request cancelled by user", 1032, Status.CANCELLED),
+    ("The balance is insufficient for the transaction.", 1, Status.FAILED),
+    ("The initiator information is invalid.", 2001, Status.FAILED),
+    ("DS timeout user cannot be reached", 1037, Status.FAILED),
+    ("No response from user.", 1037, Status.FAILED),
+    ("Transaction has expired", 1019, Status.FAILED),
+    ("Unable to lock subscriber, a transaction is already in process for the current subscriber", 1001, Status.FAILED),
+    ("System busy. Try again later.", None, Status.FAILED),
+    (None, None, Status.FAILED),
+])
+def test_a_flat_failure_is_decided_by_its_message(message, code, status):
+    assert result_code_for_message(message) == code
+    outcome = parse_callback({"success": False, "status": "failed", "message": message, "external_reference": "o"})
+    assert (outcome.result_code, outcome.status, outcome.result_desc) == (code, status, message)
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ({"status": "SUCCESS", "provider_reference": "SKQ96C7K7H", "third_party_reference": "SKQ96C7K7H"},
+     PaymentOutcome(success=True, result_code=0, receipt="SKQ96C7K7H", reference="R1")),
+    ({"status": "SUCCESS", "provider_reference": "", "third_party_reference": "SKQ96C7K7H", "amount": "300.00"},
+     PaymentOutcome(success=True, result_code=0, receipt="SKQ96C7K7H", reference="R1", amount=300)),
+    ({"status": "FAILED", "result_code": 1032}, PaymentOutcome(success=False, result_code=1032, reference="R1")),
+    ({"status": "FAILED"}, PaymentOutcome(success=False, reference="R1")),
+    ({"status": "QUEUED"}, None),
+    ({"status": "PROCESSING"}, None),
+    ({}, None),
+])
+def test_transaction_status_answers(answer, expected):
+    assert parse_transaction_status("R1", answer) == expected
 
 
 @pytest.mark.parametrize("body, field", [

@@ -3,7 +3,8 @@
 Pending orders older than RECONCILE_AFTER that have a PayHero reference are
 looked up with transaction-status, and the answer goes through the same
 state machine as a callback (apply_payment_outcome), so held waits are woken
-as usual.  Orders still pending after RECONCILE_EXPIRE_AFTER become `failed`
+as usual.  A status other than SUCCESS or FAILED means PayHero has not
+processed the payment yet: that order waits for the next run.  Orders still pending after RECONCILE_EXPIRE_AFTER become `failed`
 with a plain reason and give their tickets back.  Safe to run as often as
 you like, from several places at once: every change is made under the
 order's row lock and only ever moves an order forward.
@@ -16,32 +17,14 @@ from sqlalchemy import select
 
 from ..extensions import db
 from ..payhero.client import PayHeroError, get_payhero
+from ..payhero.schemas import parse_transaction_status
 from .models import Order, utcnow
 from .service import apply_payment_outcome, fail_pending_order
-from .state import PaymentOutcome, Status
+from .state import Status
 
 log = logging.getLogger(__name__)
 
 EXPIRED_REASON = "No answer came from M-Pesa in time, so this order has expired. Please try again."
-
-
-def _outcome_from_status(reference, answer):
-    """A PaymentOutcome from a transaction-status answer, or None while PayHero says QUEUED."""
-    status = answer["status"]
-    if status == "QUEUED":
-        return None
-    amount = answer.get("amount")
-    result_code = answer.get("result_code")
-    if status == "SUCCESS":
-        return PaymentOutcome(
-            success=True, result_code=0, receipt=answer.get("provider_reference") or None, reference=reference,
-            amount=amount if isinstance(amount, int) and not isinstance(amount, bool) else None,
-        )
-    return PaymentOutcome(
-        success=False, reference=reference,
-        result_code=result_code if isinstance(result_code, int) and result_code != 0 else None,
-        result_desc=answer.get("result_desc") or None,
-    )
 
 
 def _pending_older_than(seconds):
@@ -65,7 +48,7 @@ def reconcile():
         if reference:
             summary["checked"] += 1
             try:
-                outcome = _outcome_from_status(reference, get_payhero().transaction_status(reference))
+                outcome = parse_transaction_status(reference, get_payhero().transaction_status(reference))
             except PayHeroError as exc:
                 # Not knowing is no reason to fail an order the customer may have paid: next run.
                 log.warning("Reconcile: could not ask PayHero about order %s: %s", order_id, exc)

@@ -6,6 +6,7 @@ from a callback, a transaction-status query or the expiry of a forgotten
 order, goes through decide().
 """
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -23,16 +24,41 @@ class Status(str, enum.Enum):
 # M-Pesa result codes, as PayHero forwards them.
 RESULT_SUCCESS = 0
 RESULT_CANCELLED = 1032
+RESULT_INSUFFICIENT_FUNDS = 1
+RESULT_WRONG_PIN = 2001
+RESULT_UNREACHABLE = 1037
+RESULT_EXPIRED = 1019
+RESULT_IN_PROGRESS = 1001
 
 PLAIN_REASONS = {
-    0: "Payment received.",
-    1: "Your M-Pesa balance was not enough for this payment.",
-    1032: "The payment was cancelled on the phone.",
-    2001: "The M-Pesa PIN was wrong.",
-    1037: "Your phone could not be reached. Is it on and has signal?",
-    1019: "The payment request expired before it was answered.",
-    1001: "Another M-Pesa payment was in progress on this phone.",
+    RESULT_SUCCESS: "Payment received.",
+    RESULT_INSUFFICIENT_FUNDS: "Your M-Pesa balance was not enough for this payment.",
+    RESULT_CANCELLED: "The payment was cancelled on the phone.",
+    RESULT_WRONG_PIN: "The M-Pesa PIN was wrong.",
+    RESULT_UNREACHABLE: "Your phone could not be reached. Is it on and has signal?",
+    RESULT_EXPIRED: "The payment request expired before it was answered.",
+    RESULT_IN_PROGRESS: "Another M-Pesa payment was in progress on this phone.",
 }
+
+# PayHero's flat callback carries no result code, only M-Pesa's description of it
+# ("Request Cancelled by user."), worded variously: each result code by what its
+# descriptions say.  The first that matches wins; none matching is a plain failure.
+_RESULT_MESSAGES = [
+    (RESULT_CANCELLED, re.compile(r"cancell?ed by (the )?(user|customer|subscriber)", re.I)),
+    (RESULT_INSUFFICIENT_FUNDS, re.compile(r"insufficient|not enough (funds|balance|money)", re.I)),
+    (RESULT_WRONG_PIN, re.compile(r"initiator information is invalid|(wrong|invalid|incorrect) pin", re.I)),
+    (RESULT_UNREACHABLE, re.compile(r"cannot be reached|unreachable|no response from (the )?user|ds timeout", re.I)),
+    (RESULT_EXPIRED, re.compile(r"expired", re.I)),
+    (RESULT_IN_PROGRESS, re.compile(r"already in process|in progress", re.I)),
+]
+
+
+def result_code_for_message(message):
+    """The M-Pesa result code a failure message describes, or None when it names none we know."""
+    for code, pattern in _RESULT_MESSAGES:
+        if message and pattern.search(message):
+            return code
+    return None
 
 
 def status_for_result(success, result_code):

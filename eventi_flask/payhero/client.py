@@ -14,10 +14,11 @@ EXTENSION = "eventi.payhero"
 
 
 class PayHeroError(Exception):
-    """PayHero refused a request or did not answer.  public_message is safe to show."""
+    """PayHero refused a request or did not answer.  public_message is safe to show;
+    the exception's text adds the cause (PayHero's error_message, the network error) for the log."""
 
     def __init__(self, public_message, detail=None):
-        super().__init__(detail or public_message)
+        super().__init__(f"{public_message}: {detail}" if detail else public_message)
         self.public_message = public_message
 
 
@@ -42,9 +43,14 @@ class PayHeroClient:
             body = response.json()
         except ValueError:
             body = None
-        if response.status_code >= 400 or not isinstance(body, dict):
-            reason = (body.get("error_message") or body.get("message")) if isinstance(body, dict) else None
-            raise PayHeroError(f"PayHero answered {response.status_code}", reason or response.text[:200])
+        if not isinstance(body, dict):
+            raise PayHeroError(f"PayHero answered {response.status_code}", response.text[:200])
+        # PayHero's errors: {"error_code", "error_message", "status_code"}, whatever the HTTP status.
+        if response.status_code >= 400 or body.get("error_code") or body.get("error_message"):
+            status = body["status_code"] if isinstance(body.get("status_code"), int) else response.status_code
+            reason = body.get("error_message") or body.get("message") or response.text[:200]
+            code = f"{body['error_code']}: " if body.get("error_code") else ""
+            raise PayHeroError(f"PayHero answered {status}", f"{code}{reason}")
         return body
 
     def start_payment(self, amount, phone, external_reference, customer_name, callback_url):
@@ -63,11 +69,8 @@ class PayHeroClient:
         return {"reference": str(body["reference"]), "checkout_request_id": body.get("CheckoutRequestID")}
 
     def transaction_status(self, reference):
-        """PayHero's view of one payment: {"status": QUEUED|SUCCESS|FAILED, "provider_reference", ...}."""
-        body = self._call("GET", "/api/v2/transaction-status", params={"reference": reference})
-        if body.get("status") not in ("QUEUED", "SUCCESS", "FAILED"):
-            raise PayHeroError("PayHero sent a status we do not know", str(body)[:200])
-        return body
+        """PayHero's view of one payment: {"status", "provider_reference", ...} (schemas.parse_transaction_status)."""
+        return self._call("GET", "/api/v2/transaction-status", params={"reference": reference})
 
 
 def init_app(app):

@@ -23,7 +23,7 @@ bp = Blueprint("sandbox", __name__, url_prefix="/sandbox/payhero")
 
 # phone -> (ResultCode, ResultDesc); None: the customer never answers, so no callback.
 SANDBOX_PHONES = {
-    "254708000001": (1032, "Request cancelled by user"),
+    "254708000001": (1032, "Request Cancelled by user."),
     "254708000002": (1, "The balance is insufficient for the transaction"),
     "254708000003": (2001, "The initiator information is invalid"),
     "254708000004": None,
@@ -31,6 +31,16 @@ SANDBOX_PHONES = {
 }
 SUCCESS = (0, "The service request is processed successfully.")
 NO_ANSWER_CODE = -1
+# M-Pesa's description of each result code, as callbacks carry it (the simulators' too).
+RESULT_DESCRIPTIONS = {
+    **dict(outcome for outcome in [SUCCESS, *SANDBOX_PHONES.values()] if outcome),
+    1019: "Transaction has expired",
+    1001: "Unable to lock subscriber, a transaction is already in process for the current subscriber",
+}
+
+
+def result_description(result_code):
+    return RESULT_DESCRIPTIONS.get(result_code, f"Failed with result code {result_code}")
 
 
 def _refuse(status, message):
@@ -82,7 +92,11 @@ def classic_callback(reference, checkout_request_id, order_id, amount, phone, re
 
 
 def flat_callback(reference, order_id, amount, result_code, message):
-    """The flat shape of PayHero's newer docs; the sandbox itself sends the classic one."""
+    """The flat shape of PayHero's current webhook reference (SANDBOX_CALLBACK_SHAPE=flat).
+
+    It carries no result code: `result_code` only decides success, and `message`
+    is all that says why a payment failed, as it is from PayHero.
+    """
     success = result_code == 0
     return {
         "success": success,
@@ -92,15 +106,26 @@ def flat_callback(reference, order_id, amount, result_code, message):
         "external_reference": order_id,
         "amount": amount,
         "currency": "KES",
+        "transaction_id": "",
+        "transaction_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "transaction_type": "inbound_payment",
         "provider_reference": _receipt(reference) if success else "",
-        "result_code": result_code,
+        "provider": "mpesa_dc",
+        "callback_urls": None,
     }
 
 
-def _send_callback(url, body):
+def sandbox_callback(shape, reference, checkout_request_id, order_id, amount, phone, result_code, result_desc):
+    """The callback the sandbox sends, in the configured shape."""
+    if shape == "flat":
+        return flat_callback(reference, order_id, amount, result_code, result_desc)
+    return classic_callback(reference, checkout_request_id, order_id, amount, phone, result_code, result_desc)
+
+
+def _send_callback(url, order_id, body):
     try:
         response = requests.post(url, json=body, timeout=10)
-        log.info("Sandbox PayHero callback for %s answered %s", body["response"]["ExternalReference"], response.status_code)
+        log.info("Sandbox PayHero callback for %s answered %s", order_id, response.status_code)
     except requests.RequestException as exc:
         log.warning("Sandbox PayHero could not deliver a callback: %s", exc)
 
@@ -129,8 +154,10 @@ def start_payment():
     reference = make_reference(result_code, amount, int(time.time() * 1000))
     checkout_request_id = "ws_CO_" + secrets.token_hex(10)
     if outcome is not None:
-        callback = classic_callback(reference, checkout_request_id, body.get("external_reference"), amount, phone, *outcome)
-        gevent.spawn_later(current_app.config["SANDBOX_CALLBACK_DELAY"], _send_callback, url, callback)
+        order_id = body.get("external_reference")
+        callback = sandbox_callback(current_app.config["SANDBOX_CALLBACK_SHAPE"], reference, checkout_request_id,
+                                    order_id, amount, phone, *outcome)
+        gevent.spawn_later(current_app.config["SANDBOX_CALLBACK_DELAY"], _send_callback, url, order_id, callback)
     return jsonify({"success": True, "status": "QUEUED", "reference": reference, "CheckoutRequestID": checkout_request_id})
 
 
@@ -152,4 +179,5 @@ def transaction_status():
         "amount": amount,
         "result_code": result_code if status != "QUEUED" else None,
         "provider_reference": _receipt(reference) if status == "SUCCESS" else "",
+        "third_party_reference": _receipt(reference) if status == "SUCCESS" else "",
     })

@@ -2,7 +2,7 @@
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from ..orders.schemas import StrictInteger
-from ..orders.state import PaymentOutcome
+from ..orders.state import RESULT_SUCCESS, PaymentOutcome, result_code_for_message
 
 # Values past what the order's columns hold are bad fields (400), never a database error (500):
 # result codes are 32-bit integers, references and receipts at most 100 characters.
@@ -60,7 +60,12 @@ class ClassicCallbackSchema(Schema):
 
 
 class FlatCallbackSchema(Schema):
-    """{"success": bool, "status": "success|failed", "external_reference", "amount", ...}."""
+    """{"success": bool, "status": "success|failed", "message", "external_reference", "amount", ...}.
+
+    PayHero's current webhook reference; its other fields (currency, transaction_id,
+    transaction_date, transaction_type, provider, callback_urls) are stored with the
+    body and decide nothing.  It has no result code: a test body may still carry one.
+    """
 
     class Meta:
         unknown = EXCLUDE
@@ -101,7 +106,9 @@ def parse_callback(body):
         )
     data = _flat.load(body)
     success = data["success"] and (data["status"] or "success").lower() == "success"
-    result_code = data["result_code"] if data["result_code"] is not None else (0 if success else None)
+    result_code = data["result_code"]
+    if result_code is None:  # as PayHero sends it: a failure's reason is only in its message
+        result_code = RESULT_SUCCESS if success else result_code_for_message(data["message"])
     return PaymentOutcome(
         success=success,
         result_code=result_code,
@@ -111,3 +118,39 @@ def parse_callback(body):
         reference=data["reference"],
         order_id=data["external_reference"],
     )
+
+
+def _number(value):
+    """A transaction-status amount (300, 300.0 or "300.00"), or None when it carries none we can read."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)):
+        return int(value) if float(value).is_integer() else value
+    return None
+
+
+def parse_transaction_status(reference, answer):
+    """PaymentOutcome from a transaction-status answer; None while PayHero has not processed it.
+
+    Only SUCCESS and FAILED are outcomes: QUEUED, and any status PayHero may add, mean
+    "not processed yet".  PayHero's documented answer carries no amount (the sandbox's
+    does); `amount` is set only when it does, so the order's amount is checked against it.
+    """
+    status = answer.get("status")
+    if status == "SUCCESS":
+        return PaymentOutcome(
+            success=True, result_code=RESULT_SUCCESS, reference=reference, amount=_number(answer.get("amount")),
+            receipt=answer.get("provider_reference") or answer.get("third_party_reference") or None,
+        )
+    if status == "FAILED":
+        result_code = answer.get("result_code")
+        if isinstance(result_code, bool) or not isinstance(result_code, int) or result_code == RESULT_SUCCESS:
+            result_code = result_code_for_message(answer.get("result_desc"))
+        return PaymentOutcome(success=False, reference=reference, result_code=result_code,
+                              result_desc=answer.get("result_desc") or None)
+    return None
