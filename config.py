@@ -114,7 +114,10 @@ class Config:
             raise ConfigError(f"PAYHERO_CHANNEL_ID must be a whole number, got {channel!r}")
         self.PAYHERO_CHANNEL_ID = int(channel)
         self.PAYHERO_CALLBACK_TOKEN = _text(env, "PAYHERO_CALLBACK_TOKEN", "sandbox", required=live)
-        self.PAYHERO_VERIFY_CALLBACKS = _flag(env, "PAYHERO_VERIFY_CALLBACKS")
+        # Accepted beside the current token while it is rotated; never put into new callback URLs.
+        self.PAYHERO_CALLBACK_TOKEN_PREVIOUS = _text(env, "PAYHERO_CALLBACK_TOKEN_PREVIOUS")
+        # On by default in live mode: the token alone, which router logs show, must not complete an order.
+        self.PAYHERO_VERIFY_CALLBACKS = _flag(env, "PAYHERO_VERIFY_CALLBACKS", default=live)
         self.PAYHERO_CONNECT_TIMEOUT = read_number(env, "PAYHERO_CONNECT_TIMEOUT", 5.0, float, minimum=0.1)
         self.PAYHERO_READ_TIMEOUT = read_number(env, "PAYHERO_READ_TIMEOUT", 20.0, float, minimum=0.1)
         self.SANDBOX_CALLBACK_DELAY = read_number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)

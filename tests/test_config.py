@@ -23,6 +23,18 @@ def test_defaults_are_the_embedded_ones():
     assert config.ORDER_LIMIT_PER_PHONE == "3 per 5 minutes" and config.ORDER_LIMIT_PER_CLIENT == "30 per minute"
 
 
+LIVE = {"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1",
+        "PAYHERO_CALLBACK_TOKEN": "t"}
+
+
+def test_callbacks_are_verified_by_default_in_live_mode_only():
+    assert Config(LIVE).PAYHERO_VERIFY_CALLBACKS is True
+    assert Config({**LIVE, "PAYHERO_VERIFY_CALLBACKS": "0"}).PAYHERO_VERIFY_CALLBACKS is False
+    assert Config({}).PAYHERO_VERIFY_CALLBACKS is False
+    assert Config({}).PAYHERO_CALLBACK_TOKEN_PREVIOUS is None
+    assert Config({**LIVE, "PAYHERO_CALLBACK_TOKEN_PREVIOUS": "old"}).PAYHERO_CALLBACK_TOKEN_PREVIOUS == "old"
+
+
 @pytest.mark.parametrize("env, variable", [
     ({"PORT": "eighty"}, "PORT"),
     ({"PAYHERO_MODE": "test"}, "PAYHERO_MODE"),

@@ -162,10 +162,10 @@ def _fail_if_pending(order, reason):
 
 
 def find_order_for_payment(outcome):
-    """The order `outcome` is about, as {id, status, payhero_reference}, or None."""
+    """The order `outcome` is about, as {id, status, amount, payhero_reference}, or None."""
     row = rows.find_for_payment(db.session.connection(), _payment_keys(outcome), lock=False)
     db.session.commit()  # ends the read: no connection held by the caller's next step
-    return {key: row[key] for key in ("id", "status", "payhero_reference")} if row else None
+    return {key: row[key] for key in ("id", "status", "amount", "payhero_reference")} if row else None
 
 
 def _payment_keys(outcome, order_id=None):

@@ -1,5 +1,9 @@
 """PayHero: the API client, the webhook, and the built-in sandbox."""
+import logging
+
 from . import client, routes, sandbox
+
+log = logging.getLogger(__name__)
 
 
 def init_app(app):
@@ -7,3 +11,7 @@ def init_app(app):
     app.register_blueprint(routes.bp)
     if app.config["PAYHERO_MODE"] == "sandbox":
         app.register_blueprint(sandbox.bp)
+    elif not app.config["PAYHERO_VERIFY_CALLBACKS"]:
+        log.warning("PAYHERO_VERIFY_CALLBACKS is off in live mode: a success callback completes its order on the "
+                    "callback token alone, so anyone who reads the token (router or proxy logs) can get tickets "
+                    "without paying. Set PAYHERO_VERIFY_CALLBACKS=1.")

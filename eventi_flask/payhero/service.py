@@ -20,7 +20,7 @@ from ..orders.schemas import field_errors
 from ..orders.state import Decision, Status
 from .client import PayHeroError, get_payhero
 from .models import PayheroCallback
-from .schemas import parse_callback
+from .schemas import parse_callback, parse_transaction_status
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,11 @@ def record_refused_body(content_type, remote_addr, length):
 
 
 def token_matches(given):
-    expected = current_app.config["PAYHERO_CALLBACK_TOKEN"]
-    return hmac.compare_digest((given or "").encode(), expected.encode())
+    """The current token, or the previous one while it is rotated (payments started before carry it)."""
+    config = current_app.config
+    given = (given or "").encode()
+    accepted = (config["PAYHERO_CALLBACK_TOKEN"], config["PAYHERO_CALLBACK_TOKEN_PREVIOUS"])
+    return any(hmac.compare_digest(given, token.encode()) for token in accepted if token)
 
 
 def handle_callback(raw_body, content_type, token, remote_addr=None):
@@ -132,13 +135,16 @@ def _handle(record, raw_body, content_type, token):
     order_id = None
     if outcome.success and current_app.config["PAYHERO_VERIFY_CALLBACKS"]:
         found = orders.find_order_for_payment(outcome)
-        if found is not None and found["status"] == Status.PENDING:  # a final order is never changed: no need
+        # A final order never changes, and a wrong amount is refused as it is: neither needs PayHero.
+        if found is not None and found["status"] == Status.PENDING and outcome.amount == found["amount"]:
             order_id = found["id"]
             # Stored before asking PayHero: that call can take seconds, and a restart then must not lose it.
             record.save(RECEIVED, "asking PayHero to confirm", order_id)
-            outcome = _verified(outcome, order_id, outcome.reference or found["payhero_reference"])
-            if outcome is None:
-                record.save("unverified", "PayHero did not confirm the payment", order_id)
+            outcome, doubt = _verified(outcome, found)
+            if doubt is not None:
+                # Answered 200 all the same: the body is kept, and reconcile settles the order from PayHero.
+                log.warning("Payment for order %s not completed: %s", order_id, doubt)
+                record.save("unverified", doubt, order_id)
                 return 200, {"received": True, "order": order_id, "status": found["status"]}
 
     def write_record(found_id, transition):
@@ -155,15 +161,23 @@ def _handle(record, raw_body, content_type, token):
     return 200, {"received": True, "order": order["id"], "status": order["status"]}
 
 
-def _verified(outcome, order_id, reference):
-    """Ask PayHero to confirm a success before completing; None if it does not."""
+def _verified(outcome, order):
+    """(outcome, None) when PayHero's transaction-status confirms this success; (None, why) otherwise.
+
+    Asked with the order's own reference, never one the callback names: a real
+    payment elsewhere must not vouch for this order.
+    """
+    reference = order["payhero_reference"]
     if not reference:
-        return None
+        return None, "the order has no PayHero reference yet to check the payment with"
     try:
-        status = get_payhero().transaction_status(reference)
+        answer = get_payhero().transaction_status(reference)
     except PayHeroError as exc:
-        log.warning("Could not verify payment for order %s: %s", order_id, exc)
-        return None
-    if status["status"] != "SUCCESS":
-        return None
-    return dataclasses.replace(outcome, receipt=outcome.receipt or status.get("provider_reference"))
+        return None, f"could not ask PayHero to confirm it: {exc}"
+    confirmed = parse_transaction_status(reference, answer)
+    if confirmed is None or not confirmed.success:
+        return None, f"PayHero's transaction status is {answer.get('status')!r}, not 'SUCCESS'"
+    if confirmed.amount is not None and confirmed.amount != order["amount"]:
+        return None, f"PayHero's transaction status says KES {confirmed.amount}, the order is KES {order['amount']}"
+    # PayHero's receipt over the callback's: only the former is vouched for.
+    return dataclasses.replace(outcome, receipt=confirmed.receipt or outcome.receipt), None
