@@ -110,6 +110,11 @@ def test_a_flat_failure_is_decided_by_its_message(message, code, status):
      PaymentOutcome(success=True, result_code=0, receipt="SKQ96C7K7H", reference="R1", amount=300)),
     ({"status": "FAILED", "result_code": 1032}, PaymentOutcome(success=False, result_code=1032, reference="R1")),
     ({"status": "FAILED"}, PaymentOutcome(success=False, reference="R1")),
+    ({"status": "FAILED", "result_desc": "Request Cancelled by user."},
+     PaymentOutcome(success=False, result_code=1032, result_desc="Request Cancelled by user.", reference="R1")),
+    ({"status": "FAILED", "result_desc": 17}, PaymentOutcome(success=False, reference="R1")),  # not text: no reason
+    ({"status": "SUCCESS", "provider_reference": 12345, "third_party_reference": "SKQ96C7K7H"},
+     PaymentOutcome(success=True, result_code=0, receipt="SKQ96C7K7H", reference="R1")),
     ({"status": "QUEUED"}, None),
     ({"status": "PROCESSING"}, None),
     ({}, None),

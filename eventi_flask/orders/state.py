@@ -55,10 +55,9 @@ _RESULT_MESSAGES = [
 
 def result_code_for_message(message):
     """The M-Pesa result code a failure message describes, or None when it names none we know."""
-    for code, pattern in _RESULT_MESSAGES:
-        if message and pattern.search(message):
-            return code
-    return None
+    if not isinstance(message, str):
+        return None
+    return next((code for code, pattern in _RESULT_MESSAGES if pattern.search(message)), None)
 
 
 def status_for_result(success, result_code):

@@ -134,6 +134,11 @@ def _number(value):
     return None
 
 
+def _text(answer, *names):
+    """The first of `names` that `answer` has as a non-empty string, or None."""
+    return next((answer[name] for name in names if isinstance(answer.get(name), str) and answer[name]), None)
+
+
 def parse_transaction_status(reference, answer):
     """PaymentOutcome from a transaction-status answer; None while PayHero has not processed it.
 
@@ -145,12 +150,12 @@ def parse_transaction_status(reference, answer):
     if status == "SUCCESS":
         return PaymentOutcome(
             success=True, result_code=RESULT_SUCCESS, reference=reference, amount=_number(answer.get("amount")),
-            receipt=answer.get("provider_reference") or answer.get("third_party_reference") or None,
+            receipt=_text(answer, "provider_reference", "third_party_reference"),
         )
     if status == "FAILED":
         result_code = answer.get("result_code")
         if isinstance(result_code, bool) or not isinstance(result_code, int) or result_code == RESULT_SUCCESS:
-            result_code = result_code_for_message(answer.get("result_desc"))
+            result_code = result_code_for_message(_text(answer, "result_desc"))
         return PaymentOutcome(success=False, reference=reference, result_code=result_code,
-                              result_desc=answer.get("result_desc") or None)
+                              result_desc=_text(answer, "result_desc"))
     return None
