@@ -6,7 +6,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import errors, logs, metrics, notify, ops, orders, payhero, security, web
+from . import errors, logs, metrics, notify, openapi, ops, orders, payhero, security, web
 from .extensions import db, limiter, migrate
 
 log = logging.getLogger(__name__)
@@ -53,5 +53,6 @@ def create_app(config=None):
     payhero.init_app(app)
     orders.init_app(app)
     ops.init_app(app)
+    openapi.init_app(app)
     web.init_app(app)
     return app

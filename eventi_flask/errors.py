@@ -2,6 +2,7 @@
 import logging
 
 from flask import jsonify
+from marshmallow import Schema, fields
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
@@ -54,3 +55,16 @@ def handle_error(exc):
 
 def init_app(app):
     app.register_error_handler(Exception, handle_error)
+
+
+class ErrorDetailSchema(Schema):
+    code = fields.String(required=True, metadata={"example": "invalid_request"})
+    message = fields.String(required=True, metadata={"description": "A sentence a person can read"})
+    bad_fields = fields.Dict(keys=fields.String(), values=fields.String(), required=True, data_key="fields",
+                             metadata={"description": "Each bad field, with what is wrong with it"})
+
+
+class ErrorSchema(Schema):
+    """Every error the API answers (described for the OpenAPI document)."""
+
+    error = fields.Nested(ErrorDetailSchema, required=True)

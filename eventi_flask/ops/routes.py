@@ -13,11 +13,28 @@ bp = Blueprint("ops", __name__)
 
 @bp.get("/healthz")
 def healthz():
+    """Liveness.
+    ---
+    get:
+      summary: 200 while the process runs
+      tags: [operations]
+      responses:
+        200: {description: Alive., content: {application/json: {schema: HealthSchema}}}
+    """
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
 def readyz():
+    """Readiness.
+    ---
+    get:
+      summary: 200 when the database and Redis (if configured) answer
+      tags: [operations]
+      responses:
+        200: {description: Ready., content: {application/json: {schema: ReadinessSchema}}}
+        503: {description: Not ready; `checks` says what is not., content: {application/json: {schema: ReadinessSchema}}}
+    """
     checks = {}
     try:
         db.session.execute(text("SELECT 1"))

@@ -4,6 +4,9 @@ import re
 # [0-9], not \d: Python's \d takes any script's digits; M-Pesa and the browser want ASCII.
 PHONE = re.compile(r"^(?:\+?254|0)?([17][0-9]{8})$")
 SEPARATORS = re.compile(r"[\s\-().]")
+# The same rule as one pattern, separators allowed anywhere: for the OpenAPI document.
+_S = SEPARATORS.pattern + "*"
+PHONE_WITH_SEPARATORS = f"^{_S}(?:(?:\\+{_S})?2{_S}5{_S}4{_S}|0{_S})?[17](?:{_S}[0-9]){{8}}{_S}$"
 
 
 def normalize_phone(raw):

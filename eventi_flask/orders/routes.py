@@ -22,12 +22,45 @@ def _load(schema, data, message):
 
 @bp.get("/events/<slug>")
 def event(slug):
+    """An event and its ticket types.
+    ---
+    get:
+      summary: An event, with what is left of each ticket type
+      tags: [orders]
+      responses:
+        200: {description: The event., content: {application/json: {schema: EventSchema}}}
+        404: NotFound
+        503: ServiceUnavailable
+    """
     return jsonify(service.event_by_slug(slug))
 
 
 @bp.post("/orders")
 @limit_order_creation
 def create_order():
+    """Save a pending order, then ask PayHero to send the STK push.
+    ---
+    post:
+      summary: Order tickets and start the M-Pesa payment
+      description: The order is saved before PayHero is called; follow it with the wait route.
+      tags: [orders]
+      requestBody:
+        required: true
+        content: {application/json: {schema: OrderCreateSchema}}
+      responses:
+        201:
+          description: The order, pending while the customer answers the STK push.
+          headers:
+            Location: {description: "/api/orders/<id>", required: true, schema: {type: string}}
+          content: {application/json: {schema: OrderSchema}}
+        400: BadRequest
+        404: NotFound
+        409: Conflict
+        413: TooLarge
+        429: TooManyRequests
+        502: BadGateway
+        503: ServiceUnavailable
+    """
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # JSON nested thousands deep: not an order
@@ -44,6 +77,16 @@ def create_order():
 
 @bp.get("/orders/<order_id>")
 def get_order(order_id):
+    """An order as it is now.
+    ---
+    get:
+      summary: An order as it is now
+      tags: [orders]
+      responses:
+        200: {description: The order., content: {application/json: {schema: OrderSchema}}}
+        404: NotFound
+        503: ServiceUnavailable
+    """
     response = jsonify(service.order_by_id(order_id))
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -51,9 +94,30 @@ def get_order(order_id):
 
 @bp.get("/orders/<order_id>/wait")
 def wait(order_id):
+    """The long poll.
+    ---
+    get:
+      summary: Wait for an order to change (the long poll)
+      description: >
+        Answers at once when the order is final or its version is above `since`; otherwise
+        holds until it changes or `timeout` runs out, and then answers with the order as it is.
+      tags: [orders]
+      parameters:
+        - {in: query, schema: WaitArgsSchema}
+      responses:
+        200:
+          description: The order, changed or final, or unchanged when the timeout ran out.
+          headers:
+            Cache-Control: {required: true, schema: {type: string, const: no-store}}
+          content: {application/json: {schema: OrderSchema}}
+        400: BadRequest
+        404: NotFound
+        429: TooManyRequests
+        503: ServiceUnavailable
+    """
     args = _load(wait_args_schema, request.args, "Bad wait parameters.")
-    timeout = args["timeout"] if args["timeout"] is not None else current_app.config["WAIT_TIMEOUT_DEFAULT"]
-    order, _ = service.wait_for_order(order_id, timeout, args["since"])
+    timeout = args.get("timeout", current_app.config["WAIT_TIMEOUT_DEFAULT"])
+    order, _ = service.wait_for_order(order_id, timeout, args.get("since"))
     response = jsonify(order)
     response.headers["Cache-Control"] = "no-store"
     return response

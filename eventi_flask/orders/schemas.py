@@ -2,9 +2,10 @@
 from datetime import timezone
 
 from flask import current_app
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
 
-from .phone import mask_phone, normalize_phone
+from .phone import PHONE_WITH_SEPARATORS, mask_phone, normalize_phone
+from .state import Status
 
 
 class PhoneField(fields.String):
@@ -18,34 +19,51 @@ class PhoneField(fields.String):
 
 
 class StrictInteger(fields.Integer):
-    """An integer that refuses booleans and "3"; JSON clients send numbers."""
+    """A JSON integer: 3, or 3.0 (the same number in JSON); never true, "3" or 3.5."""
 
     def _validated(self, value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.make_error("invalid")
         return super()._validated(value)
+
+
+class Text(fields.String):
+    """A string PostgreSQL can store: no NUL character.  One with it is refused naming the
+    field, and the OpenAPI document says so (the pattern)."""
+
+    default_error_messages = {"nul": "Contains a character that is not allowed."}
+    WITHOUT_NUL = r"^[^\x00]*$"
+
+    def __init__(self, **kwargs):
+        kwargs["metadata"] = {"pattern": self.WITHOUT_NUL, **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in value:
+            raise self.make_error("nul")
+        return value
 
 
 class OrderCreateSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    @pre_load
-    def _no_nul_characters(self, data, **kwargs):
-        # PostgreSQL cannot store NUL in text; say which field instead of failing later.
-        if isinstance(data, dict):
-            bad = {name: "Contains a character that is not allowed." for name, value in data.items()
-                   if isinstance(value, str) and "\x00" in value}
-            if bad:
-                raise ValidationError(bad)
-        return data
-
-    event = fields.String(required=True, validate=validate.Length(min=1, max=100))
-    ticket_type = fields.String(required=True, validate=validate.Length(min=1, max=50))
-    quantity = StrictInteger(required=True, validate=validate.Range(min=1, max=10, error="Choose between 1 and 10 tickets."))
-    name = fields.String(required=True, validate=validate.Length(min=1, max=200, error="Enter your name (up to 200 characters)."))
-    email = fields.Email(required=True, validate=validate.Length(max=254), error_messages={"invalid": "Enter a valid email address."})
-    phone = PhoneField(required=True)
+    # The examples go into the OpenAPI document: the demo event, so a client trying it gets a 201.
+    event = Text(required=True, validate=validate.Length(min=1, max=100),
+                 metadata={"example": "test-this-end-to-end"})
+    ticket_type = Text(required=True, validate=validate.Length(min=1, max=50), metadata={"example": "early-bird"})
+    quantity = StrictInteger(required=True, validate=validate.Range(min=1, max=10, error="Choose between 1 and 10 tickets."),
+                             metadata={"example": 1})
+    name = Text(required=True, validate=validate.Length(min=1, max=200, error="Enter your name (up to 200 characters)."),
+                metadata={"example": "Wanjiku Kamau", "pattern": r"^[^\x00]*[^\s\x00][^\x00]*$"})
+    email = fields.Email(required=True, validate=validate.Length(max=254), error_messages={"invalid": "Enter a valid email address."},
+                         metadata={"example": "wanjiku@example.com"})
+    phone = PhoneField(required=True, metadata={
+        "example": "0712345678", "pattern": PHONE_WITH_SEPARATORS,
+        "description": "07XXXXXXXX, 01XXXXXXXX, 7XXXXXXXX, 2547XXXXXXXX or +2547XXXXXXXX (and the 1 forms)"})
 
     @validates("name")
     def _name_not_blank(self, value, **kwargs):
@@ -53,26 +71,99 @@ class OrderCreateSchema(Schema):
             raise ValidationError("Enter your name.")
 
 
+class UpToSetting(validate.Range):
+    """0 to the app's setting `name`, read when used: the check and the OpenAPI
+    document (which reads `max` too) always agree with the running app."""
+
+    def __init__(self, name, error):
+        self.setting = name
+        super().__init__(min=0, error=error)
+
+    @property
+    def max(self):
+        return current_app.config[self.setting]
+
+    @max.setter
+    def max(self, _):
+        pass  # Range.__init__ assigns it; the setting is the bound
+
+
 class WaitArgsSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    timeout = fields.Float(load_default=None, allow_nan=False, error_messages={"invalid": "timeout must be a number of seconds."})
-    since = fields.Integer(load_default=None, strict=False, error_messages={"invalid": "since must be an integer version."})
+    timeout = fields.Float(allow_nan=False,
+                           validate=UpToSetting("WAIT_TIMEOUT_MAX", "timeout must be between {min} and {max:g} seconds."),
+                           error_messages={"invalid": "timeout must be a number of seconds."},
+                           metadata={"description": "Seconds to hold at most; WAIT_TIMEOUT_DEFAULT when absent."})
+    since = fields.Integer(strict=False, error_messages={"invalid": "since must be an integer version."},
+                           metadata={"description": "The version the client has; absent: hold while the order is pending."})
 
-    @validates("timeout")
-    def _timeout_in_range(self, value, **kwargs):
-        maximum = current_app.config["WAIT_TIMEOUT_MAX"]
-        if value is not None and not 0 <= value <= maximum:
-            raise ValidationError(f"timeout must be between 0 and {maximum:g} seconds.")
+
+# What the API answers.  The bodies themselves are built as plain dicts below (the
+# hot paths); these describe them for the OpenAPI document, and the fuzz test
+# checks every answer against them.
+def _required(field_class, *args, **kwargs):
+    return field_class(*args, required=True, **kwargs)
+
+
+class TicketTypeSchema(Schema):
+    id = _required(fields.String)
+    name = _required(fields.String)
+    price = _required(fields.Integer, metadata={"description": "KES per ticket"})
+    available = _required(fields.Integer, validate=validate.Range(min=0))
+
+
+class EventSchema(Schema):
+    slug = _required(fields.String)
+    name = _required(fields.String)
+    venue = _required(fields.String)
+    starts_at = _required(fields.DateTime)
+    currency = _required(fields.String, validate=validate.OneOf(["KES"]))
+    ticket_types = _required(fields.List, fields.Nested(TicketTypeSchema))
+
+
+class PaymentSchema(Schema):
+    reference = _required(fields.String, allow_none=True, metadata={"description": "PayHero's reference"})
+    checkout_request_id = _required(fields.String, allow_none=True)
+    receipt = _required(fields.String, allow_none=True, metadata={"description": "The M-Pesa receipt number"})
+    result_code = _required(fields.Integer, allow_none=True, metadata={"description": "M-Pesa's result code"})
+    result_desc = _required(fields.String, allow_none=True)
+
+
+class TicketSchema(Schema):
+    code = _required(fields.String)
+
+
+class OrderSchema(Schema):
+    id = _required(fields.String)
+    status = _required(fields.String, validate=validate.OneOf([status.value for status in Status]),
+                       metadata={"description": "completed, failed and cancelled are final"})
+    version = _required(fields.Integer, validate=validate.Range(min=1),
+                        metadata={"description": "1 when created, +1 on every change"})
+    event = _required(fields.String)
+    ticket_type = _required(fields.String)
+    quantity = _required(fields.Integer, validate=validate.Range(min=1, max=10))
+    amount = _required(fields.Integer, metadata={"description": "KES"})
+    currency = _required(fields.String, validate=validate.OneOf(["KES"]))
+    phone = _required(fields.String, metadata={"description": "Masked: 2547******78", "example": "2547******78"})
+    created_at = _required(fields.DateTime)
+    updated_at = _required(fields.DateTime)
+    payment = _required(fields.Nested, PaymentSchema)
+    tickets = fields.List(fields.Nested(TicketSchema), metadata={"description": "Once completed: one per ticket"})
 
 
 def field_errors(err):
-    """Flatten marshmallow's messages to {field: "first sentence"}."""
-    out = {}
-    for name, messages in err.normalized_messages().items():
-        out[name] = messages[0] if isinstance(messages, list) else str(messages)
-    return out
+    """Flatten marshmallow's messages to {field: "first sentence"}; a nested field is "outer.inner"."""
+    return dict(_first_messages(err.normalized_messages()))
+
+
+def _first_messages(messages, prefix=""):
+    for name, message in messages.items():
+        if isinstance(message, dict):
+            yield from _first_messages(message, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", message[0] if isinstance(message, list) else str(message)
 
 
 def isoformat(moment):

@@ -1,8 +1,10 @@
 """PayHero callback bodies, both shapes, parsed into one PaymentOutcome."""
+from dataclasses import dataclass
+
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-from ..orders.schemas import StrictInteger
-from ..orders.state import RESULT_SUCCESS, PaymentOutcome, result_code_for_message
+from ..orders.schemas import StrictInteger, Text
+from ..orders.state import RESULT_SUCCESS, PaymentOutcome, Status, result_code_for_message
 
 # Values past what the order's columns hold are bad fields (400), never a database error (500):
 # result codes are 32-bit integers, references and receipts at most 100 characters.
@@ -25,9 +27,31 @@ class Amount(fields.Number):
         return int(value) if float(value).is_integer() else value
 
 
-def _references_present(data, *names):
-    if not any(data.get(name) for name in names):
-        raise ValidationError(f"One of {', '.join(names)} is required.", names[0])
+@dataclass(frozen=True)
+class PaymentRule:
+    """What makes a body a payment result, beyond its fields' types: a reference to find the
+    order by, and an amount when it says the payment succeeded.  check() enforces it;
+    json_schema() says the same for the OpenAPI document (openapi/spec.py reads
+    `json_schema_rules` from a schema class)."""
+
+    references: tuple
+    success_field: str
+    success_value: object
+    amount_field: str
+
+    def check(self, data):
+        if not any(data.get(name) for name in self.references):
+            raise ValidationError(f"One of {', '.join(self.references)} is required.", self.references[0])
+        if data[self.success_field] == self.success_value and data[self.amount_field] is None:
+            raise ValidationError(f"{self.amount_field} is required for a successful payment.", self.amount_field)
+
+    def json_schema(self):
+        return {
+            "anyOf": [{"required": [name], "properties": {name: {"type": "string", "minLength": 1}}}
+                      for name in self.references],
+            "if": {"required": [self.success_field], "properties": {self.success_field: {"const": self.success_value}}},
+            "then": {"required": [self.amount_field], "properties": {self.amount_field: {"type": "number"}}},
+        }
 
 
 class ClassicResponseSchema(Schema):
@@ -35,18 +59,19 @@ class ClassicResponseSchema(Schema):
         unknown = EXCLUDE
 
     Amount = Amount(load_default=None)
-    CheckoutRequestID = fields.String(load_default=None, validate=FITS_COLUMN)
-    ExternalReference = fields.String(load_default=None, validate=FITS_COLUMN)
-    MpesaReceiptNumber = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
+    CheckoutRequestID = Text(load_default=None, validate=FITS_COLUMN)
+    ExternalReference = Text(load_default=None, validate=FITS_COLUMN)
+    MpesaReceiptNumber = Text(load_default=None, allow_none=True, validate=FITS_COLUMN)
     ResultCode = StrictInteger(required=True, validate=validate.Range(*RESULT_CODE_RANGE))
-    ResultDesc = fields.String(load_default=None, allow_none=True)
-    Status = fields.String(load_default=None)
+    ResultDesc = Text(load_default=None, allow_none=True)
+    Status = Text(load_default=None)
+
+    payment_rule = PaymentRule(("ExternalReference", "CheckoutRequestID"), "ResultCode", RESULT_SUCCESS, "Amount")
+    json_schema_rules = payment_rule.json_schema()
 
     @validates_schema
     def _identifies_a_payment(self, data, **kwargs):
-        _references_present(data, "ExternalReference", "CheckoutRequestID")
-        if data["ResultCode"] == 0 and data["Amount"] is None:
-            raise ValidationError("Amount is required for a successful payment.", "Amount")
+        self.payment_rule.check(data)
 
 
 class ClassicCallbackSchema(Schema):
@@ -71,19 +96,21 @@ class FlatCallbackSchema(Schema):
         unknown = EXCLUDE
 
     success = fields.Boolean(required=True, truthy={True}, falsy={False})
-    status = fields.String(load_default=None)
-    message = fields.String(load_default=None, allow_none=True)
-    reference = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
-    external_reference = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
+    status = Text(load_default=None)
+    message = Text(load_default=None, allow_none=True)
+    reference = Text(load_default=None, allow_none=True, validate=FITS_COLUMN)
+    external_reference = Text(load_default=None, allow_none=True, validate=FITS_COLUMN)
     amount = Amount(load_default=None)
-    provider_reference = fields.String(load_default=None, allow_none=True, validate=FITS_COLUMN)
+    provider_reference = Text(load_default=None, allow_none=True, validate=FITS_COLUMN)
     result_code = StrictInteger(load_default=None, allow_none=True, validate=validate.Range(*RESULT_CODE_RANGE))
+
+    payment_rule = PaymentRule(("external_reference", "reference"), "success", True, "amount")
+    # A body with `response` is read as the classic shape.
+    json_schema_rules = {**payment_rule.json_schema(), "not": {"required": ["response"]}}
 
     @validates_schema
     def _identifies_a_payment(self, data, **kwargs):
-        _references_present(data, "external_reference", "reference")
-        if data["success"] and data["amount"] is None:
-            raise ValidationError("amount is required for a successful payment.", "amount")
+        self.payment_rule.check(data)
 
 
 _classic, _flat = ClassicCallbackSchema(), FlatCallbackSchema()  # reusable; built once
@@ -159,3 +186,11 @@ def parse_transaction_status(reference, answer):
         return PaymentOutcome(success=False, reference=reference, result_code=result_code,
                               result_desc=_text(answer, "result_desc"))
     return None
+
+
+class CallbackReceiptSchema(Schema):
+    """What the webhook answers once a callback is stored (and applied, if it could be)."""
+
+    received = fields.Boolean(required=True, validate=validate.Equal(True))
+    order = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf([status.value for status in Status]))

@@ -125,8 +125,6 @@ def _handle(record, raw_body, content_type, token):
         record.save("invalid", "content type")
         raise ApiError(415, "unsupported_media_type", "Callbacks must be sent as application/json.")
     try:
-        if b"\\u0000" in raw_body:
-            raise ValueError("NUL character")  # no PayHero field holds one, and PostgreSQL cannot
         outcome = parse_callback(json.loads(raw_body))
     except (ValueError, RecursionError, ValidationError) as exc:  # RecursionError: JSON nested thousands deep
         fields = field_errors(exc) if isinstance(exc, ValidationError) else {}
