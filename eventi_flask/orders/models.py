@@ -12,6 +12,11 @@ def utcnow():
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment):
+    # SQLite hands back naive datetimes; we only ever store UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def new_order_id():
     # 128 random bits, URL-safe: the id is the only key to a customer's order.
     return secrets.token_urlsafe(16)
@@ -84,3 +89,16 @@ class Ticket(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
     code: Mapped[str] = mapped_column(String(32), unique=True)
+
+
+class OrderLogEntry(db.Model):
+    """What happened to an order that neither its row nor its stored callbacks keep:
+    PayHero's answer to the STK push, and reconcile's checks.  Read by `orders show`."""
+
+    __tablename__ = "order_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
+    at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile
+    detail: Mapped[dict] = mapped_column(db.JSON)

@@ -10,7 +10,7 @@ you like, from several places at once: every change is made under the
 order's row lock and only ever moves an order forward.
 """
 import logging
-from datetime import timedelta, timezone
+from datetime import timedelta
 
 from flask import current_app
 from sqlalchemy import select
@@ -18,8 +18,8 @@ from sqlalchemy import select
 from ..extensions import db
 from ..payhero.client import PayHeroError, get_payhero
 from ..payhero.schemas import parse_transaction_status
-from .models import Order, utcnow
-from .service import apply_payment_outcome, fail_pending_order
+from .models import Order, as_utc, utcnow
+from .service import add_note, apply_payment_outcome, fail_pending_order, save_note
 from .state import Status
 
 log = logging.getLogger(__name__)
@@ -39,38 +39,50 @@ def _pending_older_than(seconds):
 
 
 def reconcile():
-    """Settle forgotten pending orders; return counts by what happened to them."""
+    """Settle forgotten pending orders; return counts by what happened to them.
+
+    Each check goes in the order's log (`orders show`), with what came of it.
+    """
     config = current_app.config
     expire_after = config["RECONCILE_EXPIRE_AFTER"]
     expire_cutoff = utcnow() - timedelta(seconds=expire_after)
     summary = {"checked": 0, "settled": 0, "still_pending": 0, "expired": 0, "errors": 0}
     for order_id, reference, created_at in _pending_older_than(config["RECONCILE_AFTER"]):
+        check = {"reference": reference}
         if reference:
             summary["checked"] += 1
             try:
-                outcome = parse_transaction_status(reference, get_payhero().transaction_status(reference))
+                answer = get_payhero().transaction_status(reference)
             except PayHeroError as exc:
                 # Not knowing is no reason to fail an order the customer may have paid: next run.
                 log.warning("Reconcile: could not ask PayHero about order %s: %s", order_id, exc)
                 summary["errors"] += 1
+                save_note(order_id, "reconcile", {**check, "error": str(exc)[:500], "result": "error"})
                 continue
+            check["status"] = answer.get("status")
+            outcome = parse_transaction_status(reference, answer)
             if outcome is not None:
-                transition, order = apply_payment_outcome(outcome, order_id)
+                transition, order = apply_payment_outcome(outcome, order_id, record=_noted_if_settled(order_id, check))
                 if transition.changes:
                     log.info("Reconcile: order %s settled as %s from PayHero's transaction status",
                              order_id, order["status"])
                     summary["settled"] += 1
                     continue
-        if _as_utc(created_at) < expire_cutoff:
+        if as_utc(created_at) < expire_cutoff:
             expired, _ = fail_pending_order(order_id, EXPIRED_REASON)
             if expired:
                 log.info("Reconcile: order %s expired after %gs pending", order_id, expire_after)
                 summary["expired"] += 1
+                save_note(order_id, "reconcile", {**check, "result": "expired"})
                 continue
         summary["still_pending"] += 1
+        save_note(order_id, "reconcile", {**check, "result": "still pending"})
     return summary
 
 
-def _as_utc(moment):
-    # SQLite hands back naive datetimes; we only ever store UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+def _noted_if_settled(order_id, check):
+    """apply_payment_outcome's `record`: note a settlement in the transaction that makes it."""
+    def record(_, transition):
+        if transition is not None and transition.changes:
+            add_note(order_id, "reconcile", {**check, "result": f"settled: {transition.status.value}"})
+    return record

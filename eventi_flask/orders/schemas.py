@@ -1,9 +1,8 @@
 """What the orders API accepts (marshmallow) and what it answers (plain dicts)."""
-from datetime import timezone
-
 from flask import current_app
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
 
+from .models import as_utc
 from .phone import PHONE_WITH_SEPARATORS, mask_phone, normalize_phone
 from .state import Status
 
@@ -167,9 +166,7 @@ def _first_messages(messages, prefix=""):
 
 
 def isoformat(moment):
-    if moment.tzinfo is None:  # SQLite hands back naive datetimes; we only ever store UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat().replace("+00:00", "Z")
+    return as_utc(moment).isoformat().replace("+00:00", "Z")
 
 
 def serialize_event(event):

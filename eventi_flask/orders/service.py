@@ -15,7 +15,7 @@ from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
 from ..payhero.client import PayHeroError, get_payhero
 from . import rows
-from .models import Event, Order, TicketType, utcnow
+from .models import Event, Order, OrderLogEntry, TicketType, utcnow
 from .schemas import order_body, serialize_event, serialize_order
 from .state import PLAIN_REASONS, Decision, Status, decide
 
@@ -106,7 +106,9 @@ def _request_payment(order):
         )
     except PayHeroError as exc:
         log.warning("PayHero refused the payment request for order %s: %s", order.id, exc)
-        changed, body = fail_pending_order(order.id, f"The payment could not be started: {exc.public_message}")
+        changed, body = fail_pending_order(order.id, f"The payment could not be started: {exc.public_message}",
+                                           note=("stk_push", {"accepted": False, "error": exc.public_message,
+                                                              "detail": str(exc)[:500]}))
         if not changed:
             return body  # a callback settled it while PayHero's answer was lost: that outcome stands
         raise ApiError(502, "payhero_unavailable",
@@ -116,6 +118,7 @@ def _request_payment(order):
 
 
 def _save_payhero_answer(order, answer):
+    add_note(order.id, "stk_push", {"accepted": True, **answer})
     if order.payhero_reference is None:  # else a callback got here first and said it already
         order.payhero_reference = answer["reference"]
         order.checkout_request_id = order.checkout_request_id or answer["checkout_request_id"]
@@ -146,9 +149,27 @@ def _changing_order(order_id, change):
         return result
 
 
-def fail_pending_order(order_id, reason):
-    """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body)."""
-    return _changing_order(order_id, lambda order: _fail_if_pending(order, reason))
+def fail_pending_order(order_id, reason, note=None):
+    """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body).
+
+    `note`: (kind, detail) for the order's log, written in the same transaction.
+    """
+    def fail(order):
+        if note is not None:
+            add_note(order_id, *note)
+        return _fail_if_pending(order, reason)
+
+    return _changing_order(order_id, fail)
+
+
+def add_note(order_id, kind, detail):
+    """Add to the order's log (OrderLogEntry) in the current transaction; the caller commits."""
+    db.session.add(OrderLogEntry(order_id=order_id, kind=kind, detail=detail, at=utcnow()))  # now, not at the flush
+
+
+def save_note(order_id, kind, detail):
+    add_note(order_id, kind, detail)
+    db.session.commit()
 
 
 def _fail_if_pending(order, reason):
