@@ -1,8 +1,10 @@
-"""flask --app wsgi seed-demo"""
+"""flask --app wsgi seed-demo | reconcile | orders show | orders stuck"""
+import json
+import re
 from datetime import datetime, timedelta, timezone
 
 import click
-from flask.cli import with_appcontext
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 
 from ..extensions import db
@@ -57,6 +59,142 @@ def reconcile_command(every):
         time.sleep(every)
 
 
+orders_group = AppGroup("orders", help="Look into orders: what happened to one, which are stuck.")
+
+# What became of a stored callback (PayheroCallback.outcome), in words.
+CALLBACK_OUTCOMES = {
+    "applied": "applied",
+    "repeat": "repeat, nothing changed",
+    "ignored_final": "ignored: the order was already final (recorded only)",
+    "amount_mismatch": "amount mismatch, not applied",
+    "unknown_order": "no order matched",
+    "invalid": "bad input, not applied",
+    "unauthorized": "wrong or missing token, not applied",
+    "unverified": "PayHero did not confirm it, not applied",
+    "too_large": "over 64 KB, not read",
+    "error": "error (database), not applied; PayHero sends it again",
+    "received": "stored, being confirmed with PayHero",
+}
+
+
+def _outcome(callback):
+    words = CALLBACK_OUTCOMES.get(callback["outcome"], callback["outcome"])
+    return f"{words} ({callback['detail']})" if callback["outcome"] == "invalid" and callback["detail"] else words
+
+
+def _payhero_answer(entry):
+    if not entry["accepted"]:
+        detail = f" ({entry['detail']})" if entry["detail"] != entry["error"] else ""
+        return f"PayHero refused it: {entry['error']}{detail}"
+    return f"PayHero accepted it: reference {entry['reference']}, CheckoutRequestID {entry['checkout_request_id']}"
+
+
+def _callback(entry):
+    said = f"{entry['shape']}, result code {entry['result_code']!r}, {entry['message']!r}"
+    receipt = f", receipt {entry['receipt']}" if entry["receipt"] else ""
+    return f"{said}{receipt} -> {_outcome(entry)}"
+
+
+def _reconcile_check(entry):
+    if "error" in entry:
+        return f"could not ask PayHero: {entry['error']}"
+    asked = f"transaction-status {entry['status']}" if entry.get("status") else "no PayHero reference to ask about"
+    return f"{asked} -> {entry['result']}"
+
+
+def _status(entry):
+    if entry["status"] == "pending":
+        return f"still pending (version {entry['version']})"
+    if entry["status"] == "completed":
+        return f"receipt {entry['receipt']}; tickets {', '.join(entry['tickets'])}"
+    code = f"result code {entry['result_code']}: " if entry["result_code"] is not None else ""
+    return f"{code}{entry['result_desc']}"
+
+
+def _describe(entry):
+    """(label, text) for one timeline entry."""
+    kind = entry["event"]
+    if kind == "created":
+        return "created", f"KES {entry['amount']} for {entry['quantity']} x {entry['ticket_type']} ({entry['event_slug']})"
+    if kind == "stk_push":
+        return "STK push", _payhero_answer(entry)
+    if kind == "callback":
+        replay = f" (replay of #{entry['replay_of']})" if entry["replay_of"] else ""
+        return f"callback #{entry['id']}{replay}", _callback(entry)
+    if kind == "reconcile":
+        return "reconcile", _reconcile_check(entry)
+    return entry["status"], _status(entry)
+
+
+def _print_timeline(history):
+    order = history["order"]
+    click.echo(f"Order {order['id']}: {order['status']}, KES {order['amount']}, {order['quantity']} x "
+               f"{order['ticket_type']} for {order['event']}, phone {order['phone']} (times in UTC)")
+    for entry in history["timeline"]:
+        label, text = _describe(entry)
+        click.echo(f"  {entry['at'][:19].replace('T', ' ')}  {label:<24} {text}")
+
+
+# An order id may begin with "-": it is the argument, not an unknown option.
+@orders_group.command("show", context_settings={"ignore_unknown_options": True})
+@click.argument("term", metavar="ORDER_ID|RECEIPT|PHONE")
+@click.option("--json", "as_json", is_flag=True, help="The same, as JSON.")
+def show_command(term, as_json):
+    """What happened to an order, in time order: created, PayHero's answer, each callback,
+    reconcile's checks, the final status.  A phone shows its latest 10 orders."""
+    from .history import find_orders, timeline
+
+    orders = find_orders(term)
+    if not orders:
+        raise click.ClickException(f"No order with the id, M-Pesa receipt or phone {term!r}.")
+    histories = [timeline(order) for order in orders]
+    if as_json:
+        click.echo(json.dumps(histories, indent=2))
+        return
+    for index, history in enumerate(histories):
+        if index:
+            click.echo()
+        _print_timeline(history)
+
+
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhd]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@orders_group.command("stuck")
+@click.option("--older-than", default="10m", show_default=True, metavar="AGE",
+              help="How long pending: 90s, 10m, 2h, 1d (plain numbers are seconds).")
+@click.option("--json", "as_json", is_flag=True, help="The same, as JSON.")
+def stuck_command(older_than, as_json):
+    """Orders still pending past an age: the first thing to run when PayHero has an incident."""
+    from .history import stuck_orders
+
+    match = _DURATION.match(older_than)
+    if match is None:
+        raise click.ClickException(f"--older-than must look like 90s, 10m, 2h or 1d, got {older_than!r}.")
+    stuck = stuck_orders(int(match.group(1)) * _SECONDS[match.group(2)])
+    if as_json:
+        click.echo(json.dumps(stuck, indent=2))
+        return
+    if not stuck:
+        click.echo(f"No order has been pending for more than {older_than.strip()}.")
+        return
+    click.echo(f"{len(stuck)} order(s) pending for more than {older_than.strip()}, oldest first:")
+    click.echo(f"  {'ID':<24} {'AGE':>5} {'AMOUNT':>9}  {'PHONE':<13} {'PAYHERO REFERENCE':<34} CALLBACKS STORED")
+    for order in stuck:
+        callbacks = f"{len(order['callbacks'])}: {', '.join(order['callbacks'])}" if order["callbacks"] else "none"
+        click.echo(f"  {order['id']:<24} {_age(order['age_seconds']):>5} {'KES ' + str(order['amount']):>9}  "
+                   f"{order['phone']:<13} {order['reference'] or '-':<34} {callbacks}")
+
+
 def init_app(app):
     app.cli.add_command(seed_demo_command)
     app.cli.add_command(reconcile_command)
+    app.cli.add_command(orders_group)

@@ -1,13 +1,14 @@
 """PayHero: the API client, the webhook, and the built-in sandbox."""
 import logging
 
-from . import client, routes, sandbox
+from . import client, commands, routes, sandbox
 
 log = logging.getLogger(__name__)
 
 
 def init_app(app):
     client.init_app(app)
+    commands.init_app(app)
     app.register_blueprint(routes.bp)
     if app.config["PAYHERO_MODE"] == "sandbox":
         app.register_blueprint(sandbox.bp)

@@ -1,4 +1,5 @@
 """PayHero callback bodies, both shapes, parsed into one PaymentOutcome."""
+import json
 from dataclasses import dataclass
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
@@ -186,6 +187,24 @@ def parse_transaction_status(reference, answer):
         return PaymentOutcome(success=False, reference=reference, result_code=result_code,
                               result_desc=_text(answer, "result_desc"))
     return None
+
+
+def describe_callback(body):
+    """What a stored callback body says, as far as it can be read (for `orders show`):
+    {"shape", "result_code", "message", "receipt", "order_id"}; the values as sent, whatever their type."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("response"), dict):
+        classic = data["response"]
+        return {"shape": "classic", "result_code": classic.get("ResultCode"), "message": classic.get("ResultDesc"),
+                "receipt": classic.get("MpesaReceiptNumber") or None, "order_id": classic.get("ExternalReference")}
+    if isinstance(data, dict) and "success" in data:
+        return {"shape": "flat", "result_code": data.get("result_code"), "message": data.get("message"),
+                "receipt": data.get("provider_reference") or None, "order_id": data.get("external_reference")}
+    return {"shape": "not JSON" if data is None else "unknown", "result_code": None, "message": None,
+            "receipt": None, "order_id": None}
 
 
 class CallbackReceiptSchema(Schema):

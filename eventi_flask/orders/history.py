@@ -1,0 +1,100 @@
+"""What happened to an order, for the engineer on call: `orders show` and `orders stuck`.
+
+Read only, from the order's row, its log (PayHero's answer to the STK push,
+reconcile's checks: OrderLogEntry) and the callbacks stored for it.  A
+callback that could not be tied to its order (a wrong token, a body we could
+not read, a database error) has no order_id, so those are found by the order
+id appearing in their body.  Each entry is a plain dict, ready for --json.
+"""
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from ..extensions import db
+from ..payhero.models import PayheroCallback
+from ..payhero.replay import replayed_from
+from ..payhero.schemas import describe_callback
+from .models import Order, OrderLogEntry, as_utc, utcnow
+from .phone import mask_phone, normalize_phone
+from .schemas import isoformat, serialize_order
+from .service import ORDER_ID
+
+LATEST_FOR_A_PHONE = 10
+
+
+def find_orders(term):
+    """The orders `term` names, newest first: an order id, a phone (its latest ten), or an M-Pesa
+    receipt (on the order, or only in a callback, such as a success that came after a failure)."""
+    term = term.strip()
+    try:
+        if ORDER_ID.fullmatch(term) and (order := db.session.get(Order, term)) is not None:
+            return [order]
+        newest_first = select(Order).order_by(Order.created_at.desc())
+        phone = normalize_phone(term)
+        if phone is not None:
+            return db.session.scalars(newest_first.where(Order.phone == phone).limit(LATEST_FOR_A_PHONE)).unique().all()
+        if not term:
+            return []
+        return db.session.scalars(newest_first.where((Order.receipt == term) | Order.id.in_(_orders_in_callbacks(term))))\
+            .unique().all()
+    finally:
+        db.session.commit()
+
+
+def _orders_in_callbacks(term):
+    """Ids of the orders of the callbacks whose body holds `term`; an untied one's from its body."""
+    found = db.session.execute(select(PayheroCallback.order_id, PayheroCallback.body)
+                               .where(PayheroCallback.body.contains(term, autoescape=True))).all()
+    return {order_id or describe_callback(body)["order_id"] for order_id, body in found} - {None}
+
+
+def _callbacks_about(order):
+    tied = PayheroCallback.order_id == order.id
+    untied = (PayheroCallback.order_id.is_(None) & (PayheroCallback.received_at >= order.created_at)
+              & PayheroCallback.body.contains(order.id, autoescape=True))
+    return db.session.scalars(select(PayheroCallback).where(tied | untied).order_by(PayheroCallback.id)).all()
+
+
+def _entry(moment, event, **details):
+    """(when, what): the moment to sort by, and the entry as shown."""
+    return as_utc(moment), {"at": isoformat(moment), "event": event, **details}
+
+
+def timeline(order):
+    """The order as the API shows it, and its history in time order."""
+    entries = [_entry(order.created_at, "created", amount=order.amount, quantity=order.quantity,
+                      ticket_type=order.ticket_type.code, event_slug=order.ticket_type.event.slug)]
+    notes = db.session.scalars(select(OrderLogEntry).where(OrderLogEntry.order_id == order.id)
+                               .order_by(OrderLogEntry.id)).all()
+    entries += [_entry(note.at, note.kind, **note.detail) for note in notes]
+    for callback in _callbacks_about(order):
+        said = describe_callback(callback.body)
+        del said["order_id"]  # this order's
+        entries.append(_entry(callback.received_at, "callback", id=callback.id, **said, outcome=callback.outcome,
+                              detail=callback.detail, replay_of=replayed_from(callback.remote_addr)))
+    body = serialize_order(order)
+    # A final status when it was reached; a pending one is how things stand now.
+    entries.append(_entry(order.updated_at if body["status"] != "pending" else utcnow(), "status", status=body["status"], version=body["version"],
+                          **body["payment"], tickets=[ticket["code"] for ticket in body.get("tickets", [])]))
+    db.session.commit()
+    entries.sort(key=lambda pair: pair[0])  # stable: at the same moment, the order above
+    return {"order": body, "timeline": [entry for _, entry in entries]}
+
+
+def stuck_orders(older_than):
+    """Orders still pending after `older_than` seconds, oldest first, with the callbacks stored for each."""
+    now = utcnow()
+    orders = db.session.scalars(select(Order).where(Order.status == "pending", Order.created_at < now - timedelta(seconds=older_than))
+                                .order_by(Order.created_at)).unique().all()
+    stuck = []
+    for order in orders:
+        stuck.append({
+            "id": order.id,
+            "age_seconds": int((now - as_utc(order.created_at)).total_seconds()),
+            "amount": order.amount,
+            "phone": mask_phone(order.phone),
+            "reference": order.payhero_reference,
+            "callbacks": [callback.outcome for callback in _callbacks_about(order)],
+        })
+    db.session.commit()
+    return stuck
