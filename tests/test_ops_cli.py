@@ -73,7 +73,7 @@ def test_show_tells_each_event_of_an_order(shop, cli):
     _line(lines, "STK push", "PayHero accepted it", completed["payment"]["reference"])
     _line(lines, "callback #", "classic, result code 0", "-> applied")
     _line(lines, "callback #", "repeat, nothing changed")
-    _line(lines, "callback #", "flat, result code 1", "ignored: the order was already final")
+    _line(lines, "callback #", "flat, 'The balance is insufficient", "ignored: the order was already final")
     _line(lines, "completed", completed["payment"]["receipt"], completed["tickets"][0]["code"])
     assert "254712345678" not in "\n".join(lines)  # the phone masked, as the API masks it
 
@@ -85,7 +85,7 @@ def test_show_tells_each_event_of_an_order(shop, cli):
     assert "still pending (version 2)" in lines[-1]  # how it stands, last
 
     lines = _lines(cli("orders", "show", shop["refused"]["id"]))
-    _line(lines, "STK push", "PayHero refused it: PayHero answered 500 (PayHero is down)")
+    _line(lines, "STK push", "PayHero refused it: PayHero answered 500", "PayHero is down")
     _line(lines, "failed", "The payment could not be started")
     _line(_lines(cli("orders", "show", shop["cancelled"]["id"])), "cancelled", "result code 1032:")
     _line(_lines(cli("orders", "show", shop["failed"]["id"])), "failed", "result code 1:")
@@ -104,7 +104,8 @@ def test_show_finds_orders_by_receipt_and_by_phone(shop, cli):
     histories = json.loads(cli("orders", "show", "0712345678", "--json").output)
     assert [history["order"]["id"] for history in histories] == [completed["id"]]
     events = [entry["event"] for entry in histories[0]["timeline"]]
-    assert events == ["created", "stk_push", "callback", "status", "callback", "callback"]
+    # PayHero's callback may come before its answer to the STK push (so the sandbox, at 50 ms).
+    assert events[0] == "created" and sorted(events[1:]) == ["callback"] * 3 + ["status", "stk_push"]
     outcomes = [entry["outcome"] for entry in histories[0]["timeline"] if entry["event"] == "callback"]
     assert outcomes == ["applied", "repeat", "ignored_final"]
     assert histories[0]["order"]["phone"] == "2547******78"

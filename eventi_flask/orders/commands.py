@@ -84,15 +84,19 @@ def _outcome(callback):
 
 def _payhero_answer(entry):
     if not entry["accepted"]:
-        detail = f" ({entry['detail']})" if entry["detail"] != entry["error"] else ""
-        return f"PayHero refused it: {entry['error']}{detail}"
+        return f"PayHero refused it: {entry['error']}"
     return f"PayHero accepted it: reference {entry['reference']}, CheckoutRequestID {entry['checkout_request_id']}"
 
 
 def _callback(entry):
-    said = f"{entry['shape']}, result code {entry['result_code']!r}, {entry['message']!r}"
-    receipt = f", receipt {entry['receipt']}" if entry["receipt"] else ""
-    return f"{said}{receipt} -> {_outcome(entry)}"
+    said = [entry["shape"]]
+    if entry["result_code"] is not None:  # the flat shape has none
+        said.append(f"result code {entry['result_code']!r}")
+    if entry["message"] is not None:
+        said.append(repr(entry["message"]))
+    if entry["receipt"]:
+        said.append(f"receipt {entry['receipt']}")
+    return f"{', '.join(said)} -> {_outcome(entry)}"
 
 
 def _reconcile_check(entry):

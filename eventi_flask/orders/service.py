@@ -107,8 +107,7 @@ def _request_payment(order):
     except PayHeroError as exc:
         log.warning("PayHero refused the payment request for order %s: %s", order.id, exc)
         changed, body = fail_pending_order(order.id, f"The payment could not be started: {exc.public_message}",
-                                           note=("stk_push", {"accepted": False, "error": exc.public_message,
-                                                              "detail": str(exc)[:500]}))
+                                           note=("stk_push", {"accepted": False, "error": str(exc)[:500]}))
         if not changed:
             return body  # a callback settled it while PayHero's answer was lost: that outcome stands
         raise ApiError(502, "payhero_unavailable",
