@@ -79,7 +79,8 @@ def build_document(app):
             path_parameters = [{"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
                                for name in sorted(rule.arguments)]
             spec.path(view=app.view_functions[rule.endpoint], app=app, parameters=path_parameters)
-    return spec.to_dict()
+    document = spec.to_dict()
+    return {"openapi": document.pop("openapi"), "info": document.pop("info"), **document}  # the usual order
 
 
 def openapi_document():

@@ -136,7 +136,7 @@ def _print_timeline(history):
                f"{order['ticket_type']} for {order['event']}, phone {order['phone']} (times in UTC)")
     for entry in history["timeline"]:
         label, text = _describe(entry)
-        click.echo(f"  {entry['at'][:19].replace('T', ' ')}  {label:<24} {text}")
+        click.echo(f"  {entry['at'][:19].replace('T', ' ')}  {label:<28} {text}")
 
 
 # An order id may begin with "-": it is the argument, not an unknown option.
