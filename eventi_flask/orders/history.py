@@ -18,6 +18,7 @@ from .models import Order, OrderLogEntry, as_utc, utcnow
 from .phone import mask_phone, normalize_phone
 from .schemas import isoformat, serialize_order
 from .service import ORDER_ID
+from .state import Status
 
 LATEST_FOR_A_PHONE = 10
 
@@ -48,11 +49,25 @@ def _orders_in_callbacks(term):
     return {order_id or describe_callback(body)["order_id"] for order_id, body in found} - {None}
 
 
-def _callbacks_about(order):
-    tied = PayheroCallback.order_id == order.id
-    untied = (PayheroCallback.order_id.is_(None) & (PayheroCallback.received_at >= order.created_at)
-              & PayheroCallback.body.contains(order.id, autoescape=True))
-    return db.session.scalars(select(PayheroCallback).where(tied | untied).order_by(PayheroCallback.id)).all()
+def _callbacks_about(orders):
+    """{order id: its stored callbacks, in the order they came} for `orders`, in two queries:
+    those tied to them (indexed), and the few untied ones received since the oldest, whose
+    body names one of them."""
+    found = {order.id: [] for order in orders}
+    if not orders:
+        return found
+    tied = db.session.scalars(select(PayheroCallback).where(PayheroCallback.order_id.in_(list(found)))).all()
+    untied = db.session.scalars(select(PayheroCallback).where(
+        PayheroCallback.order_id.is_(None), PayheroCallback.received_at >= min(order.created_at for order in orders))).all()
+    for callback in tied:
+        found[callback.order_id].append(callback)
+    for callback in untied:
+        for order_id in found:
+            if order_id in callback.body:
+                found[order_id].append(callback)
+    for callbacks in found.values():
+        callbacks.sort(key=lambda callback: callback.id)
+    return found
 
 
 def _entry(moment, event, **details):
@@ -67,15 +82,16 @@ def timeline(order):
     notes = db.session.scalars(select(OrderLogEntry).where(OrderLogEntry.order_id == order.id)
                                .order_by(OrderLogEntry.id)).all()
     entries += [_entry(note.at, note.kind, **note.detail) for note in notes]
-    for callback in _callbacks_about(order):
+    for callback in _callbacks_about([order])[order.id]:
         said = describe_callback(callback.body)
         del said["order_id"]  # this order's
         entries.append(_entry(callback.received_at, "callback", id=callback.id, **said, outcome=callback.outcome,
                               detail=callback.detail, replay_of=replayed_from(callback.remote_addr)))
     body = serialize_order(order)
     # A final status when it was reached; a pending one is how things stand now.
-    entries.append(_entry(order.updated_at if body["status"] != "pending" else utcnow(), "status", status=body["status"], version=body["version"],
-                          **body["payment"], tickets=[ticket["code"] for ticket in body.get("tickets", [])]))
+    reached = utcnow() if body["status"] == Status.PENDING else order.updated_at
+    entries.append(_entry(reached, "status", status=body["status"], version=body["version"], **body["payment"],
+                          tickets=[ticket["code"] for ticket in body.get("tickets", [])]))
     db.session.commit()
     entries.sort(key=lambda pair: pair[0])  # stable: at the same moment, the order above
     return {"order": body, "timeline": [entry for _, entry in entries]}
@@ -84,8 +100,10 @@ def timeline(order):
 def stuck_orders(older_than):
     """Orders still pending after `older_than` seconds, oldest first, with the callbacks stored for each."""
     now = utcnow()
-    orders = db.session.scalars(select(Order).where(Order.status == "pending", Order.created_at < now - timedelta(seconds=older_than))
+    orders = db.session.scalars(select(Order).where(Order.status == Status.PENDING.value,
+                                                    Order.created_at < now - timedelta(seconds=older_than))
                                 .order_by(Order.created_at)).unique().all()
+    callbacks = _callbacks_about(orders)
     stuck = []
     for order in orders:
         stuck.append({
@@ -94,7 +112,7 @@ def stuck_orders(older_than):
             "amount": order.amount,
             "phone": mask_phone(order.phone),
             "reference": order.payhero_reference,
-            "callbacks": [callback.outcome for callback in _callbacks_about(order)],
+            "callbacks": [callback.outcome for callback in callbacks[order.id]],
         })
     db.session.commit()
     return stuck
