@@ -3,7 +3,8 @@
 Every answer must conform to the document: its status code, headers and body
 schema, and never a 500.  Data fitting the document and data that does not
 are both sent, to made-up ids and to real ones (the demo event, a completed
-and a pending order), and callbacks about those real orders.  Derandomised
+and a pending order), with callbacks about those real orders and orders for
+the demo event (which the sandbox then pays).  Derandomised
 (the same cases every run) and bounded per operation, so a failure
 reproduces and the run stays short.
 """
