@@ -4,6 +4,7 @@ Every variable is documented in ../shared/API.md and the README.  A bad or
 missing required value raises ConfigError with one line naming the variable;
 wsgi.py and gunicorn.conf.py turn that into a clean exit, never a traceback.
 """
+import math
 import os
 import re
 
@@ -64,6 +65,20 @@ def _rate_limit(env, name, default):
     return value
 
 
+def _seconds_list(env, name, default):
+    """Ascending seconds, comma-separated ("2,5,10"); `off` for none."""
+    raw = env.get(name, "").strip() or default
+    if raw.lower() == "off":
+        return ()
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 <= v < math.inf for v in values) or list(values) != sorted(values):
+        raise ConfigError(f"{name} must be ascending seconds such as '2,5,10' or 'off', got {raw!r}")
+    return values
+
+
 def database_url(raw):
     """Heroku hands out postgres:// URLs; SQLAlchemy wants a dialect+driver."""
     if raw.startswith("postgres://"):
@@ -120,6 +135,12 @@ class Config:
         self.PAYHERO_VERIFY_CALLBACKS = _flag(env, "PAYHERO_VERIFY_CALLBACKS", default=live)
         self.PAYHERO_CONNECT_TIMEOUT = read_number(env, "PAYHERO_CONNECT_TIMEOUT", 5.0, float, minimum=0.1)
         self.PAYHERO_READ_TIMEOUT = read_number(env, "PAYHERO_READ_TIMEOUT", 20.0, float, minimum=0.1)
+        # Checking a success with PayHero holds its callback: a short bound of its own (a whole-exchange
+        # deadline), so a slow PayHero costs a re-check later, not a callback held for PAYHERO_READ_TIMEOUT.
+        self.PAYHERO_VERIFY_TIMEOUT = read_number(env, "PAYHERO_VERIFY_TIMEOUT", min(5.0, self.PAYHERO_READ_TIMEOUT),
+                                                  float, minimum=0.1, maximum=self.PAYHERO_READ_TIMEOUT)
+        # Seconds after an unconfirmed success at which its worker asks PayHero again (reconcile is the backstop).
+        self.PAYHERO_REVERIFY_AFTER = _seconds_list(env, "PAYHERO_REVERIFY_AFTER", "2,5,10,20,40")
         self.SANDBOX_CALLBACK_DELAY = read_number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
         # classic: the shape of PayHero's v2 docs; flat: its current webhook reference (no result code).
         self.SANDBOX_CALLBACK_SHAPE = _choice(env, "SANDBOX_CALLBACK_SHAPE", "classic", ("classic", "flat"))

@@ -35,6 +35,15 @@ def test_callbacks_are_verified_by_default_in_live_mode_only():
     assert Config({**LIVE, "PAYHERO_CALLBACK_TOKEN_PREVIOUS": "old"}).PAYHERO_CALLBACK_TOKEN_PREVIOUS == "old"
 
 
+def test_an_unconfirmed_success_is_asked_about_again_within_a_minute_with_a_short_timeout():
+    config = Config(LIVE)
+    assert config.PAYHERO_REVERIFY_AFTER == (2, 5, 10, 20, 40)
+    assert config.PAYHERO_REVERIFY_AFTER[-1] < config.RECONCILE_AFTER  # settled by then, not by reconcile
+    assert config.PAYHERO_VERIFY_TIMEOUT == 5 < config.PAYHERO_READ_TIMEOUT
+    assert Config({**LIVE, "PAYHERO_REVERIFY_AFTER": "off"}).PAYHERO_REVERIFY_AFTER == ()
+    assert Config({**LIVE, "PAYHERO_READ_TIMEOUT": "3"}).PAYHERO_VERIFY_TIMEOUT == 3
+
+
 @pytest.mark.parametrize("env, variable", [
     ({"PORT": "eighty"}, "PORT"),
     ({"PAYHERO_MODE": "test"}, "PAYHERO_MODE"),
@@ -43,6 +52,9 @@ def test_callbacks_are_verified_by_default_in_live_mode_only():
     ({"ORDER_LIMIT_PER_PHONE": "lots"}, "ORDER_LIMIT_PER_PHONE"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     ({"SANDBOX_CALLBACK_SHAPE": "round"}, "SANDBOX_CALLBACK_SHAPE"),
+    ({"PAYHERO_VERIFY_TIMEOUT": "30"}, "PAYHERO_VERIFY_TIMEOUT"),  # longer than the STK push's own
+    ({"PAYHERO_REVERIFY_AFTER": "10,5"}, "PAYHERO_REVERIFY_AFTER"),
+    ({"PAYHERO_REVERIFY_AFTER": "soon"}, "PAYHERO_REVERIFY_AFTER"),
     ({"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1"},
      "PAYHERO_CALLBACK_TOKEN"),
     ({"PAYHERO_MODE": "live", "PAYHERO_CALLBACK_TOKEN": "t"}, "PAYHERO_API_USERNAME"),

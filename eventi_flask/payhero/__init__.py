@@ -1,7 +1,7 @@
 """PayHero: the API client, the webhook, and the built-in sandbox."""
 import logging
 
-from . import client, commands, routes, sandbox
+from . import client, commands, routes, sandbox, verify
 
 log = logging.getLogger(__name__)
 
@@ -9,6 +9,7 @@ log = logging.getLogger(__name__)
 def init_app(app):
     client.init_app(app)
     commands.init_app(app)
+    verify.init_app(app)
     app.register_blueprint(routes.bp)
     if app.config["PAYHERO_MODE"] == "sandbox":
         app.register_blueprint(sandbox.bp)

@@ -5,6 +5,7 @@ phone, and a second STK push would ask them to pay twice.
 """
 import logging
 
+import gevent
 import requests
 from flask import current_app
 
@@ -31,10 +32,10 @@ class PayHeroClient:
         self.session.auth = (username, password)
         self.session.headers["Accept"] = "application/json"
 
-    def _call(self, method, path, **kwargs):
+    def _call(self, method, path, timeout=None, **kwargs):
         url = f"{self.base_url}{path}"
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            response = self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
         except requests.Timeout as exc:
             raise PayHeroError("PayHero did not answer in time", str(exc)) from exc
         except requests.RequestException as exc:
@@ -68,9 +69,26 @@ class PayHeroClient:
             raise PayHeroError("PayHero refused the payment request", str(body)[:200])
         return {"reference": str(body["reference"]), "checkout_request_id": body.get("CheckoutRequestID")}
 
-    def transaction_status(self, reference):
-        """PayHero's view of one payment: {"status", "provider_reference", ...} (schemas.parse_transaction_status)."""
-        return self._call("GET", "/api/v2/transaction-status", params={"reference": reference})
+    def transaction_status(self, reference, deadline=None):
+        """PayHero's view of one payment: {"status", "provider_reference", ...} (schemas.parse_transaction_status).
+
+        `deadline`: seconds for the whole exchange, connecting and reading included (requests'
+        own timeouts bound each step, not their sum); past it, PayHeroError as for any timeout.
+        """
+        params = {"reference": reference}
+        if deadline is None:
+            return self._call("GET", "/api/v2/transaction-status", params=params)
+        timer = gevent.Timeout(deadline)
+        timer.start()
+        try:
+            return self._call("GET", "/api/v2/transaction-status", params=params,
+                              timeout=(min(self.timeout[0], deadline), deadline))
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise PayHeroError("PayHero did not answer in time", f"no answer within {deadline:g}s") from None
+        finally:
+            timer.close()
 
 
 def init_app(app):

@@ -18,9 +18,9 @@ from ..orders import service as orders
 from ..orders.models import utcnow
 from ..orders.schemas import field_errors
 from ..orders.state import Decision, Status
-from .client import PayHeroError, get_payhero
 from .models import PayheroCallback
-from .schemas import parse_callback, parse_transaction_status
+from .schemas import parse_callback
+from .verify import amount_doubt, ask_payhero, reverify_later
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,11 @@ def _handle(record, raw_body, content_type, token):
             record.save(RECEIVED, "asking PayHero to confirm", order_id)
             outcome, doubt = _verified(outcome, found)
             if doubt is not None:
-                # Answered 200 all the same: the body is kept, and reconcile settles the order from PayHero.
+                # Answered 200 all the same: the body is kept, and PayHero is asked again shortly
+                # (reconcile settles the order should this worker stop first).
                 log.warning("Payment for order %s not completed: %s", order_id, doubt)
                 record.save("unverified", doubt, order_id)
+                reverify_later(order_id)
                 return 200, {"received": True, "order": order_id, "status": found["status"]}
 
     def write_record(found_id, transition):
@@ -165,17 +167,12 @@ def _verified(outcome, order):
     Asked with the order's own reference, never one the callback names: a real
     payment elsewhere must not vouch for this order.
     """
-    reference = order["payhero_reference"]
-    if not reference:
-        return None, "the order has no PayHero reference yet to check the payment with"
-    try:
-        answer = get_payhero().transaction_status(reference)
-    except PayHeroError as exc:
-        return None, f"could not ask PayHero to confirm it: {exc}"
-    confirmed = parse_transaction_status(reference, answer)
-    if confirmed is None or not confirmed.success:
-        return None, f"PayHero's transaction status is {answer.get('status')!r}, not 'SUCCESS'"
+    confirmed, doubt = ask_payhero(order["payhero_reference"])
+    if doubt is not None:
+        return None, doubt
+    if not confirmed.success:
+        return None, "PayHero's transaction status is 'FAILED', not 'SUCCESS'"
     if confirmed.amount is not None and confirmed.amount != order["amount"]:
-        return None, f"PayHero's transaction status says KES {confirmed.amount}, the order is KES {order['amount']}"
+        return None, amount_doubt(confirmed.amount, order["amount"])
     # PayHero's receipt over the callback's: only the former is vouched for.
     return dataclasses.replace(outcome, receipt=confirmed.receipt or outcome.receipt), None
