@@ -8,7 +8,12 @@ and callback-sent to wait-answered.  Payments alternate between verification on
 and off (PAYHERO_VERIFY_CALLBACKS), so both see the same machine; the added
 latency is the difference of the medians.
 
-    .venv/bin/python scripts/bench_verify.py [-n 30] [--delay 0.3]
+With --lag L, PayHero's status lags its callback: the stand-in says QUEUED until
+L seconds after it is first asked about a payment, so the callback's own check
+fails and the worker's re-verification (PAYHERO_REVERIFY_AFTER, its defaults)
+completes the order; every payment is verified, and timed the same way.
+
+    .venv/bin/python scripts/bench_verify.py [-n 30] [--delay 0.3] [--lag 3]
 """
 from gevent import monkey
 
@@ -45,9 +50,11 @@ class NoDelayServer(WSGIServer):
         return super().handle(sock, address)
 
 
-def payhero_stand_in(delay):
-    """transaction-status as PayHero documents it, SUCCESS for any reference, after `delay` seconds."""
+def payhero_stand_in(delay, lag):
+    """transaction-status as PayHero documents it, after `delay` seconds: SUCCESS for any reference,
+    from `lag` seconds after it was first asked about (QUEUED until then)."""
     expected = "Basic " + base64.b64encode(b"bench:bench").decode()
+    first_asked = {}
 
     def app(environ, start_response):
         if environ["PATH_INFO"] != "/api/v2/transaction-status" or environ.get("HTTP_AUTHORIZATION") != expected:
@@ -55,9 +62,11 @@ def payhero_stand_in(delay):
             return [b'{"error_code": "not_found", "error_message": "no such route", "status_code": 404}']
         gevent.sleep(delay)
         reference = parse_qs(environ["QUERY_STRING"])["reference"][0]
+        now = time.monotonic()
+        paid = now - first_asked.setdefault(reference, now) >= lag
         body = {"transaction_date": "2026-11-26T08:41:14.160604Z", "provider": "m-pesa", "success": True,
                 "merchant": "Eventi", "payment_reference": "", "third_party_reference": "SKQ96C7K7H",
-                "status": "SUCCESS", "reference": reference, "CheckoutRequestID": "", "provider_reference": "SKQ96C7K7H"}
+                "status": "SUCCESS" if paid else "QUEUED", "reference": reference, "CheckoutRequestID": "", "provider_reference": "SKQ96C7K7H"}
         start_response("200 OK", [("Content-Type", "application/json")])
         return [json.dumps(body).encode()]
 
@@ -76,6 +85,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=30, help="payments per mode")
     parser.add_argument("--delay", type=float, default=0.3, help="seconds the stand-in takes to answer")
+    parser.add_argument("--lag", type=float, default=0, help="seconds PayHero's status lags its callback")
     args = parser.parse_args()
 
     from config import Config
@@ -86,7 +96,7 @@ def main():
     from eventi_flask.orders.models import Order
     from eventi_flask.payhero.sandbox import classic_callback
 
-    stand_in = payhero_stand_in(args.delay)
+    stand_in = payhero_stand_in(args.delay, args.lag)
     name, url = create_database("bench_verify")
     try:
         app = create_app(Config({
@@ -127,19 +137,24 @@ def main():
             assert response.status_code == 200 and answered.get("status") == "completed", (response.json, answered)
             return callback_answered - sent, answered["at"] - sent
 
-        for i, (order_id, body) in enumerate(payments):
-            verify = i % 2 == 0
+        lagging = args.lag > 0  # then every payment is verified, and only n + 2 are made (each takes seconds)
+        warm_up = 2 if lagging else 4  # the first two of each mode warm up connections and compiled statements
+        for i, (order_id, body) in enumerate(payments[:args.n + warm_up] if lagging else payments):
+            verify = lagging or i % 2 == 0
             timing = pay(order_id, body, verify)
-            if i >= 4:  # the first two of each mode warm up connections and compiled statements
+            if i >= warm_up:
                 timings[verify].append(timing)
-        print(f"PayHero stand-in answering transaction-status in {args.delay * 1000:.0f} ms; {args.n} payments a mode")
-        for verify in (False, True):
+        lag = f", its status lagging the callback by {args.lag:g} s" if lagging else ""
+        print(f"PayHero stand-in answering transaction-status in {args.delay * 1000:.0f} ms{lag}; "
+              f"{args.n} payments a mode")
+        for verify in (True,) if lagging else (False, True):
             label = "verified  " if verify else "unverified"
             print(f"{label} callback answered:     {summary([c for c, _ in timings[verify]])}")
             print(f"{label} wait answered after:   {summary([w for _, w in timings[verify]])}")
-        added = (statistics.median(w for _, w in timings[True]) - statistics.median(w for _, w in timings[False]))
-        print(f"added by verification (median wait): {added * 1000:.1f} ms, "
-              f"of which beyond the stand-in's {args.delay * 1000:.0f} ms: {added * 1000 - args.delay * 1000:.1f} ms")
+        if not lagging:
+            added = (statistics.median(w for _, w in timings[True]) - statistics.median(w for _, w in timings[False]))
+            print(f"added by verification (median wait): {added * 1000:.1f} ms, of which beyond the stand-in's "
+                  f"{args.delay * 1000:.0f} ms: {added * 1000 - args.delay * 1000:.1f} ms")
     finally:
         stand_in.stop()
         drop_database(name)
