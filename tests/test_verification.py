@@ -1,4 +1,5 @@
-"""Issue 13: a leaked callback token must not buy tickets.
+"""Issue 13: a leaked callback token must not buy tickets; and a payment PayHero confirms
+late is still the customer's within seconds (re-verification), never unconfirmed.
 
 Live mode, against a PayHero stand-in (requests-mock) speaking the documented wire
 format: the STK push answer, and transaction-status answers as PayHero documents them
