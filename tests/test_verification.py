@@ -215,6 +215,15 @@ def available(client):
     return {t["id"]: t["available"] for t in client.get(f"/api/events/{DEMO['event']}").get_json()["ticket_types"]}
 
 
+def shown(app, order, *words):
+    """The line of `flask orders show` (the on-call view of the order's history) holding all `words`."""
+    result = app.test_cli_runner().invoke(args=["orders", "show", order["id"]])
+    assert result.exit_code == 0, result.output
+    found = [line for line in result.output.splitlines() if all(word in line for word in words)]
+    assert len(found) == 1, f"{words} in one line of:\n{result.output}"
+    return found[0]
+
+
 def order_lines(log_lines, order):
     return [line for line in log_lines if order["id"] in line and line.startswith("Payment for order")]
 
@@ -235,6 +244,7 @@ def test_a_payment_payhero_confirms_late_reaches_the_held_wait_without_reconcile
     not_yet, settled = order_lines(log_lines, order)  # one line per outcome, none per ask
     assert "not completed" in not_yet and "QUEUED" in not_yet
     assert "settled as completed from PayHero's transaction status" in settled
+    shown(app, order, "re-verify (+", "transaction-status SUCCESS -> settled: completed")
 
 
 @pytest.mark.env(**REVERIFY_FAST)
@@ -287,6 +297,7 @@ def test_payhero_unreachable_at_every_ask_leaves_the_order_to_reconcile(app, cli
     assert payhero.asked == [reference] * 5  # the callback's ask and four more, then no more
     assert len(order_lines(log_lines, order)) == 2  # the callback's line, and the one giving up
     assert current(client, order) == order  # nothing completed unverified, nor failed
+    shown(app, order, "re-verify (+0.4s)", "could not ask PayHero", "connection refused", "-> left to reconcile")
 
     payhero.status[reference] = "SUCCESS"
     assert reconcile(app) == "Reconciled: 1 checked, 1 settled, 0 still pending, 0 expired, 0 errors"

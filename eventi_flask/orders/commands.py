@@ -100,8 +100,9 @@ def _callback(entry):
 
 
 def _reconcile_check(entry):
-    if "error" in entry:
-        return f"could not ask PayHero: {entry['error']}"
+    if "error" in entry:  # reconcile's result is then "error"; re-verification's says what comes next
+        asked = f"could not ask PayHero: {entry['error']}"
+        return asked if entry["result"] == "error" else f"{asked} -> {entry['result']}"
     asked = f"transaction-status {entry['status']}" if entry.get("status") else "no PayHero reference to ask about"
     return f"{asked} -> {entry['result']}"
 
@@ -127,6 +128,8 @@ def _describe(entry):
         return f"callback #{entry['id']}{replay}", _callback(entry)
     if kind == "reconcile":
         return "reconcile", _reconcile_check(entry)
+    if kind == "reverify":  # the worker's own re-checks after a callback PayHero did not confirm
+        return f"re-verify (+{entry['after_seconds']:g}s)", _reconcile_check(entry)
     return entry["status"], _status(entry)
 
 

@@ -93,12 +93,12 @@ class Ticket(db.Model):
 
 class OrderLogEntry(db.Model):
     """What happened to an order that neither its row nor its stored callbacks keep:
-    PayHero's answer to the STK push, and reconcile's checks.  Read by `orders show`."""
+    PayHero's answer to the STK push, reconcile's checks and re-verification's outcome.  Read by `orders show`."""
 
     __tablename__ = "order_log"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
     at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile
+    kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile, reverify
     detail: Mapped[dict] = mapped_column(db.JSON)

@@ -20,7 +20,7 @@ from ..orders.schemas import field_errors
 from ..orders.state import Decision, Status
 from .models import PayheroCallback
 from .schemas import parse_callback
-from .verify import amount_doubt, ask_payhero, reverify_later
+from .verify import amount_doubt, ask_payhero, reverify_later, unconfirmed
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,9 @@ def _verified(outcome, order):
     Asked with the order's own reference, never one the callback names: a real
     payment elsewhere must not vouch for this order.
     """
-    confirmed, doubt = ask_payhero(order["payhero_reference"])
-    if doubt is not None:
-        return None, doubt
-    if not confirmed.success:
-        return None, "PayHero's transaction status is 'FAILED', not 'SUCCESS'"
+    confirmed, check = ask_payhero(order["payhero_reference"])
+    if confirmed is None or not confirmed.success:
+        return None, unconfirmed(check)
     if confirmed.amount is not None and confirmed.amount != order["amount"]:
         return None, amount_doubt(confirmed.amount, order["amount"])
     # PayHero's receipt over the callback's: only the former is vouched for.
