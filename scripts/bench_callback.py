@@ -12,6 +12,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -33,6 +34,57 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+@contextlib.contextmanager
+def scratch_app(prefix, redis_url, sandbox_port=False):
+    """The app on a fresh PostgreSQL database (dropped afterwards) with the demo event, and Redis.
+
+    Yields the app; with sandbox_port, (app, port): PUBLIC_BASE_URL points at that free port, for
+    a server in this process to answer the sandbox PayHero on.
+    """
+    from config import Config
+    from eventi_flask import create_app
+    from eventi_flask.extensions import db
+    from eventi_flask.orders.commands import seed_demo
+    from tests.support import free_port
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        app = create_app(Config({
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1/{name}", "REDIS_URL": redis_url,
+            "REDIS_PREFIX": f"{name}:", "LOG_LEVEL": "WARNING", "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+            "ORDER_LIMIT_PER_PHONE": "off", "ORDER_LIMIT_PER_CLIENT": "off",
+        }))
+        with app.app_context():
+            db.create_all()
+            seed_demo()
+        yield (app, port) if sandbox_port else app
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def run_rounds(do_round, repeat, n, what, profiler=None):
+    """Run `do_round(r)` (n requests) `repeat` times; print CPU and wall per request for each, and the medians.
+
+    With a cProfile `profiler`, the last round runs under it.
+    """
+    rounds = []
+    for r in range(repeat):
+        if profiler is not None and r == repeat - 1:
+            profiler.enable()
+        cpu, wall = cpu_seconds(), time.perf_counter()
+        do_round(r)
+        rounds.append(((cpu_seconds() - cpu) * 1000 / n, (time.perf_counter() - wall) * 1000 / n))
+        if profiler is not None:
+            profiler.disable()
+        print(f"round {r + 1}: {rounds[-1][0]:.2f} ms CPU, {rounds[-1][1]:.2f} ms wall per {what}")
+    print(f"median of {repeat} x {n}: {statistics.median(c for c, _ in rounds):.2f} ms CPU, "
+          f"{statistics.median(w for _, w in rounds):.2f} ms wall per {what}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1000, help="callbacks per round")
@@ -40,24 +92,13 @@ def main():
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
 
-    from config import Config
-    from eventi_flask import create_app
     from eventi_flask.extensions import db
-    from eventi_flask.orders.commands import seed_demo
-    from eventi_flask.orders.models import Order
+    from eventi_flask.orders.models import Order, TicketType
     from eventi_flask.payhero.sandbox import classic_callback
 
-    name = f"bench_callback_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        app = create_app(Config({
-            "DATABASE_URL": f"postgresql://postgres@127.0.0.1/{name}", "REDIS_URL": args.redis_url,
-            "REDIS_PREFIX": f"{name}:", "LOG_LEVEL": "WARNING",
-        }))
+    with scratch_app("bench_callback", args.redis_url) as app:
         with app.app_context():
-            db.create_all()
-            ticket_type = seed_demo().ticket_types[0]
+            ticket_type = db.session.query(TicketType).first()
             orders = [Order(ticket_type_id=ticket_type.id, quantity=2, amount=ticket_type.price * 2, name="Bench",
                             email="bench@example.com", phone="254712345678", version=1,
                             payhero_reference=f"REF{i}", checkout_request_id=f"ws_CO_{i}")
@@ -76,19 +117,12 @@ def main():
 
         for body in bodies[:20]:  # warm up: connections, compiled statements
             post(body)
-        rounds = []
-        for r in range(args.repeat):
-            chunk = bodies[20 + r * args.n: 20 + (r + 1) * args.n]
-            cpu, wall = cpu_seconds(), time.perf_counter()
-            for body in chunk:
+
+        def one_round(r):
+            for body in bodies[20 + r * args.n: 20 + (r + 1) * args.n]:
                 post(body)
-            rounds.append(((cpu_seconds() - cpu) * 1000 / args.n, (time.perf_counter() - wall) * 1000 / args.n))
-            print(f"round {r + 1}: {rounds[-1][0]:.2f} ms CPU, {rounds[-1][1]:.2f} ms wall per callback")
-        print(f"median of {args.repeat} x {args.n}: {statistics.median(c for c, _ in rounds):.2f} ms CPU, "
-              f"{statistics.median(w for _, w in rounds):.2f} ms wall per callback")
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+        run_rounds(one_round, args.repeat, args.n, "callback")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,27 @@
-"""Orders as rows: the SQL of the hot paths, a callback and a wait's read.
+"""Orders as rows: the SQL of the hot paths: creating an order, a callback and a wait's read.
 
 These use SQLAlchemy Core rather than the ORM, with every statement built once
 here and given its values as parameters at execution: no unit of work, no
 identity map, no per-call statement building or cache-key hashing.  That took
 a callback from 12 round trips and 5.5 ms of CPU to 7 and 2.6 ms
 (scripts/bench_callback.py; BENCHMARKS.md).
-Creating orders and the rarer changes stay in the ORM (service.py).
+Creating an order is one statement that reserves the tickets and inserts the
+order (see create_order for why).  The rarer changes stay in the ORM (service.py).
 
 A row is a mapping of the orders table's columns plus `ticket_type_code` and
 `event_slug`: what schemas.order_body() needs to answer.
 """
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
-from .models import Event, Order, Ticket, TicketType
+from .models import Event, Order, OrderLogEntry, Ticket, TicketType
 
-ORDERS, TICKETS, TICKET_TYPES = Order.__table__, Ticket.__table__, TicketType.__table__
+ORDERS, TICKETS, TICKET_TYPES, EVENTS = Order.__table__, Ticket.__table__, TicketType.__table__, Event.__table__
+ORDER_LOG = OrderLogEntry.__table__
 
 _ORDER_ROW = (
-    select(ORDERS, TICKET_TYPES.c.code.label("ticket_type_code"), Event.__table__.c.slug.label("event_slug"))
+    select(ORDERS, TICKET_TYPES.c.code.label("ticket_type_code"), EVENTS.c.slug.label("event_slug"))
     .join_from(ORDERS, TICKET_TYPES)
-    .join(Event.__table__)
+    .join(EVENTS)
 )
 # How an order is named: our id, or (in a payment result) PayHero's two references.
 _FIND_BY = {
@@ -37,6 +39,55 @@ _INSERT_TICKET = insert(TICKETS)
 # In SQL, not in Python: concurrent failures on one ticket type must not overwrite each other.
 _RELEASE_TICKETS = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("ticket_type_id"))
                     .values(reserved=TICKET_TYPES.c.reserved - bindparam("quantity")))
+
+# -- creating an order --
+# The ticket type as the API names it (event slug, type code), and whether it has room.
+_NAMED_TYPE = (TICKET_TYPES.c.event_id == EVENTS.c.id, EVENTS.c.slug == bindparam("event_slug"),
+               TICKET_TYPES.c.code == bindparam("ticket_type_code"))
+_HAS_ROOM = TICKET_TYPES.c.capacity - TICKET_TYPES.c.reserved >= bindparam("quantity")
+# The new order's own values, given by the caller; its ticket type and amount come from the reservation.
+_NEW_ORDER = ("id", "status", "version", "quantity", "name", "email", "phone", "created_at", "updated_at")
+
+
+def _insert_order_for(ticket_type):
+    """INSERT INTO orders ... SELECT: one order per row of `ticket_type` (id, price), none if it has no row."""
+    values = [bindparam("new_" + name, type_=ORDERS.c[name].type) for name in _NEW_ORDER]
+    return (insert(ORDERS)
+            .from_select([*_NEW_ORDER, "ticket_type_id", "amount"],
+                         select(*values, ticket_type.c.id, ticket_type.c.price * bindparam("quantity")))
+            .returning(ORDERS.c.ticket_type_id, ORDERS.c.amount))
+
+
+# PostgreSQL: the guarded reservation and the INSERT in one statement (a data-modifying CTE).
+# Run on its own (autocommit), the hot ticket type's row lock lasts the statement and its
+# commit inside the server, never a round trip back to this worker.
+_RESERVED = (update(TICKET_TYPES).where(*_NAMED_TYPE, _HAS_ROOM)
+             .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity"))
+             .returning(TICKET_TYPES.c.id, TICKET_TYPES.c.price)
+             .cte("reserved"))
+_RESERVE_AND_INSERT = _insert_order_for(_RESERVED).add_cte(_RESERVED)
+# SQLite allows no UPDATE in a CTE; it has one writer at a time, so an INSERT that checks the
+# room and then the UPDATE, in one transaction, cannot be overtaken.
+_INSERT_IF_ROOM = _insert_order_for(select(TICKET_TYPES.c.id, TICKET_TYPES.c.price)
+                                    .where(*_NAMED_TYPE, _HAS_ROOM).subquery())
+_RESERVE = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("ticket_type_id"))
+            .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity")))
+_TICKETS_LEFT = select(TICKET_TYPES.c.name, (TICKET_TYPES.c.capacity - TICKET_TYPES.c.reserved).label("left")
+                       ).where(*_NAMED_TYPE)
+_SAVE_PAYHERO_ANSWER = (
+    update(ORDERS)
+    # Else a callback got here first and said it already.
+    .where(ORDERS.c.id == bindparam("order_id"), ORDERS.c.payhero_reference.is_(None))
+    .values(payhero_reference=bindparam("reference"),
+            checkout_request_id=func.coalesce(ORDERS.c.checkout_request_id, bindparam("checkout_request_id")),
+            version=ORDERS.c.version + 1, updated_at=bindparam("now"))
+    .returning(*ORDERS.c)
+)
+# PayHero's answer goes in the order's log (service.add_note) whatever became of it.
+_NOTE_PAYHERO_ANSWER = insert(ORDER_LOG).values(order_id=bindparam("order_id"), at=bindparam("now"), kind="stk_push",
+                                                detail=bindparam("note", type_=ORDER_LOG.c.detail.type))
+# PostgreSQL: both in one statement, so that the order's second write is one commit too.
+_SAVE_AND_NOTE = _SAVE_PAYHERO_ANSWER.add_cte(_NOTE_PAYHERO_ANSWER.cte("noted"))
 
 
 def read(connection, order_id):
@@ -70,3 +121,39 @@ def add_tickets(connection, order_id, codes):
 
 def release_tickets(connection, ticket_type_id, quantity):
     connection.execute(_RELEASE_TICKETS, {"ticket_type_id": ticket_type_id, "quantity": quantity})
+
+
+def create_order(connection, order, event_slug, ticket_type_code):
+    """Reserve `order["quantity"]` tickets and insert `order` (the columns of _NEW_ORDER).
+
+    Returns {"ticket_type_id", "amount"}, or None when the ticket type is unknown or has
+    too few tickets left (nothing is written then).  On PostgreSQL run it on an autocommit
+    connection: it is then its own transaction.  On SQLite the caller commits.
+    """
+    params = {"event_slug": event_slug, "ticket_type_code": ticket_type_code, "quantity": order["quantity"],
+              **{"new_" + name: order[name] for name in _NEW_ORDER}}
+    if connection.dialect.name == "postgresql":
+        return connection.execute(_RESERVE_AND_INSERT, params).mappings().first()
+    created = connection.execute(_INSERT_IF_ROOM, params).mappings().first()
+    if created is not None:
+        connection.execute(_RESERVE, {"ticket_type_id": created["ticket_type_id"], "quantity": order["quantity"]})
+    return created
+
+
+def tickets_left(connection, event_slug, ticket_type_code):
+    """(name, left): the ticket type's name and how many of its tickets are free; None if there is no such type."""
+    return connection.execute(_TICKETS_LEFT, {"event_slug": event_slug, "ticket_type_code": ticket_type_code}).first()
+
+
+def save_payhero_answer(connection, order_id, reference, checkout_request_id, now):
+    """Store PayHero's references on the order (version + 1) and note the answer in its log.
+
+    Returns the order's new row, or None if it already had them.  On PostgreSQL one
+    statement (autocommit: its own transaction); on SQLite the caller commits.
+    """
+    params = {"order_id": order_id, "reference": reference, "checkout_request_id": checkout_request_id, "now": now,
+              "note": {"accepted": True, "reference": reference, "checkout_request_id": checkout_request_id}}
+    if connection.dialect.name == "postgresql":
+        return connection.execute(_SAVE_AND_NOTE, params).mappings().first()
+    connection.execute(_NOTE_PAYHERO_ANSWER, params)
+    return connection.execute(_SAVE_PAYHERO_ANSWER, params).mappings().first()

@@ -6,6 +6,8 @@ import time
 
 from flask import current_app
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
 from .. import metrics
@@ -15,7 +17,7 @@ from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
 from ..payhero.client import PayHeroError, get_payhero
 from . import rows
-from .models import Event, Order, OrderLogEntry, TicketType, utcnow
+from .models import Event, Order, OrderLogEntry, new_order_id, utcnow
 from .schemas import order_body, serialize_event, serialize_order
 from .state import PLAIN_REASONS, Decision, Status, decide
 
@@ -54,40 +56,75 @@ def _touch(order):
 
 
 def create_order(data):
-    """Reserve tickets and save a pending order, then ask PayHero for the STK push."""
-    ticket_type = db.session.scalar(
-        select(TicketType)
-        .join(Event)
-        .where(Event.slug == data["event"], TicketType.code == data["ticket_type"])
-        .with_for_update(of=TicketType)
-    )
-    if ticket_type is None:
+    """Reserve tickets and save a pending order, then ask PayHero for the STK push.
+
+    The reservation and the order are one statement (rows.create_order), committed on
+    its own on PostgreSQL: the ticket type's row is what every buyer of a ticket drop
+    queues on, and its lock lasts no longer than that statement inside the server.
+    """
+    now = utcnow()
+    order = {"id": new_order_id(), "status": Status.PENDING.value, "version": 1, "quantity": data["quantity"],
+             "name": data["name"].strip(), "email": data["email"], "phone": data["phone"],
+             "created_at": now, "updated_at": now}
+    try:
+        created = rows.create_order(_single_statement_connection(), order, data["event"], data["ticket_type"])
+        db.session.commit()
+    except DBAPIError:
         db.session.rollback()
-        known = db.session.scalar(select(Event.id).where(Event.slug == data["event"]))
-        if known is None:
+        # The statement may have committed before the connection failed: a buyer who is told
+        # "try again" must not be left holding tickets.
+        _undo_reservation(order["id"], "The order could not be saved.")
+        raise _database_unavailable() from None
+    if created is None:
+        db.session.rollback()
+        _refuse_order(data)
+    order.update(created, event_slug=data["event"], ticket_type_code=data["ticket_type"], payhero_reference=None,
+                 checkout_request_id=None, receipt=None, result_code=None, result_desc=None)
+    # Saved before PayHero is called: its callback may arrive before its answer does.
+    return _request_payment(order)
+
+
+def _single_statement_connection():
+    """The session's connection; on PostgreSQL in autocommit, so that each statement is its own transaction."""
+    options = {"isolation_level": "AUTOCOMMIT"} if db.engine.dialect.name == "postgresql" else None
+    return db.session.connection(execution_options=options)
+
+
+def _refuse_order(data):
+    """404 for an unknown event or ticket type, else 409: not enough tickets left."""
+    ticket_type = rows.tickets_left(db.session.connection(), data["event"], data["ticket_type"])
+    db.session.rollback()
+    if ticket_type is None:
+        if db.session.scalar(select(Event.id).where(Event.slug == data["event"])) is None:
             raise ApiError(404, "event_not_found", f"No event called {data['event']!r}.", {"event": "Unknown event."})
         raise ApiError(404, "ticket_type_not_found", f"No ticket type {data['ticket_type']!r} for this event.",
                        {"ticket_type": "Unknown ticket type."})
-    if ticket_type.available < data["quantity"]:
-        db.session.rollback()
-        raise ApiError(409, "sold_out", f"Only {ticket_type.available} {ticket_type.name} tickets are left.",
-                       {"quantity": f"Only {ticket_type.available} left."})
-    ticket_type.reserved += data["quantity"]
-    order = Order(
-        ticket_type=ticket_type,
-        quantity=data["quantity"],
-        amount=ticket_type.price * data["quantity"],
-        name=data["name"].strip(),
-        email=data["email"],
-        phone=data["phone"],
-        version=1,
-    )
-    db.session.add(order)
-    db.session.flush()
-    notify_after_commit(db.session, serialize_order(order))
-    # Saved before PayHero is called: its callback may arrive before its answer does.
-    db.session.commit()
-    return _request_payment(order)
+    left = max(ticket_type.left, 0)
+    raise ApiError(409, "sold_out", f"Only {left} {ticket_type.name} tickets are left.",
+                   {"quantity": f"Only {left} left."})
+
+
+def _database_unavailable():
+    return ApiError(503, "database_unavailable", "The database is not answering; please try again.",
+                    headers={"Retry-After": "2"})
+
+
+UNDO_RETRY_DELAYS = (0.2, 0.5)  # seconds between attempts to free the tickets of a buyer told "error"
+
+
+def _undo_reservation(order_id, reason, note=None):
+    """fail_pending_order(...), retried through a short database hiccup; None if it never got through."""
+    for delay in (*UNDO_RETRY_DELAYS, None):
+        try:
+            return fail_pending_order(order_id, reason, note)
+        except (DBAPIError, PoolTimeout) as exc:
+            db.session.rollback()
+            if delay is None:
+                # reconcile expires it (and frees its tickets) once it is RECONCILE_EXPIRE_AFTER old.
+                log.warning("Order %s may hold tickets until reconcile expires it: the database failed: %s",
+                            order_id, exc.__class__.__name__)
+                return None
+            time.sleep(delay)
 
 
 def _callback_url():
@@ -96,33 +133,51 @@ def _callback_url():
 
 
 def _request_payment(order):
+    """Ask PayHero for the STK push for `order` (a row); the order's body after PayHero's answer."""
     try:
         answer = get_payhero().start_payment(
-            amount=order.amount,
-            phone=order.phone,
-            external_reference=order.id,
-            customer_name=order.name,
+            amount=order["amount"],
+            phone=order["phone"],
+            external_reference=order["id"],
+            customer_name=order["name"],
             callback_url=_callback_url(),
         )
     except PayHeroError as exc:
-        log.warning("PayHero refused the payment request for order %s: %s", order.id, exc)
-        changed, body = fail_pending_order(order.id, f"The payment could not be started: {exc.public_message}",
-                                           note=("stk_push", {"accepted": False, "error": str(exc)[:500]}))
+        log.warning("PayHero refused the payment request for order %s: %s", order["id"], exc)
+        undone = _undo_reservation(order["id"], f"The payment could not be started: {exc.public_message}",
+                                   note=("stk_push", {"accepted": False, "error": str(exc)[:500]}))
+        if undone is None:
+            raise _database_unavailable() from None
+        changed, body = undone
         if not changed:
             return body  # a callback settled it while PayHero's answer was lost: that outcome stands
         raise ApiError(502, "payhero_unavailable",
                        "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
                        headers={"X-Order-Id": body["id"]})
-    return _changing_order(order.id, lambda locked: _save_payhero_answer(locked, answer))
+    return _save_payhero_answer(order, answer)
 
 
 def _save_payhero_answer(order, answer):
-    add_note(order.id, "stk_push", {"accepted": True, **answer})
-    if order.payhero_reference is None:  # else a callback got here first and said it already
-        order.payhero_reference = answer["reference"]
-        order.checkout_request_id = order.checkout_request_id or answer["checkout_request_id"]
-        _touch(order)
-    return serialize_order(order)
+    try:
+        connection = _single_statement_connection()
+        row = rows.save_payhero_answer(connection, order["id"], answer["reference"], answer["checkout_request_id"],
+                                       utcnow())
+        if row is None:  # a callback got here first and said it already: that order stands
+            db.session.commit()
+            return order_by_id(order["id"])
+        # A final status here means a callback came first, without naming PayHero's references.
+        body = _row_body(connection, {**row, "event_slug": order["event_slug"],
+                                      "ticket_type_code": order["ticket_type_code"]})
+        notify_after_commit(db.session, body)
+        db.session.commit()
+        return body
+    except (DBAPIError, PoolTimeout) as exc:
+        db.session.rollback()
+        # The STK push is on the customer's phone: tell them about the order they hold. Its
+        # callback names it by our id, so nothing is lost without PayHero's references.
+        log.warning("PayHero's answer for order %s was not saved: the database failed: %s",
+                    order["id"], exc.__class__.__name__)
+        return order_body(order)
 
 
 def _lock_order(order_id):
@@ -152,9 +207,10 @@ def fail_pending_order(order_id, reason, note=None):
     """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body).
 
     `note`: (kind, detail) for the order's log, written in the same transaction.
+    (False, None) when there is no such order.
     """
     def fail(order):
-        if note is not None:
+        if order is not None and note is not None:
             add_note(order_id, *note)
         return _fail_if_pending(order, reason)
 
@@ -172,6 +228,8 @@ def save_note(order_id, kind, detail):
 
 
 def _fail_if_pending(order, reason):
+    if order is None:
+        return False, None
     changed = order.status == Status.PENDING
     if changed:
         order.status = Status.FAILED.value
