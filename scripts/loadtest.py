@@ -4,6 +4,7 @@
     .venv/bin/python scripts/loadtest.py -n 1000 --rate 200            # start a server, long poll
     .venv/bin/python scripts/loadtest.py -n 500 --rate 50 --mode both  # long poll, then short poll, same server
     .venv/bin/python scripts/loadtest.py -n 6000 --rate 300 --mode callbacks
+    .venv/bin/python scripts/loadtest.py --mode drop -n 6000 --concurrency 300 --workers 2  # a ticket drop
     .venv/bin/python scripts/loadtest.py --url http://127.0.0.1:8000 --worker-pid 1234 -n 100
 
 Without --url it starts the service itself the way production does: a fresh
@@ -19,6 +20,13 @@ creation and callbacks, no thread per request.  Orders use the sandbox phone
 callback itself, at --rate per second, open loop (the schedule does not wait
 for the server), in the order the waits were opened.
 
+--mode drop is the moment sales open: N buyers, --concurrency at a time, each
+on its own connection (as browsers are), POST one order each for --quantity
+tickets of one ticket type that has --tickets left (default: enough for all).
+It reports orders/s, the answer time (p50/p99/max), the status codes, and
+then reads the database: whether tickets were oversold, and whether any
+buyer who was not answered 201 still holds tickets.
+
 Latency is callback sent -> wait answered, both stamped by this process:
 the customer's latency, callback processing included.  Requests and DB queries
 per payment come from counting our own requests and from /metrics
@@ -26,6 +34,7 @@ per payment come from counting our own requests and from /metrics
 """
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -238,12 +247,11 @@ def redis_connections(redis_url, pid):
     return {"subscriber": subscriber, "other": mine - subscriber}
 
 
-def worker_pid_of(master_pid):
+def worker_pids_of(master_pid):
     try:
-        children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+        return [int(pid) for pid in Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()]
     except OSError:
-        return None
-    return int(children[0]) if children else None
+        return []
 
 
 class Sampler:
@@ -567,6 +575,123 @@ async def run_callbacks_phase(args, target):
     }
 
 
+async def buy(host, port, body, timeout):
+    """One buyer: its own connection, one POST /api/orders; (status or error name, seconds, body)."""
+    conn = Conn(host, port)
+    started = time.monotonic()
+    try:
+        status, raw = await asyncio.wait_for(conn.request("POST", "/api/orders", body), timeout)
+    except (OSError, HttpError, asyncio.TimeoutError) as exc:
+        status, raw = type(exc).__name__, b""
+    finally:
+        conn.close()
+    return status, time.monotonic() - started, raw
+
+
+def drop_ledger(database_url, ticket_type, sold_ids):
+    """What the database says after a drop: capacity, reserved, and tickets held by buyers not told 201."""
+    from sqlalchemy import create_engine, text
+
+    from config import database_url as sqlalchemy_url
+
+    engine = create_engine(sqlalchemy_url(database_url))
+    try:
+        with engine.connect() as connection:
+            type_id, capacity, reserved = connection.execute(text(
+                "SELECT t.id, t.capacity, t.reserved FROM ticket_types t JOIN events e ON e.id = t.event_id "
+                "WHERE e.slug = :slug AND t.code = :code"), {"slug": ORDER["event"], "code": ticket_type}).one()
+            orders = connection.execute(text("SELECT id, status, quantity FROM orders WHERE ticket_type_id = :id"),
+                                        {"id": type_id}).all()
+            sessions = None
+            if connection.dialect.name == "postgresql":  # connections the server opened, ours included
+                sessions = connection.execute(text(
+                    "SELECT sessions FROM pg_stat_database WHERE datname = current_database()")).scalar()
+    finally:
+        engine.dispose()
+    holding = [(order_id, quantity) for order_id, status, quantity in orders if status in ("pending", "completed")]
+    return {
+        "capacity": capacity,
+        "reserved": reserved,
+        "oversold": max(reserved - capacity, 0),
+        "held_by_orders": sum(quantity for _, quantity in holding),
+        "held_without_201": sum(quantity for order_id, quantity in holding if order_id not in sold_ids),
+        "database_sessions": sessions,
+    }
+
+
+def set_tickets(database_url, ticket_type, tickets):
+    """Give the ticket type `tickets` free tickets before the drop."""
+    from sqlalchemy import create_engine, text
+
+    from config import database_url as sqlalchemy_url
+
+    engine = create_engine(sqlalchemy_url(database_url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "UPDATE ticket_types SET capacity = :tickets, reserved = 0 WHERE code = :code "
+                "AND event_id = (SELECT id FROM events WHERE slug = :slug)"),
+                {"tickets": tickets, "code": ticket_type, "slug": ORDER["event"]})
+    finally:
+        engine.dispose()
+
+
+async def run_drop_phase(args, target):
+    """The ticket drop: N buyers, --concurrency at a time, each POSTs one order; then check the ledger."""
+    host, port = target["host"], target["port"]
+    database_url = target.get("database_url")
+    tickets = args.tickets if args.tickets is not None else args.n * args.quantity
+    if database_url:
+        set_tickets(database_url, args.ticket_type, tickets)
+    body = json.dumps({**ORDER, "ticket_type": args.ticket_type, "quantity": args.quantity,
+                       "phone": args.phone}).encode()
+    answers = []
+    remaining = [args.n]
+
+    async def buyer():
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            answers.append(await buy(host, port, body, args.order_timeout))
+
+    pids = target.get("worker_pids") or []
+    profiler = start_profiler(args, target)
+    cpu0 = [cpu_seconds(pid) for pid in pids]
+    client0 = time.process_time()
+    started = time.monotonic()
+    await asyncio.gather(*(buyer() for _ in range(args.concurrency)))
+    elapsed = time.monotonic() - started
+    cpu1 = [cpu_seconds(pid) for pid in pids]
+    client_cpu = time.process_time() - client0
+    stop_profiler(profiler)
+
+    statuses = collections.Counter(str(status) for status, _, _ in answers)
+    sold_ids = {json.loads(raw)["id"] for status, _, raw in answers if status == 201}
+    seconds = [s * 1000 for _, s, _ in answers]
+    errors = [f"{status} {raw[:200]!r}" for status, _, raw in answers if status not in (201, 409)]
+    worker_cpu = sum(b - a for a, b in zip(cpu0, cpu1) if a is not None and b is not None) if pids else None
+    result = {
+        "mode": "drop",
+        "orders": args.n,
+        "concurrency": args.concurrency,
+        "workers": target.get("workers"),
+        "tickets": tickets,
+        "quantity": args.quantity,
+        "orders_per_second": _round(statuses["201"] / elapsed),
+        "answers_per_second": _round(len(answers) / elapsed),
+        "drop_seconds": _round(elapsed),
+        "answer_ms": {q: _round(percentile(seconds, q)) for q in (50, 90, 99, 100)},
+        "statuses": dict(sorted(statuses.items())),
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "worker_cpu_ms_per_order": _round(worker_cpu * 1000 / len(answers)) if worker_cpu is not None else None,
+        "client_cpu_ms_per_order": _round(client_cpu * 1000 / len(answers)),
+    }
+    if database_url:
+        result["ledger"] = drop_ledger(database_url, args.ticket_type, sold_ids)
+        result["ledger"]["sold_201"] = len(sold_ids) * args.quantity
+    return result
+
+
 def start_profiler(args, target):
     """py-spy on the worker for the measured part of a phase (--py-spy FILE: collapsed stacks)."""
     if not args.py_spy or not target.get("worker_pid"):
@@ -622,29 +747,37 @@ def _round(value, digits=2):
 def start_server(args):
     from tests.support import REDIS_URL, LiveServer
 
-    env = {"WEB_CONCURRENCY": "1", "LOG_LEVEL": "warning", "REDIS_PREFIX": f"loadtest:{uuid.uuid4().hex[:8]}:"}
+    workers = args.workers or (2 if args.mode == "drop" else 1)
+    scratch = Path(tempfile.mkdtemp(prefix="eventi-loadtest-"))
+    env = {"WEB_CONCURRENCY": str(workers), "LOG_LEVEL": "warning",
+           "REDIS_PREFIX": f"loadtest:{uuid.uuid4().hex[:8]}:"}
+    if args.database == "sqlite":
+        env["DATABASE_URL"] = f"sqlite:///{scratch}/loadtest.sqlite3"
     for item in args.server_env:
         name, _, value = item.partition("=")
         env[name] = value
-    log_path = Path(tempfile.mkdtemp(prefix="eventi-loadtest-")) / "gunicorn.log"
+    log_path = scratch / "gunicorn.log"
     server = LiveServer(env, log_path).start(timeout=60)
-    worker = None
+    pids = []
     deadline = time.monotonic() + 10
-    while worker is None and time.monotonic() < deadline:
-        worker = worker_pid_of(server.proc.pid)
+    while len(pids) < workers and time.monotonic() < deadline:
+        pids = worker_pids_of(server.proc.pid)
         time.sleep(0.05)
-    return server, {"url": server.url, "worker_pid": worker, "redis_url": server.env.get("REDIS_URL", REDIS_URL),
-                    "log": str(log_path), "server_env": env}
+    return server, {"url": server.url, "worker_pid": pids[0] if pids else None, "worker_pids": pids,
+                    "workers": workers, "database_url": server.env["DATABASE_URL"],
+                    "redis_url": server.env.get("REDIS_URL", REDIS_URL), "log": str(log_path), "server_env": env}
 
 
 async def run_once(args, target):
     split = urlsplit(target["url"])
     target = {**target, "host": split.hostname, "port": split.port or 80}
     modes = {"long-poll": ["long-poll"], "short-poll": ["short-poll"], "both": ["long-poll", "short-poll"],
-             "callbacks": ["callbacks"]}[args.mode]
+             "callbacks": ["callbacks"], "drop": ["drop"]}[args.mode]
     results = []
     for mode in modes:
-        if mode == "callbacks":
+        if mode == "drop":
+            results.append(await run_drop_phase(args, target))
+        elif mode == "callbacks":
             results.append(await run_callbacks_phase(args, target))
         else:
             results.append(await run_status_phase(args, target, mode))
@@ -687,6 +820,25 @@ ROWS = [
     ("Redis other conns", "redis_connections.other"),
     ("seconds to hold all", "seconds_to_hold_all"),
     ("orders created/s", "orders_created_per_second"),
+    ("buyers at a time", "concurrency"),
+    ("workers", "workers"),
+    ("tickets on sale", "tickets"),
+    ("orders/s (201s)", "orders_per_second"),
+    ("answers/s (all codes)", "answers_per_second"),
+    ("answer p50 ms", "answer_ms.50"),
+    ("answer p90 ms", "answer_ms.90"),
+    ("answer p99 ms", "answer_ms.99"),
+    ("answer max ms", "answer_ms.100"),
+    ("answered 201", "statuses.201"),
+    ("answered 409", "statuses.409"),
+    ("answered otherwise", "errors"),
+    ("tickets sold (201 x quantity)", "ledger.sold_201"),
+    ("tickets reserved in the database", "ledger.reserved"),
+    ("oversold", "ledger.oversold"),
+    ("held by buyers not told 201", "ledger.held_without_201"),
+    ("database sessions opened", "ledger.database_sessions"),
+    ("worker CPU ms / order (all workers)", "worker_cpu_ms_per_order"),
+    ("load generator CPU ms / order", "client_cpu_ms_per_order"),
 ]
 
 
@@ -752,7 +904,7 @@ def main(argv=None):
     parser.add_argument("--worker-pid", type=int, help="with --url: the worker's pid, for RSS, open files and Redis connections")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
                         help="with --url: the Redis the server uses (for CLIENT LIST)")
-    parser.add_argument("--mode", choices=("long-poll", "short-poll", "both", "callbacks"), default="long-poll")
+    parser.add_argument("--mode", choices=("long-poll", "short-poll", "both", "callbacks", "drop"), default="long-poll")
     parser.add_argument("-n", type=int, default=1000, help="orders (and held waits) per phase")
     parser.add_argument("--rate", type=float, default=200, help="callbacks per second; 0: as fast as possible")
     parser.add_argument("--timeout", type=float, default=55, help="the wait's timeout= (the hold), seconds")
@@ -767,6 +919,17 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=1, help="runs (each on a fresh server unless --url)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the server we start (repeatable)")
+    drop = parser.add_argument_group("--mode drop (the ticket drop)")
+    drop.add_argument("--concurrency", type=int, default=300, help="buyers at a time")
+    drop.add_argument("--ticket-type", default="early-bird", help="the demo event's ticket type everyone buys")
+    drop.add_argument("--quantity", type=int, default=1, help="tickets per order")
+    drop.add_argument("--tickets", type=int, help="tickets on sale (default: quantity x buyers)")
+    drop.add_argument("--phone", default=NO_CALLBACK_PHONE, help="the buyers' phone (default: the sandbox never calls back)")
+    drop.add_argument("--order-timeout", type=float, default=60, help="seconds a buyer waits for the answer")
+    parser.add_argument("--workers", type=int, help="gunicorn workers of the server we start (default: 2 for drop, else 1)")
+    parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
+                        help="the server's database (a fresh one per run)")
+    parser.add_argument("--database-url", help="with --url: the server's database, for --mode drop's checks")
     parser.add_argument("--py-spy", metavar="FILE", help="profile the worker with py-spy during the load (collapsed stacks)")
     parser.add_argument("--json", default="loadtest-result.json", help="where to write the results")
     args = parser.parse_args(argv)
@@ -779,7 +942,8 @@ def main(argv=None):
     for i in range(args.repeat):
         server = None
         if args.url:
-            target = {"url": args.url.rstrip("/"), "worker_pid": args.worker_pid, "redis_url": args.redis_url}
+            target = {"url": args.url.rstrip("/"), "worker_pid": args.worker_pid, "redis_url": args.redis_url,
+                      "worker_pids": [args.worker_pid] if args.worker_pid else [], "database_url": args.database_url}
         else:
             server, target = start_server(args)
             print(f"run {i + 1}/{args.repeat}: server {target['url']} worker pid {target['worker_pid']} log {target['log']}",
@@ -805,7 +969,8 @@ def main(argv=None):
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"results written to {args.json}", file=sys.stderr)
-    failed = any(r.get("errors") or r.get("wrong_status") for run in all_runs for r in run)
+    failed = any(r.get("errors") or r.get("wrong_status") or lookup(r, "ledger.oversold")
+                 or lookup(r, "ledger.held_without_201") for run in all_runs for r in run)
     return 1 if failed else 0
 
 
