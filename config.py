@@ -103,7 +103,8 @@ class Config:
         instance_db = "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance", "eventi.sqlite3")
         self.SQLALCHEMY_DATABASE_URI = database_url(_text(env, "DATABASE_URL", instance_db))
         # hide_parameters: a failed statement's log line never carries a phone, email or callback body.
-        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True, "hide_parameters": True}
+        # No pool_pre_ping: create_app pings only connections that sat idle (ping_idle_connections).
+        self.SQLALCHEMY_ENGINE_OPTIONS = {"hide_parameters": True}
         if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
             # Held waits give their connection back, so a small pool serves many.
             self.SQLALCHEMY_ENGINE_OPTIONS.update(
