@@ -1,0 +1,114 @@
+"""The ticket drop, functionally: every buyer is answered 201 or 409, nothing is oversold,
+and a buyer who got an error holds no tickets.
+
+Speed is not checked here (scripts/loadtest.py --mode drop and BENCHMARKS.md measure it).
+"""
+import collections
+
+import gevent.pool
+import psycopg
+import pytest
+import requests
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from eventi_flask.extensions import db
+from eventi_flask.orders import rows
+from eventi_flask.orders.models import Order, TicketType
+from tests.support import DEMO, callback_body
+
+NO_CALLBACK = {**DEMO, "phone": "0708000004"}  # the sandbox never calls back for this phone
+
+
+def ledger(app):
+    """(tickets reserved on the demo's early-bird type, {status: tickets of orders in that status})."""
+    with app.app_context():
+        reserved = db.session.scalar(select(TicketType.reserved).where(TicketType.code == "early-bird"))
+        held = collections.Counter()
+        for status, quantity in db.session.execute(select(Order.status, Order.quantity)):
+            held[status] += quantity
+        db.session.remove()
+    return reserved, held
+
+
+def test_400_buyers_at_once_for_300_tickets_on_two_workers(live_server_factory):
+    server = live_server_factory(WEB_CONCURRENCY="2", LOG_LEVEL="warning")
+    with psycopg.connect(server.env["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("UPDATE ticket_types SET capacity = 300, reserved = 0 WHERE code = 'early-bird'")
+
+    def buy(_):
+        # Its own connection, as every buyer's browser has.
+        response = requests.post(server.url + "/api/orders", json=NO_CALLBACK, timeout=120)
+        return response.status_code, response.json()
+
+    answers = gevent.pool.Pool(400).map(buy, range(400))
+
+    assert collections.Counter(status for status, _ in answers) == {201: 300, 409: 100}
+    assert all(body["error"]["code"] == "sold_out" for status, body in answers if status == 409)
+    sold = {body["id"] for status, body in answers if status == 201}
+    with psycopg.connect(server.env["DATABASE_URL"]) as conn:
+        [(capacity, reserved)] = conn.execute("SELECT capacity, reserved FROM ticket_types WHERE code = 'early-bird'")
+        orders = dict(conn.execute("SELECT id, status FROM orders").fetchall())
+    assert (capacity, reserved) == (300, 300)
+    assert set(orders) == sold and set(orders.values()) == {"pending"}  # every order was answered 201
+    event = requests.get(server.url + "/api/events/test-this-end-to-end", timeout=10).json()
+    assert [t["available"] for t in event["ticket_types"] if t["id"] == "early-bird"] == [0]
+
+
+def test_a_503_forced_mid_order_leaves_nothing_reserved(app, client, wire, monkeypatch):
+    """The database fails after the reservation statement may have committed: the buyer is told 503
+    and holds nothing."""
+    create_order = rows.create_order
+
+    def created_then_lost(connection, *args):
+        result = create_order(connection, *args)
+        raise OperationalError("INSERT ...", {}, Exception("server closed the connection unexpectedly"))
+        return result
+
+    before = ledger(app)
+    monkeypatch.setattr(rows, "create_order", created_then_lost)
+    response = client.post("/api/orders", json=NO_CALLBACK)
+
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert response.get_json()["error"]["code"] == "database_unavailable"
+    reserved, held = ledger(app)
+    assert reserved == before[0]
+    assert not held["pending"] and not held["completed"]
+    assert wire.call_count == 0  # no STK push for an order the buyer was told failed
+
+
+def test_an_unsaved_payhero_answer_still_answers_201_with_the_order(app, client, wire, monkeypatch):
+    """The STK push is on the phone but the database is busy: the buyer learns the order they hold,
+    and its callback still completes it (it names the order by our id)."""
+    def busy(*args):
+        raise PoolTimeout("QueuePool limit reached")
+
+    monkeypatch.setattr(rows, "save_payhero_answer", busy)
+    response = client.post("/api/orders", json=NO_CALLBACK)
+
+    assert response.status_code == 201
+    order = response.get_json()
+    assert order["status"] == "pending" and client.get(f"/api/orders/{order['id']}").get_json() == order
+    monkeypatch.undo()
+    paid = client.post("/api/payhero/callback?token=sandbox", json=callback_body(order))
+    assert paid.status_code == 200 and paid.get_json()["status"] == "completed"
+
+
+def test_an_idle_pooled_connection_that_died_is_replaced_before_use(backend, app, client, wire, monkeypatch):
+    if backend != "postgres-redis":
+        pytest.skip("about PostgreSQL connections")
+    import eventi_flask
+
+    order = client.post("/api/orders", json=NO_CALLBACK).get_json()
+    monkeypatch.setattr(eventi_flask, "PING_AFTER_IDLE_SECONDS", 0)  # every pooled connection counts as idle
+    with app.app_context():
+        with db.engine.connect() as conn:
+            name = conn.execute(text("SELECT current_database()")).scalar()
+    with psycopg.connect(app.config["SQLALCHEMY_DATABASE_URI"].replace("+psycopg", ""), autocommit=True) as admin:
+        killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                               "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+    assert killed >= 1
+
+    response = client.get(f"/api/orders/{order['id']}")
+    assert response.status_code == 200 and response.get_json()["id"] == order["id"]
