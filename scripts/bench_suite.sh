@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The runs behind BENCHMARKS.md, one after another; each writes OUT/<name>.json and OUT/<name>.txt.
-#   scripts/bench_suite.sh OUT [name ...]     (no names: all of them; about 30 minutes)
+#   scripts/bench_suite.sh OUT [name ...]     (no names: all of them; about 35 minutes)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: scripts/bench_suite.sh OUT [name ...]}"; shift
@@ -15,8 +15,9 @@ declare -A RUNS=(
   [callbacks-300]="--mode callbacks -n 6000 --rate 300 --repeat 3"
   [both]="--mode both -n 1000 --rate 50 --settle 10 --repeat 3"
   [profile]="-n 2000 --rate 100 --open-rate 300 --py-spy $OUT/profile.collapsed"
+  [drop]="--mode drop -n 6000 --concurrency 300 --repeat 3"
 )
-ORDER=(held1k held1k-info held1k-50 callbacks-max callbacks-300 both held10k profile)
+ORDER=(held1k held1k-info held1k-50 callbacks-max callbacks-300 both held10k profile drop)
 [ $# -gt 0 ] && ORDER=("$@")
 for name in "${ORDER[@]}"; do
   echo "==> $name: $LT ${RUNS[$name]} --json $OUT/$name.json" | tee "$OUT/$name.txt"
