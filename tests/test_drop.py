@@ -121,11 +121,11 @@ def test_payhero_refusing_during_a_database_hiccup_still_frees_the_tickets(app, 
 
     fail_pending_order, calls = service.fail_pending_order, []
 
-    def hiccup_once(order_id, reason):
+    def hiccup_once(order_id, *args):
         calls.append(order_id)
         if len(calls) == 1:
             raise OperationalError("UPDATE ...", {}, Exception("server closed the connection unexpectedly"))
-        return fail_pending_order(order_id, reason)
+        return fail_pending_order(order_id, *args)
 
     monkeypatch.setattr(service, "fail_pending_order", hiccup_once)
     monkeypatch.setattr(service, "UNDO_RETRY_DELAYS", (0, 0))
