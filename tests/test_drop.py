@@ -32,18 +32,28 @@ def ledger(app):
     return reserved, held
 
 
-def test_400_buyers_at_once_for_300_tickets_on_two_workers(live_server_factory):
+@pytest.fixture
+def drop_server(live_server_factory):
+    """Two gunicorn workers on PostgreSQL, selling 300 early-bird tickets."""
     # A small pool: the machine's PostgreSQL (max_connections 100) is shared with other test runs.
     server = live_server_factory(WEB_CONCURRENCY="2", LOG_LEVEL="warning", DB_POOL_SIZE="4", DB_MAX_OVERFLOW="4")
     with psycopg.connect(server.env["DATABASE_URL"], autocommit=True) as conn:
         conn.execute("UPDATE ticket_types SET capacity = 300, reserved = 0 WHERE code = 'early-bird'")
+    return server
 
+
+def buy_all_at_once(server, buyers):
+    """[(status, body)] of `buyers` orders sent at once, each on its own connection (as browsers are)."""
     def buy(_):
-        # Its own connection, as every buyer's browser has.
         response = requests.post(server.url + "/api/orders", json=NO_CALLBACK, timeout=120)
         return response.status_code, response.json()
 
-    answers = gevent.pool.Pool(400).map(buy, range(400))
+    return gevent.pool.Pool(buyers).map(buy, range(buyers))
+
+
+def test_400_buyers_at_once_for_300_tickets_on_two_workers(drop_server):
+    server = drop_server
+    answers = buy_all_at_once(server, 400)
 
     others = [(status, body) for status, body in answers if status not in (201, 409)]
     assert collections.Counter(status for status, _ in answers) == {201: 300, 409: 100}, others[:3]
@@ -136,3 +146,28 @@ def test_payhero_refusing_during_a_database_hiccup_still_frees_the_tickets(app, 
     assert response.status_code == 502 and len(calls) == 2
     reserved, held = ledger(app)
     assert reserved == before[0] and held["failed"] == before[1]["failed"] + 1
+
+
+def test_database_connections_killed_during_a_drop_leave_no_buyer_holding_tickets_unanswered(drop_server):
+    """The real fault: PostgreSQL ends the server's connections again and again while 400 buyers
+    order on two workers.  Some buyers may be told 503; none of them holds a ticket, and nothing
+    is oversold."""
+    database = drop_server.env["DATABASE_URL"]
+    name = database.rsplit("/", 1)[1]
+    buyers = gevent.spawn(buy_all_at_once, drop_server, 400)
+    kills = 0
+    with psycopg.connect(database, autocommit=True) as admin:
+        while not buyers.ready():
+            kills += admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+            gevent.sleep(0.3)
+    answers = buyers.get()
+
+    assert kills, "no server connection was there to end"
+    assert {status for status, _ in answers} <= {201, 409, 503}, [a for a in answers if a[0] not in (201, 409, 503)][:3]
+    sold = {body["id"] for status, body in answers if status == 201}
+    with psycopg.connect(database) as conn:
+        [reserved] = conn.execute("SELECT reserved FROM ticket_types WHERE code = 'early-bird'").fetchone()
+        holding = dict(conn.execute("SELECT id, quantity FROM orders WHERE status IN ('pending', 'completed')"))
+    assert reserved == sum(holding.values()) <= 300
+    assert set(holding) == sold  # every ticket held belongs to a buyer answered 201

@@ -77,7 +77,11 @@ def create_order(data):
         raise _database_unavailable() from None
     if created is None:
         db.session.rollback()
-        _refuse_order(data)
+        try:
+            _refuse_order(data)
+        except DBAPIError:
+            db.session.rollback()
+            raise _database_unavailable() from None  # nothing was reserved
     order.update(created, event_slug=data["event"], ticket_type_code=data["ticket_type"], payhero_reference=None,
                  checkout_request_id=None, receipt=None, result_code=None, result_desc=None)
     # Saved before PayHero is called: its callback may arrive before its answer does.
