@@ -111,6 +111,16 @@ class Config:
                 pool_size=read_number(env, "DB_POOL_SIZE", 10, minimum=1),
                 max_overflow=read_number(env, "DB_MAX_OVERFLOW", 20, minimum=0),
                 pool_timeout=10,
+                connect_args={
+                    # psycopg prepares a statement on the server after 5 runs on one connection;
+                    # behind a transaction-mode pooler (PgBouncer before 1.21, Heroku's buildpack)
+                    # the next run may reach another server connection that never saw it. Off
+                    # unless asked for: a pooler cannot be detected, and our statements plan in
+                    # microseconds (README: "Behind a connection pooler").
+                    "prepare_threshold": 5 if _flag(env, "DB_PREPARED_STATEMENTS") else None,
+                    # A database host that drops packets answers 503 in seconds, not after TCP's minutes.
+                    "connect_timeout": read_number(env, "DB_CONNECT_TIMEOUT", 5, minimum=1, maximum=600),
+                },
             )
 
         self.REDIS_URL = _text(env, "REDIS_URL")

@@ -64,3 +64,12 @@ ensure_postgres() {
 ensure_chromium() {
     command -v chromium >/dev/null || apt_install chromium
 }
+
+# The fault tests start their own PgBouncer and a TLS redis-server (certificate made by openssl).
+ensure_pgbouncer() {
+    command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || apt_install pgbouncer
+}
+
+ensure_openssl() {
+    command -v openssl >/dev/null || apt_install openssl
+}

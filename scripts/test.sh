@@ -8,6 +8,8 @@ ensure_venv requirements-dev.txt
 ensure_redis
 ensure_postgres
 ensure_chromium
+ensure_pgbouncer
+ensure_openssl
 
 export PATH="$VENV/bin:$PATH"
 exec python -m pytest "$@"

@@ -79,6 +79,8 @@ class LiveServer:
             if value is None:
                 self.env.pop(name, None)
         self.env["PATH"] = f"{Path(sys.executable).parent}:{self.env.get('PATH', '')}"
+        # Only for the web process, as Heroku's PgBouncer buildpack wraps only `web:`.
+        self.web_env = {}
         self.log_path = log_path
         self.proc = None
 
@@ -87,7 +89,8 @@ class LiveServer:
         subprocess.run(release, cwd=ROOT, env=self.env, check=True, capture_output=True)
         subprocess.run(["flask", "--app", "wsgi", "seed-demo"], cwd=ROOT, env=self.env, check=True, capture_output=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(procfile_command("web"), cwd=ROOT, env=self.env, stdout=self._log,
+        self.proc = subprocess.Popen(procfile_command("web"), cwd=ROOT, env={**self.env, **self.web_env},
+                                     stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._healthy, timeout, 0.1, f"gunicorn on {self.url} (log: {self.log_path})")
         return self
