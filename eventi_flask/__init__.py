@@ -7,7 +7,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import errors, logs, metrics, notify, openapi, ops, orders, payhero, security, web
+from . import database, errors, logs, metrics, notify, openapi, ops, orders, payhero, security, web
 from .extensions import db, limiter, migrate
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def create_app(config=None):
     with app.app_context():
         ping_idle_connections(db.engine)
     migrate.init_app(app, db, render_as_batch=True)
+    database.init_app(app)
     errors.init_app(app)
     security.init_app(app)
     limiter.init_app(app)

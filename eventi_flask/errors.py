@@ -6,6 +6,8 @@ from marshmallow import Schema, fields
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from . import database
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +49,14 @@ def handle_error(exc):
     if isinstance(exc, PoolTimeout):
         # Every database connection is busy: shed load with a retryable answer, not a 500.
         log.warning("Database pool exhausted; answering 503")
-        return error_response(503, "server_busy", "The server is busy; please try again in a moment.",
+        return error_response(503, "database_unavailable", "The server is busy; please try again in a moment.",
                               headers={"Retry-After": "2"})
+    if database.is_unavailable(exc):
+        # The outage itself is logged once (database.py), not once per request.
+        log.debug("Database unavailable for %s: %s", type(exc).__name__, database.cause(exc))
+        return error_response(503, "database_unavailable",
+                              "We cannot reach our database just now; please try again in a moment.",
+                              headers={"Retry-After": database.RETRY_AFTER})
     log.exception("Unhandled error")
     return error_response(500, "internal_error", "Something went wrong on our side; please try again.")
 

@@ -24,6 +24,9 @@ callbacks = Counter("eventi_callbacks_total", "PayHero callbacks by outcome", ["
 listener_connected = Gauge("eventi_redis_listener_connected", "1 while the Redis subscriber connection is up", registry=registry)
 redis_transitions = Counter("eventi_redis_transitions_total", "Redis subscriber connects and disconnects", ["state"], registry=registry)
 publish_failures = Counter("eventi_redis_publish_failures_total", "Notifications that could not be published", registry=registry)
+database_available = Gauge("eventi_database_available", "0 while the database cannot be reached", registry=registry)
+database_transitions = Counter("eventi_database_transitions_total", "Database outages and recoveries", ["state"],
+                               registry=registry)
 db_queries = Counter("eventi_db_queries_total", "SQL statements executed by this process", registry=registry)
 wait_rejected = Counter("eventi_wait_rejected_total", "Wait requests refused by a limit", ["limit"], registry=registry)
 # A collection stops every greenlet of the worker at once: with thousands of waits held,

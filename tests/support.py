@@ -63,7 +63,8 @@ class LiveServer:
     def __init__(self, env, log_path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.db_name, db_url = create_database()
+        # A fresh database on the test PostgreSQL, unless the test brings its own.
+        self.db_name, db_url = create_database() if "DATABASE_URL" not in env else (None, env["DATABASE_URL"])
         self.env = {
             **os.environ,
             "PORT": str(self.port),
@@ -116,7 +117,8 @@ class LiveServer:
                 self.proc.wait()
         if self.proc:
             self._log.close()
-        drop_database(self.db_name)
+        if self.db_name:
+            drop_database(self.db_name)
 
     def create_order(self, **overrides):
         response = requests.post(self.url + "/api/orders", json={**DEMO, **overrides}, timeout=10)

@@ -146,4 +146,4 @@ def test_an_exhausted_database_pool_is_a_retryable_503(client, monkeypatch):
     monkeypatch.setattr(service, "order_by_id", busy)
     response = client.get("/api/orders/abcdefabcdefabcdef")
     assert response.status_code == 503 and response.headers["Retry-After"] == "2"
-    assert response.get_json()["error"]["code"] == "server_busy"
+    assert response.get_json()["error"]["code"] == "database_unavailable"  # API.md: "answers the same way"

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
-from .. import metrics
+from .. import database, metrics
 from ..errors import ApiError
 from ..extensions import db
 from ..notify.hub import WaitLimitReached
@@ -323,12 +323,18 @@ def _ticket_code():
 
 
 def current_versions(order_ids):
-    """{id: version} for the given orders, in one query per thousand ids."""
+    """{id: version} for the given orders, in one query per thousand ids; {} while the database is away."""
+    return database.unless_unavailable(_versions, order_ids, default={})
+
+
+def _versions(order_ids):
     versions = {}
-    for start in range(0, len(order_ids), 1000):
-        chunk = order_ids[start:start + 1000]
-        versions.update(db.session.execute(select(Order.id, Order.version).where(Order.id.in_(chunk))).all())
-    db.session.remove()
+    try:
+        for start in range(0, len(order_ids), 1000):
+            chunk = order_ids[start:start + 1000]
+            versions.update(db.session.execute(select(Order.id, Order.version).where(Order.id.in_(chunk))).all())
+    finally:
+        db.session.remove()
     return versions
 
 
@@ -343,12 +349,13 @@ def _read_order(order_id):
     """The order's public body, or None; the database connection is given back either way."""
     if not ORDER_ID.fullmatch(order_id):
         return None
-    connection = db.session.connection()
-    row = rows.read(connection, order_id)
-    body = _row_body(connection, row) if row is not None else None
-    # Give the connection back before holding: a held wait owns no database connection.
-    db.session.remove()
-    return body
+    try:
+        connection = db.session.connection()
+        row = rows.read(connection, order_id)
+        return _row_body(connection, row) if row is not None else None
+    finally:
+        # Give the connection back before holding: a held wait owns no database connection.
+        db.session.remove()
 
 
 def wait_for_order(order_id, timeout, since):
@@ -394,7 +401,8 @@ def wait_for_order(order_id, timeout, since):
                 log.info("Order %s status changed via Redis (%dms)", order_id, latency_ms)
                 metrics.delivery_latency.observe(max(latency_ms, 0) / 1000)
             elif recheck and not hub.shutting_down:
-                fresh = _read_order(order_id)
+                # While the database is away the wait holds on: a callback stored after the recovery wakes it.
+                fresh = database.unless_unavailable(_read_order, order_id)
                 if fresh is not None and fresh["version"] > order["version"]:
                     order = fresh
         if hub.shutting_down and not _settled(order, since):

@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, insert, update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.exc import SQLAlchemyError
 
-from .. import metrics
+from .. import database, metrics
 from ..errors import ApiError
 from ..extensions import db
 from ..orders import service as orders
@@ -72,13 +72,14 @@ class StoredCallback:
         self.committed()
 
     def save_after_error(self, exc):
-        """Applying failed and was rolled back: keep the body alone if the database still can."""
+        """Applying failed and was rolled back: keep the body alone if the database still can; True if kept."""
         db.session.rollback()
         try:
             self.save("error", type(exc).__name__)
         except SQLAlchemyError:
             db.session.rollback()
-            log.error("Could not store a PayHero callback: the database is unavailable")
+            return False
+        return True
 
 
 def record_refused_body(content_type, remote_addr, length):
@@ -105,8 +106,9 @@ def handle_callback(raw_body, content_type, token, remote_addr=None):
     except (ApiError, PoolTimeout):
         raise  # answered as such; a pool timeout has no connection to store the body with
     except SQLAlchemyError as exc:
-        record.save_after_error(exc)
-        log.warning("PayHero callback not applied, database error: %s", type(exc).__name__)
+        kept = record.save_after_error(exc)
+        log.warning("PayHero callback not applied (%s), database error: %s",
+                    "body kept" if kept else "not stored", database.cause(exc))
         # Nothing was applied: a 503 makes PayHero send it again rather than give up.
         raise ApiError(503, "try_again", "The payment could not be recorded just now; please send it again.",
                        headers={"Retry-After": "5"}) from exc

@@ -1,0 +1,85 @@
+"""Whether the database answers: one warning when it goes away, one line when it is back.
+
+While it is away every route answers 503 `database_unavailable` (errors.py), without a traceback
+per request.  Nothing needs restarting: pool_pre_ping drops dead connections and the pool opens
+new ones as soon as the database accepts them.
+"""
+import logging
+import time
+
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from . import metrics
+from .extensions import db
+
+log = logging.getLogger(__name__)
+
+WATCH = "eventi.database"
+# Long enough for a restart or a failover to finish; a held page retries on its own schedule.
+RETRY_AFTER = "5"
+
+
+def is_unavailable(exc):
+    """True for an error that means the database cannot take work now, rather than a bug of ours:
+    it cannot be reached, dropped the connection, is starting or stopping, or every pooled
+    connection is busy (PoolTimeout)."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def unless_unavailable(function, *args, default=None):
+    """function(*args), or `default` while the database cannot take work: for background reads
+    that simply try again later (the outage is logged once, by DatabaseWatch)."""
+    try:
+        return function(*args)
+    except SQLAlchemyError as exc:
+        if not is_unavailable(exc):
+            raise
+        return default
+
+
+def cause(exc):
+    """The driver's own message on one line, without SQLAlchemy's statement and link."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split()) or type(exc).__name__
+
+
+class DatabaseWatch:
+    """Follows one engine: a failed connection attempt means the database is away; the next
+    connection that succeeds means it is back.  A connection dropped mid-query alone is not an
+    outage (the pool reconnects at once); if it was one, the reconnect fails and says so."""
+
+    def __init__(self, engine):
+        self.down_since = None
+        event.listen(engine, "handle_error", self._on_error)
+        event.listen(engine, "connect", self._on_connect)
+
+    @property
+    def available(self):
+        return self.down_since is None
+
+    def _on_error(self, context):
+        # No connection and not a pre-ping: opening a new connection failed.
+        failed_to_connect = context.connection is None and not context.is_pre_ping
+        if failed_to_connect and self.down_since is None and is_unavailable(context.sqlalchemy_exception):
+            self.down_since = time.monotonic()
+            metrics.database_available.set(0)
+            metrics.database_transitions.labels("unavailable").inc()
+            log.warning("Database unavailable, answering 503 until it is back: %s",
+                        cause(context.original_exception))
+
+    def _on_connect(self, dbapi_connection, connection_record):
+        if self.down_since is not None:
+            seconds = time.monotonic() - self.down_since
+            self.down_since = None
+            metrics.database_available.set(1)
+            metrics.database_transitions.labels("available").inc()
+            log.info("Database available again after %.1fs", seconds)
+
+
+def init_app(app):
+    with app.app_context():
+        app.extensions[WATCH] = DatabaseWatch(db.engine)
+    metrics.database_available.set(1)
