@@ -7,6 +7,7 @@ wsgi.py and gunicorn.conf.py turn that into a clean exit, never a traceback.
 import math
 import os
 import re
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 
 class ConfigError(Exception):
@@ -89,6 +90,22 @@ def database_url(raw):
     return raw
 
 
+def redis_url(raw, cert_reqs):
+    """REDIS_URL, with REDIS_SSL_CERT_REQS added to a rediss:// URL whose query does not say it.
+
+    Heroku Redis serves TLS with a self-signed certificate, and its add-on owns REDIS_URL (a
+    credential rotation rewrites it), so the setting lives beside it.  Every Redis client of
+    ours (the hub, the order limits) reads this one URL.
+    """
+    if raw is None or cert_reqs is None or not raw.startswith("rediss://"):
+        return raw
+    parts = urlsplit(raw)
+    if "ssl_cert_reqs" in parse_qs(parts.query):
+        return raw
+    query = "&".join(filter(None, (parts.query, urlencode({"ssl_cert_reqs": cert_reqs}))))
+    return urlunsplit(parts._replace(query=query))
+
+
 class Config:
     """Production settings.  Instantiate to read (and validate) the environment."""
 
@@ -123,7 +140,10 @@ class Config:
                 },
             )
 
-        self.REDIS_URL = _text(env, "REDIS_URL")
+        cert_reqs = env.get("REDIS_SSL_CERT_REQS", "").strip() or None
+        if cert_reqs is not None:
+            cert_reqs = _choice(env, "REDIS_SSL_CERT_REQS", None, ("none", "optional", "required"))
+        self.REDIS_URL = redis_url(_text(env, "REDIS_URL"), cert_reqs)
         self.REDIS_PREFIX = env.get("REDIS_PREFIX", "")
 
         self.PAYHERO_MODE = _choice(env, "PAYHERO_MODE", "sandbox", ("sandbox", "live"))
