@@ -56,10 +56,6 @@ class DatabaseWatch:
         event.listen(engine, "handle_error", self._on_error)
         event.listen(engine, "connect", self._on_connect)
 
-    @property
-    def available(self):
-        return self.down_since is None
-
     def _on_error(self, context):
         # No connection and not a pre-ping: opening a new connection failed.
         failed_to_connect = context.connection is None and not context.is_pre_ping
