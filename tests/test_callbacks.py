@@ -189,6 +189,45 @@ def test_a_callback_from_another_request_during_the_payhero_call_stands(app, cli
     assert client.get(f"/api/orders/{created['id']}").get_json() == created  # nothing moved it back or re-versioned it
 
 
+def test_a_callback_holding_the_order_while_payhero_answers_shows_its_tickets_in_the_201(backend, app, client, wire,
+                                                                                         monkeypatch):
+    """The callback has the order's row locked when PayHero's answer is to be saved: the save waits, then
+    answers the completed order with its tickets, as the database has them."""
+    if backend != "postgres-redis":
+        pytest.skip("a row lock to wait on: PostgreSQL")
+    import gevent
+    import gevent.event
+
+    from eventi_flask.orders import rows
+
+    add_tickets, holding = rows.add_tickets, gevent.event.Event()
+
+    def add_then_hold(*args):
+        add_tickets(*args)
+        holding.set()
+        gevent.sleep(0.5)  # the row lock held: our own request reaches it meanwhile and waits
+
+    def paid_while_answering(request, context):
+        order_id = request.json()["external_reference"]
+
+        def pay():
+            other = app.test_client()
+            return other.post(URL, json=callback_body(other.get(f"/api/orders/{order_id}").get_json())).status_code
+
+        gevent.spawn(pay)
+        assert holding.wait(10)
+        context.status_code = 201
+        return {"success": True, "status": "QUEUED", "reference": "REF-" + order_id, "CheckoutRequestID": "ws_CO_x"}
+
+    monkeypatch.setattr(rows, "add_tickets", add_then_hold)
+    wire.post("http://eventi.test/sandbox/payhero/api/v2/payments", json=paid_while_answering)
+    response = client.post("/api/orders", json=DEMO)
+    assert response.status_code == 201
+    created = response.get_json()
+    assert created["status"] == "completed" and len(created["tickets"]) == 1
+    assert client.get(f"/api/orders/{created['id']}").get_json() == created
+
+
 def test_a_callback_that_fails_midway_changes_nothing_and_is_kept(app, client, order, monkeypatch):
     """A database failure while applying: 503 so PayHero sends it again, the order untouched, the body kept."""
     from sqlalchemy.exc import OperationalError
