@@ -96,6 +96,14 @@ def hold(server, order, timeout=50):
     return gevent.spawn(get, server, f"/api/orders/{order['id']}/wait", since=order["version"], timeout=timeout)
 
 
+def steady_traffic(server, order, statuses):
+    """Reads and new orders, 20 a second until killed: what customers keep sending."""
+    while True:
+        statuses.append(get(server, f"/api/orders/{order['id']}").status_code)
+        statuses.append(requests.post(server.url + "/api/orders", json=NO_CALLBACK, timeout=30).status_code)
+        gevent.sleep(0.1)
+
+
 def lines_by_worker(log, text):
     """{pid: how many lines contain `text`} (our log lines carry the worker's pid in brackets)."""
     counts = {}
@@ -110,6 +118,10 @@ def test_a_database_outage_answers_503_then_recovers_by_itself(cluster, server):
     refused_meanwhile = server.create_order(phone=NO_CALLBACK["phone"])
     waits = [hold(server, held), hold(server, held), hold(server, late)]
     wait_until(lambda: server.log().count("Long polling started for order") >= len(waits), message="the waits held")
+
+    traffic = []  # statuses of reads and orders sent all along, across the stop and the start
+    running = gevent.spawn(steady_traffic, server, held, traffic)
+    wait_until(lambda: len(traffic) >= 4, message="traffic before the stop")
 
     cluster.stop("immediate")
     stopped = time.monotonic()
@@ -148,6 +160,11 @@ def test_a_database_outage_answers_503_then_recovers_by_itself(cluster, server):
     # Recovery without a restart: each worker that saw the outage reconnects on its next request.
     wait_until(lambda: get(server, "/readyz").status_code == 200 and set(went_away) <= set(lines_by_worker(
         server.log(), CAME_BACK)), 30, 0.1, "every worker to reach the database again")
+    recovered = len(traffic)
+    wait_until(lambda: len(traffic) >= recovered + 4, message="traffic after the recovery")
+    running.kill()
+    assert {status for status in traffic[recovered:]} <= {200, 201}  # served again, by the same workers
+    assert {status for status in traffic} <= {200, 201, 503} and 503 in traffic  # never a 500
 
     assert post_callback(server, held).json()["status"] == "completed"
     assert post_callback(server, late, result_code=1032).json()["status"] == "cancelled"
