@@ -23,6 +23,25 @@ def test_defaults_are_the_embedded_ones():
     assert config.ORDER_LIMIT_PER_PHONE == "3 per 5 minutes" and config.ORDER_LIMIT_PER_CLIENT == "30 per minute"
 
 
+def test_postgresql_prepares_no_statement_on_the_server_unless_asked():
+    """A transaction-mode pooler would run a prepared statement on a server connection that never saw it."""
+    def connect_args(**env):
+        return Config({"DATABASE_URL": "postgres://u@h/d", **env}).SQLALCHEMY_ENGINE_OPTIONS["connect_args"]
+
+    assert connect_args() == {"prepare_threshold": None, "connect_timeout": 5}
+    assert connect_args(DB_PREPARED_STATEMENTS="1")["prepare_threshold"] == 5
+
+
+def test_a_certificate_requirement_is_added_to_a_tls_redis_url_that_does_not_say_one():
+    def url(raw, **env):
+        return Config({"REDIS_URL": raw, **env}).REDIS_URL
+
+    assert url("rediss://:pw@h:6380/0", REDIS_SSL_CERT_REQS="none") == "rediss://:pw@h:6380/0?ssl_cert_reqs=none"
+    assert url("rediss://h/0?ssl_cert_reqs=required", REDIS_SSL_CERT_REQS="none") == "rediss://h/0?ssl_cert_reqs=required"
+    assert url("redis://h/0", REDIS_SSL_CERT_REQS="none") == "redis://h/0"  # no TLS, nothing to verify
+    assert url("rediss://h/0") == "rediss://h/0"
+
+
 LIVE = {"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1",
         "PAYHERO_CALLBACK_TOKEN": "t"}
 
@@ -58,6 +77,9 @@ def test_an_unconfirmed_success_is_asked_about_again_within_a_minute_with_a_shor
     ({"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1"},
      "PAYHERO_CALLBACK_TOKEN"),
     ({"PAYHERO_MODE": "live", "PAYHERO_CALLBACK_TOKEN": "t"}, "PAYHERO_API_USERNAME"),
+    ({"DATABASE_URL": "postgres://u@h/d", "DB_PREPARED_STATEMENTS": "perhaps"}, "DB_PREPARED_STATEMENTS"),
+    ({"DATABASE_URL": "postgres://u@h/d", "DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT"),
+    ({"REDIS_SSL_CERT_REQS": "off"}, "REDIS_SSL_CERT_REQS"),
 ])
 def test_a_mistake_names_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
