@@ -17,8 +17,8 @@ from .extensions import db
 log = logging.getLogger(__name__)
 
 WATCH = "eventi.database"
-# Long enough for a restart or a failover to finish; a held page retries on its own schedule.
-RETRY_AFTER = "5"
+# Every database 503 says the same; the status page backs off further on its own when asked again.
+RETRY_AFTER = "2"
 
 
 def is_unavailable(exc):

@@ -50,7 +50,7 @@ def handle_error(exc):
         # Every database connection is busy: shed load with a retryable answer, not a 500.
         log.warning("Database pool exhausted; answering 503")
         return error_response(503, "database_unavailable", "The server is busy; please try again in a moment.",
-                              headers={"Retry-After": "2"})
+                              headers={"Retry-After": database.RETRY_AFTER})
     if database.is_unavailable(exc):
         # The outage itself is logged once (database.py), not once per request.
         log.debug("Database unavailable for %s: %s", type(exc).__name__, database.cause(exc))

@@ -147,3 +147,17 @@ def test_an_exhausted_database_pool_is_a_retryable_503(client, monkeypatch):
     response = client.get("/api/orders/abcdefabcdefabcdef")
     assert response.status_code == 503 and response.headers["Retry-After"] == "2"
     assert response.get_json()["error"]["code"] == "database_unavailable"  # API.md: "answers the same way"
+
+
+def test_an_unreachable_database_is_a_retryable_503_not_a_500(client, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from eventi_flask.orders import service
+
+    def refused(order_id):
+        raise OperationalError("SELECT ...", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(service, "_read_order", refused)
+    response = client.get("/api/orders/abcdefabcdefabcdef")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+    assert response.get_json()["error"]["code"] == "database_unavailable"

@@ -110,7 +110,7 @@ def _refuse_order(data):
 
 def _database_unavailable():
     return ApiError(503, "database_unavailable", "The database is not answering; please try again.",
-                    headers={"Retry-After": "2"})
+                    headers={"Retry-After": database.RETRY_AFTER})
 
 
 UNDO_RETRY_DELAYS = (0.2, 0.5)  # seconds between attempts to free the tickets of a buyer told "error"
