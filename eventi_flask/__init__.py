@@ -1,9 +1,8 @@
 """Eventi payment status: the Flask application factory."""
 import logging
-import time
 
 from flask import Flask
-from sqlalchemy import event, exc
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -28,29 +27,6 @@ def _sqlite_pragmas(dbapi_connection, _record):
         cursor.close()
 
 
-# A pooled connection is pinged before use only when it has sat idle this long: one that was
-# in use a moment ago is alive, and pinging at every checkout (pool_pre_ping) cost two round
-# trips, a fifth of an order's CPU, in a ticket drop (BENCHMARKS.md). One that died meanwhile
-# fails its statement instead; SQLAlchemy then drops the pool's connections and reconnects.
-PING_AFTER_IDLE_SECONDS = 1.0
-
-
-def ping_idle_connections(engine):
-    @event.listens_for(engine, "checkin")
-    def _idle_from(dbapi_connection, record):
-        record.info["idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping_if_idle(dbapi_connection, record, proxy):
-        idle_since = record.info.pop("idle_since", None)  # None: a connection just made
-        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except engine.dialect.loaded_dbapi.Error as error:
-            raise exc.DisconnectionError(str(error)) from error  # the pool replaces it and tries again
-
-
 def create_app(config=None):
     """Build the app.  `config`: a Config instance, or None to read the environment."""
     if config is None:
@@ -69,8 +45,6 @@ def create_app(config=None):
         os.makedirs(app.instance_path, exist_ok=True)
 
     db.init_app(app)
-    with app.app_context():
-        ping_idle_connections(db.engine)
     migrate.init_app(app, db, render_as_batch=True)
     database.init_app(app)
     errors.init_app(app)

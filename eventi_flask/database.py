@@ -1,14 +1,14 @@
 """Whether the database answers: one warning when it goes away, one line when it is back.
 
 While it is away every route answers 503 `database_unavailable` (errors.py), without a traceback
-per request.  Nothing needs restarting: pool_pre_ping drops dead connections and the pool opens
-new ones as soon as the database accepts them.
+per request.  Nothing needs restarting: a connection found dead is dropped (ping_idle_connections
+tests the ones that sat idle) and the pool opens new ones as soon as the database accepts them.
 """
 import logging
 import time
 
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from . import metrics
@@ -46,6 +46,29 @@ def cause(exc):
     return " ".join(str(getattr(exc, "orig", None) or exc).split()) or type(exc).__name__
 
 
+# A pooled connection is pinged before use only when it has sat idle this long: one that was
+# in use a moment ago is alive, and pinging at every checkout (pool_pre_ping) cost two round
+# trips, a fifth of an order's CPU, in a ticket drop (BENCHMARKS.md). One that died meanwhile
+# fails its statement instead; SQLAlchemy then drops the pool's connections and reconnects.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def ping_idle_connections(engine):
+    @event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_connection, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection, record, proxy):
+        idle_since = record.info.pop("idle_since", None)  # None: a connection just made
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            raise DisconnectionError(str(error)) from error  # the pool replaces it and tries again
+
+
 class DatabaseWatch:
     """Follows one engine: a failed connection attempt means the database is away; the next
     connection that succeeds means it is back.  A connection dropped mid-query alone is not an
@@ -77,5 +100,6 @@ class DatabaseWatch:
 
 def init_app(app):
     with app.app_context():
+        ping_idle_connections(db.engine)
         app.extensions[WATCH] = DatabaseWatch(db.engine)
     metrics.database_available.set(1)
