@@ -16,7 +16,7 @@ import gevent
 import pytest
 import requests
 
-from tests.support import DEMO, LiveServer, free_port, wait_until
+from tests.support import DEMO, ROOT, LiveServer, free_port, wait_until
 
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}  # the sandbox never calls back: the test sends the callbacks
 CALLBACK = "/api/payhero/callback?token=sandbox"
@@ -148,6 +148,10 @@ def test_a_database_outage_answers_503_then_recovers_by_itself(cluster, server):
                 assert error["code"] == ("try_again" if name == "callback" else "database_unavailable"), name
                 assert error["message"]
     assert set().union(*seen.values()) == {503}
+    reconcile = subprocess.run(["flask", "--app", "wsgi", "reconcile"], cwd=ROOT, env=server.env,
+                               capture_output=True, text=True, timeout=60)
+    assert reconcile.returncode == 1 and "Traceback" not in reconcile.stderr, reconcile.stderr
+    assert reconcile.stderr.strip().splitlines()[-1].startswith("Reconcile: database unavailable, nothing done:")
     assert get(server, "/readyz").json()["checks"]["database"].startswith("error")
     assert get(server, "/healthz").status_code == 200  # the process runs: don't restart it
     time.sleep(max(0.0, stopped + 3 - time.monotonic()))  # an outage of 3 s at least: several re-checks meet it

@@ -6,7 +6,9 @@ from datetime import datetime, timedelta, timezone
 import click
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
+from ..database import cause, is_unavailable
 from ..extensions import db
 from .models import Event, TicketType
 
@@ -52,8 +54,18 @@ def reconcile_command(every):
     from .reconcile import reconcile
 
     while True:
-        summary = reconcile()
-        click.echo("Reconciled: " + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in summary.items()))
+        try:
+            summary = reconcile()
+        except SQLAlchemyError as exc:
+            if not is_unavailable(exc):
+                raise
+            # One line, not a traceback: a clock process goes on and tries again next round.
+            db.session.remove()
+            click.echo(f"Reconcile: database unavailable, nothing done: {cause(exc)}", err=True)
+            if every is None:
+                raise SystemExit(1)
+        else:
+            click.echo("Reconciled: " + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in summary.items()))
         if every is None:
             return
         time.sleep(every)
