@@ -28,6 +28,8 @@ database_available = Gauge("eventi_database_available", "0 while the database ca
 database_transitions = Counter("eventi_database_transitions_total", "Database outages and recoveries", ["state"],
                                registry=registry)
 db_queries = Counter("eventi_db_queries_total", "SQL statements executed by this process", registry=registry)
+waits_departed = Counter("eventi_waits_departed_total",
+                         "Held waits let go because their client closed the connection", registry=registry)
 wait_rejected = Counter("eventi_wait_rejected_total", "Wait requests refused by a limit", ["limit"], registry=registry)
 # A collection stops every greenlet of the worker at once: with thousands of waits held,
 # a full one shows as a latency spike for everyone, so its pauses are worth seeing.

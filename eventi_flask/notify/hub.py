@@ -18,6 +18,7 @@ import gevent
 import gevent.event
 
 from .. import metrics
+from . import departure
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,49 @@ class WaitLimitReached(Exception):
 
 
 class Waiter:
-    """One held request.  Woken with a message (an order change) or a request to re-check."""
+    """One held request.  Woken with a message (an order change), a request to re-check, or its client leaving."""
 
-    __slots__ = ("order_id", "seen_version", "message", "recheck", "_event")
+    __slots__ = ("order_id", "seen_version", "message", "recheck", "client_left", "_event", "_client_watcher")
 
     def __init__(self, order_id):
         self.order_id = order_id
         self.seen_version = None
         self.message = None
         self.recheck = False
+        self.client_left = False
         self._event = gevent.event.Event()
+        self._client_watcher = None
+
+    def watch_client(self, sock, on_left):
+        """Also wake, with client_left set, when the client closes this socket; call on_left(self) first.
+
+        One libev watcher on the socket's readability (departure.py): nothing runs while nothing happens.
+        """
+        try:
+            fd = sock.fileno()
+        except OSError:
+            return
+        if fd < 0:
+            return
+        self._client_watcher = gevent.get_hub().loop.io(fd, 1)  # 1: readable
+        self._client_watcher.start(self._client_readable, fd, on_left)
+
+    def _client_readable(self, fd, on_left):
+        # Run by the event loop itself: must not block (client_state does not).
+        state = departure.client_state(fd)
+        if state == departure.STAYING:
+            return
+        self.stop_watching_client()  # left, or sent more: either way the socket would stay readable
+        if state == departure.LEFT:
+            self.client_left = True
+            on_left(self)  # let go now, not when the request's greenlet next runs
+            self._event.set()
+
+    def stop_watching_client(self):
+        watcher, self._client_watcher = self._client_watcher, None
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
 
     def deliver(self, message):
         if self.message is None or message["version"] > self.message["version"]:
@@ -84,8 +118,12 @@ class Hub:
         """fetch_versions(ids) -> {id: version}, one batched database read."""
         self._version_source = fetch_versions
 
-    def watch(self, order_id):
-        """Register a waiter; return it once a change to the order can no longer be missed."""
+    def watch(self, order_id, client=None):
+        """Register a waiter; return it once a change to the order can no longer be missed.
+
+        `client`: the request's socket, if the server gives it (departure.client_socket):
+        the waiter then also wakes when its client leaves.
+        """
         waiters = self._waiters.get(order_id)
         if self._count >= self.max_per_worker:
             metrics.wait_rejected.labels("worker").inc()
@@ -100,6 +138,8 @@ class Hub:
         waiters.add(waiter)
         self._count += 1
         metrics.waiters.inc()
+        if client is not None:
+            waiter.watch_client(client, self._client_left)
         try:
             self._ensure_subscribed(order_id)
         except BaseException:
@@ -108,6 +148,7 @@ class Hub:
         return waiter
 
     def unwatch(self, waiter):
+        waiter.stop_watching_client()
         waiters = self._waiters.get(waiter.order_id)
         if not waiters or waiter not in waiters:
             return
@@ -117,6 +158,10 @@ class Hub:
         if not waiters:
             del self._waiters[waiter.order_id]
             self._release(waiter.order_id)
+
+    def _client_left(self, waiter):
+        metrics.waits_departed.inc()
+        self.unwatch(waiter)
 
     @property
     def waiter_count(self):

@@ -3,6 +3,7 @@ from flask import Blueprint, current_app, jsonify, request
 from marshmallow import ValidationError
 
 from ..errors import ApiError
+from ..notify.departure import client_socket
 from ..security import limit_order_creation
 from . import service
 from .schemas import OrderCreateSchema, WaitArgsSchema, field_errors
@@ -117,7 +118,7 @@ def wait(order_id):
     """
     args = _load(wait_args_schema, request.args, "Bad wait parameters.")
     timeout = args.get("timeout", current_app.config["WAIT_TIMEOUT_DEFAULT"])
-    order, _ = service.wait_for_order(order_id, timeout, args.get("since"))
+    order, _ = service.wait_for_order(order_id, timeout, args.get("since"), client_socket(request.environ))
     response = jsonify(order)
     response.headers["Cache-Control"] = "no-store"
     return response

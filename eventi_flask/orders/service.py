@@ -358,11 +358,13 @@ def _read_order(order_id):
         db.session.remove()
 
 
-def wait_for_order(order_id, timeout, since):
+def wait_for_order(order_id, timeout, since, client=None):
     """The long poll: (order body, how it ended).  See GET /api/orders/<id>/wait in API.md.
 
     At most one database query: none when the cache answers, none when a
-    published message (which carries the whole order) wakes us.
+    published message (which carries the whole order) wakes us.  `client` is the
+    request's socket when the server gives it: a client that closes it is let go
+    at once (its answer goes nowhere), so it stops counting against the limits.
     """
     if not ORDER_ID.fullmatch(order_id):
         raise ApiError(404, "order_not_found", "No order with that id.")  # without subscribing to anything
@@ -371,7 +373,7 @@ def wait_for_order(order_id, timeout, since):
     deadline = started + timeout
     result = "error"
     try:
-        waiter = hub.watch(order_id)
+        waiter = hub.watch(order_id, client)
     except WaitLimitReached as exc:
         if exc.scope == "order":
             raise ApiError(429, "too_many_waiters", "Too many open waits for this order.", headers={"Retry-After": "5"})
@@ -395,6 +397,9 @@ def wait_for_order(order_id, timeout, since):
                 result = "timeout"
                 return order, result
             message, recheck = waiter.wait(remaining)
+            if waiter.client_left:  # already let go by the hub; the answer goes nowhere
+                result = "departed"
+                return order, result
             if message is not None and message["version"] > order["version"]:
                 order = message["order"]
                 latency_ms = time.time() * 1000 - message["published_at_ms"]
