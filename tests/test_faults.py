@@ -203,6 +203,8 @@ def test_a_frozen_redis_is_detected_by_ping_and_the_webhook_still_answers(app, c
     order = new_order(client)
     waiting = hold(client, order, 30)
     wait_until(lambda: hub.channel(order["id"]) in redis_server.channels(), 5, message="the subscription")
+    # Held, its cache read done: a read caught by the freeze would first wait out its own timeouts.
+    wait_until(lambda: f"Long polling started for order: {order['id']}" in log_lines, 5, message="the hold")
 
     redis_server.freeze()  # the socket stays open; nothing answers on it
     wait_until(lambda: not hub.connected, 5, message="the dead socket to be noticed")

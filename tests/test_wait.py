@@ -7,6 +7,7 @@ import redis
 from sqlalchemy import event, text
 
 from eventi_flask.extensions import db
+from eventi_flask.notify.publisher import Publisher, redis_connection
 from eventi_flask.notify.service import HUB
 from tests.support import DEMO, REDIS_URL, callback_body, wait_until
 
@@ -166,11 +167,43 @@ def test_100_waiters_share_one_subscriber_connection_and_unsubscribe_when_answer
 
 def test_a_failed_publish_still_commits_and_answers_200(backend, app, client, order, hub):
     redis_only(backend)
-    hub = hub
-    hub._client = hub.publisher_client("redis://127.0.0.1:1/0")  # nothing listens there
+    hub._publisher.stop()
+    hub._publisher = Publisher(lambda: redis_connection("redis://127.0.0.1:1/0", "eventi-pub"))  # nothing listens
     response = client.post(CALLBACK, json=callback_body(order))
     assert response.status_code == 200 and response.get_json()["status"] == "completed"
     assert client.get(f"/api/orders/{order['id']}").get_json()["status"] == "completed"
+
+
+def test_a_publish_reaches_its_waiter_while_cache_reads_saturate_their_pool(backend, app, client, order, hub):
+    """A burst of arriving waits must not hold up the notifications of the ones already held."""
+    redis_only(backend)
+    waiting = gevent.spawn(wait, client, order)
+    wait_until(lambda: hub.waiter_count == 1)
+    pool = hub._client.connection_pool
+    taken = [pool.get_connection() for _ in range(pool.max_connections)]  # every cache connection busy
+    try:
+        readers = [gevent.spawn(hub.latest, order["id"]) for _ in range(50)]  # and cache reads queued for them
+        client.post(CALLBACK, json=callback_body(order))
+        assert waiting.get(timeout=5).get_json()["status"] == "completed"  # not after the 15 s re-check
+        assert not any(reader.ready() for reader in readers)  # the pool was still saturated
+    finally:
+        for conn in taken:
+            pool.release(conn)
+    gevent.joinall(readers, timeout=10)
+
+
+def test_a_burst_of_publishes_goes_out_on_one_connection(backend, app, client, wire, hub, redis_client):
+    redis_only(backend)
+    import os
+
+    orders = [client.post("/api/orders", json=NO_CALLBACK).get_json() for _ in range(40)]
+    waits = [gevent.spawn(wait, client, order) for order in orders]
+    wait_until(lambda: hub.waiter_count == 40)
+    payments = [gevent.spawn(client.post, CALLBACK, json=callback_body(order)) for order in orders]
+    gevent.joinall(payments + waits, timeout=20, raise_error=True)
+    assert [w.value.get_json()["status"] for w in waits] == ["completed"] * 40
+    names = [c["name"] for c in redis_client.client_list()]
+    assert names.count(f"eventi-pub-{os.getpid()}") == 1
 
 
 @pytest.mark.env(WAIT_RECHECK_INTERVAL="0.3")

@@ -1,8 +1,10 @@
 """The one-Redis backend: pub/sub across processes.
 
-Publishes on `order:status:<id>` and caches `order:latest:<id>`, and keeps ONE
-subscriber connection per process, owned by one listener greenlet, that
-SUBSCRIBEs a channel while the process has a waiter for it.
+Publishes on `order:status:<id>` and caches `order:latest:<id>` through a
+Publisher (its own connection and greenlet, publisher.py), reads the cache
+through a small pool of its own, and keeps ONE subscriber connection per
+process, owned by one listener greenlet, that SUBSCRIBEs a channel while the
+process has a waiter for it.
 """
 import collections
 import errno
@@ -21,13 +23,13 @@ from redis.retry import Retry
 
 from .. import metrics
 from .hub import CACHE_SECONDS, Hub, is_order_message
+from .publisher import Publisher, redis_connection
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_CONFIRM_TIMEOUT = 2.0  # past this, the waiter goes on and the re-check covers it
 SUBSCRIBE_BATCH = 1000
-PUBLISH_PAUSE_AFTER_FAILURE = 2.0  # seconds without publish attempts after one fails
-PUBLISHER_POOL_SIZE = 16  # publish and cache connections per process (the subscriber is apart)
+CACHE_POOL_SIZE = 16  # cache-read connections per process (the publisher and the subscriber are apart)
 
 
 class RedisHub(Hub):
@@ -38,9 +40,8 @@ class RedisHub(Hub):
         self.url = url
         self.prefix = prefix
         self._channel_prefix = f"{prefix}order:status:".encode()
-        self._client = self.publisher_client(url)
-        self._publisher_up = None  # unknown until the first publish
-        self._publish_paused_until = 0.0
+        self._client = self.cache_client(url)
+        self._publisher = Publisher(lambda: redis_connection(url, "eventi-pub"))
         self.connected = None  # None until the listener's first attempt: waiters still wait for it
         self.ping_interval = 5.0
         self._listener = None
@@ -54,13 +55,14 @@ class RedisHub(Hub):
         self._recheck_when_resubscribed = False
 
     @staticmethod
-    def publisher_client(url):
-        # One quick retry covers a pooled connection gone stale; more would hold up the webhook.
-        # Bounded: under gevent every concurrent cache read or publish would otherwise open its own
+    def cache_client(url):
+        # One quick retry covers a pooled connection gone stale; more would hold up the wait.
+        # Bounded: under gevent every concurrent cache read would otherwise open its own
         # connection (a burst of thousands of waits arriving meant hundreds of sockets); past the
-        # bound a caller waits for a free connection, up to 2 s, then fails as a Redis error does.
+        # bound a reader waits for a free connection, up to 2 s, then fails as a Redis error does
+        # (and reads the database instead).  Publishing never uses this pool.
         pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=PUBLISHER_POOL_SIZE, timeout=2, socket_timeout=2, socket_connect_timeout=1,
+            url, max_connections=CACHE_POOL_SIZE, timeout=2, socket_timeout=2, socket_connect_timeout=1,
             health_check_interval=15, retry=Retry(NoBackoff(), 1))
         return redis.Redis(connection_pool=pool)
 
@@ -70,7 +72,7 @@ class RedisHub(Hub):
     def cache_key(self, order_id):
         return f"{self.prefix}order:latest:{order_id}"
 
-    # -- publishing and the cache: a plain pooled client --
+    # -- the cache: a small pool; publishing: the Publisher's own connection --
 
     def latest(self, order_id):
         if self.connected is False:
@@ -82,29 +84,14 @@ class RedisHub(Hub):
         return json.loads(raw) if raw else None
 
     def publish(self, message):
-        if self.connected is False or time.monotonic() < self._publish_paused_until:
-            # Redis is known to be away: don't make each webhook wait out a timeout. Waiters
-            # everywhere are re-checking the database meanwhile.
+        if self.connected is False:
+            # Redis is known to be away: don't queue for it. Waiters everywhere are re-checking the database.
             metrics.publish_failures.inc()
             return
         payload = json.dumps(message, separators=(",", ":"))
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            # Cache first: a waiter subscribing between the two still finds it.
-            pipe.set(self.cache_key(message["id"]), payload, ex=CACHE_SECONDS)
-            pipe.publish(self.channel(message["id"]), payload)
-            pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            metrics.publish_failures.inc()
-            if self._publisher_up is not False:
-                log.warning("Redis publish failed, waiters will re-check the database: %s", exc)
-            self._publisher_up = False
-            self._publish_paused_until = time.monotonic() + PUBLISH_PAUSE_AFTER_FAILURE
-            return
-        if not self._publisher_up:
-            log.info("Redis Publisher connected")
-            self._publisher_up = True
-        log.info("Redis notification sent")
+        # Cache first: a waiter subscribing between the two still finds it.
+        self._publisher.submit((("SET", self.cache_key(message["id"]), payload, "EX", CACHE_SECONDS),
+                                ("PUBLISH", self.channel(message["id"]), payload)))
 
     def ready(self):
         try:
@@ -144,6 +131,10 @@ class RedisHub(Hub):
 
     def _greenlets(self):
         return super()._greenlets() + [g for g in (self._listener,) if g is not None]
+
+    def stop(self):
+        super().stop()
+        self._publisher.stop()
 
     def _wake_listener(self):
         if self._wake_w is None:
