@@ -2,6 +2,10 @@
 import os
 import sys
 
+# Greenlets need not remember who spawned them: gevent otherwise keeps the spawning
+# stack (4 frame records) and tree per greenlet, objects every full garbage
+# collection walks for each held wait.  Read by gevent when the worker starts it.
+os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from config import Config, ConfigError, read_number  # noqa: E402
 
@@ -53,16 +57,24 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """On SIGTERM, answer every held wait at once with the current state, inside the graceful timeout.
+    """Freeze the loaded app out of the collector's way; on SIGTERM, answer every held wait at once.
 
-    gunicorn's own handler stops the worker accepting (and closes connections after
-    their answer); the hub then wakes every waiter, and the clients simply ask again.
+    The app, its libraries and their caches (~130,000 tracked objects) live as long as
+    the worker: gc.freeze() moves them to the permanent generation, so no full
+    collection walks them again (a full pass over the idle worker took ~55 ms).
+
+    SIGTERM: gunicorn's own handler stops the worker accepting (and closes connections
+    after their answer); the hub then wakes every waiter, and the clients simply ask again.
     """
+    import gc
     import signal
 
     import gevent
 
     from eventi_flask.notify.service import HUB
+
+    gc.collect()  # garbage of the start-up is freed, not frozen
+    gc.freeze()
 
     hub = worker.wsgi.extensions[HUB]
     stop_accepting = worker.handle_exit
