@@ -55,6 +55,7 @@ def probe(worker, out, seen):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=10000, help="held waits (default 10000)")
+    parser.add_argument("--open-rate", type=float, default=250, help="waits opened per second (default 250)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -77,13 +78,12 @@ def main(argv=None):
             orders = list(pool.map(lambda _: session.post(server.url + "/api/orders", json=ORDER, timeout=30).json(),
                                    range(args.n)))
         idle = probe(worker, out, 0)
-        for i, order in enumerate(orders):
+        for order in orders:
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.sendall(f"GET /api/orders/{order['id']}/wait?timeout=60&since={order['version']} HTTP/1.1\r\n"
                          f"Host: 127.0.0.1\r\n\r\n".encode())
             socks.append(sock)
-            if i % 500 == 499:
-                time.sleep(0.5)  # let the worker keep up: no backlog overflow
+            time.sleep(1 / args.open_rate)
         deadline = time.monotonic() + 120
         while metric(server.url, "eventi_waiters") != args.n:
             if time.monotonic() > deadline:
@@ -96,7 +96,10 @@ def main(argv=None):
         server.stop()
 
     per_wait = (holding["tracked"] - idle["tracked"]) / args.n
-    print(f"threshold {holding['threshold']}, frozen (permanent generation) {holding['frozen']}")
+    print(f"threshold {holding['threshold']}, frozen (permanent generation) {holding['frozen']}; collections by "
+          f"generation while the waits were opened: "
+          f"{[after - before for after, before in zip(holding['collections'], idle['collections'])]} "
+          f"(each includes the probe's own 2 full ones)")
     print(f"idle:    {idle['tracked']:>9,} tracked objects, full collection {idle['full_gc_ms']} ms")
     print(f"holding: {holding['tracked']:>9,} tracked objects with {holding['waiters']:,} waits held, "
           f"full collection {holding['full_gc_ms']} ms")

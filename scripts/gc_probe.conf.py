@@ -45,7 +45,8 @@ def post_worker_init(worker):
                                       for o in objects if type(o).__name__ == "method")
         line = {"methods": methods.most_common(15),
                 "stray_waiter_referrers": stray_refs.most_common(10), "waiters": hub.waiter_count, "tracked": len(objects), "frozen": gc.get_freeze_count(),
-                "full_gc_ms": pauses, "threshold": gc.get_threshold(), "types": types.most_common(40)}
+                "full_gc_ms": pauses, "threshold": gc.get_threshold(),
+                "collections": [g["collections"] for g in gc.get_stats()], "types": types.most_common(40)}
         del objects
         with open(os.environ["GC_PROBE_OUT"], "a") as out:
             out.write(json.dumps(line) + "\n")
