@@ -36,7 +36,7 @@ class WaitLimitReached(Exception):
 class Waiter:
     """One held request.  Woken with a message (an order change), a request to re-check, or its client leaving."""
 
-    __slots__ = ("order_id", "seen_version", "message", "recheck", "client_left", "_event", "_client_watcher")
+    __slots__ = ("order_id", "seen_version", "message", "recheck", "client_left", "_event", "_client_watcher", "_owner")
 
     def __init__(self, order_id):
         self.order_id = order_id
@@ -46,11 +46,13 @@ class Waiter:
         self.client_left = False
         self._event = gevent.event.Event()
         self._client_watcher = None
+        self._owner = None
 
-    def watch_client(self, sock, on_left):
-        """Also wake, with client_left set, when the client closes this socket; call on_left(self) first.
+    def watch_client(self, sock, hub):
+        """Also wake, with client_left set, when the client closes this socket; `hub` lets go of it first.
 
-        One libev watcher on the socket's readability (departure.py): nothing runs while nothing happens.
+        One libev watcher on the socket's readability (departure.py): nothing runs while
+        nothing happens, and it costs the collector two objects (the watcher, its callback).
         """
         try:
             fd = sock.fileno()
@@ -58,18 +60,19 @@ class Waiter:
             return
         if fd < 0:
             return
+        self._owner = hub
         self._client_watcher = gevent.get_hub().loop.io(fd, 1)  # 1: readable
-        self._client_watcher.start(self._client_readable, fd, on_left)
+        self._client_watcher.start(self._client_readable)  # no arguments: no tuple to track
 
-    def _client_readable(self, fd, on_left):
+    def _client_readable(self):
         # Run by the event loop itself: must not block (client_state does not).
-        state = departure.client_state(fd)
+        state = departure.client_state(self._client_watcher.fd)
         if state == departure.STAYING:
             return
         self.stop_watching_client()  # left, or sent more: either way the socket would stay readable
         if state == departure.LEFT:
             self.client_left = True
-            on_left(self)  # let go now, not when the request's greenlet next runs
+            self._owner.release_departed(self)  # let go now, not when the request's greenlet next runs
             self._event.set()
 
     def stop_watching_client(self):
@@ -139,7 +142,7 @@ class Hub:
         self._count += 1
         metrics.waiters.inc()
         if client is not None:
-            waiter.watch_client(client, self._client_left)
+            waiter.watch_client(client, self)
         try:
             self._ensure_subscribed(order_id)
         except BaseException:
@@ -159,7 +162,8 @@ class Hub:
             del self._waiters[waiter.order_id]
             self._release(waiter.order_id)
 
-    def _client_left(self, waiter):
+    def release_departed(self, waiter):
+        """The waiter's client closed its connection: let go of it (called from the event loop)."""
         metrics.waits_departed.inc()
         self.unwatch(waiter)
 
