@@ -1,12 +1,15 @@
 """Publishing on a Redis connection of its own, driven by one greenlet.
 
 publish() never waits for anything local: it appends the message's commands
-to a queue and returns.  One greenlet owns one connection and sends whatever
-has queued since its last round trip as one pipelined write (SET EX + PUBLISH
-per message, 2N commands), then reads the 2N replies: one round trip per batch,
-however many callbacks landed meanwhile.  Nothing else uses that connection,
-so a publish never queues behind cache reads, and no pool can be momentarily
-full.  Only Redis itself can stop it: when a round trip fails (refused, reset,
+to a queue, and waits only for Redis's answer to them.  One greenlet owns one
+connection and sends whatever has queued since its last round trip as one
+pipelined write (SET EX + PUBLISH per message, 2N commands), then reads the 2N
+replies and wakes the publishers of that batch: one round trip per batch,
+however many callbacks landed meanwhile.  Waiting for the answer keeps what a
+synchronous publish gave: once the webhook or the new order is answered, the
+cache has the order, so a wait asked right after finds it there.  Nothing
+else uses that connection, so a publish never queues behind cache reads, and
+no pool can be momentarily full.  Only Redis itself can stop it: when a round trip fails (refused, reset,
 no answer within the socket timeout), that batch is dropped and so is every
 publish for the next PAUSE_AFTER_FAILURE seconds, so that webhooks do not pile
 up behind a dead Redis; waiters everywhere re-check the database meanwhile.
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PAUSE_AFTER_FAILURE = 2.0  # seconds without publish attempts once Redis failed to answer one
 MAX_BATCH = 500  # messages per write, so one huge backlog does not become one huge buffer
+ANSWER_TIMEOUT = 3.0  # a publisher waits at most this for Redis's answer (connect 1 s + reply 2 s)
 
 
 def redis_connection(url, name):
@@ -45,26 +49,32 @@ class Publisher:
     def __init__(self, make_connection, where=""):
         self._make_connection = make_connection
         self._where = where  # for the log: "" with one Redis, " to <address>" for a cluster node
-        self._queue = collections.deque()  # (commands, ...) per message, oldest first
+        self._queue = collections.deque()  # (commands, done) per message, oldest first
         self._queued = gevent.event.Event()
+        self._filling = gevent.event.Event()  # `done` of the messages queued since the last batch was taken
         self._conn = None
         self._reused = False  # whether the round trip in progress went out on a connection used before
         self._paused_until = 0.0
         self._up = None  # unknown until the first round trip
         self._greenlet = None
 
-    def submit(self, commands):
-        """Queue one message's commands (a tuple of command tuples); False if dropped because Redis is away."""
+    def publish(self, commands):
+        """Send one message's commands (a tuple of command tuples) and wait for Redis's answer, or its failure.
+
+        Never raises; drops the message at once while Redis is known to be away.
+        """
         if time.monotonic() < self._paused_until:
             metrics.publish_failures.inc()
-            return False
-        self._queue.append(commands)
+            return
+        done = self._filling
+        self._queue.append((commands, done))
         self._queued.set()
         if self._greenlet is None:
             self._greenlet = gevent.spawn(self._publish_forever)
-        return True
+        done.wait(ANSWER_TIMEOUT)
 
     def stop(self):
+        self._filling.set()  # nobody waits on a publisher that is gone
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
             self._greenlet = None
@@ -75,14 +85,21 @@ class Publisher:
             self._queued.wait()
             self._queued.clear()
             while self._queue:
+                self._filling = gevent.event.Event()
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
                 try:
                     self._round_trip(batch)
                 except Exception as exc:  # the greenlet must outlive anything, or the worker goes mute
                     self._failed(batch, exc)
+                self._answered(batch)
+
+    def _answered(self, batch):
+        for done in {done for _, done in batch}:
+            if not (self._queue and self._queue[0][1] is done):  # not while part of its batch still waits
+                done.set()
 
     def _round_trip(self, batch):
-        commands = [command for message in batch for command in message]
+        commands = [command for message, _ in batch for command in message]
         try:
             replies = self._send(commands)
         except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -119,6 +136,7 @@ class Publisher:
 
     def _failed(self, batch, exc):
         dropped = len(batch) + len(self._queue)
+        batch.extend(self._queue)  # answered (with the failure) together
         self._queue.clear()
         metrics.publish_failures.inc(dropped)
         self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE

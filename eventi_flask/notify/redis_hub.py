@@ -90,7 +90,7 @@ class RedisHub(Hub):
             return
         payload = json.dumps(message, separators=(",", ":"))
         # Cache first: a waiter subscribing between the two still finds it.
-        self._publisher.submit((("SET", self.cache_key(message["id"]), payload, "EX", CACHE_SECONDS),
+        self._publisher.publish((("SET", self.cache_key(message["id"]), payload, "EX", CACHE_SECONDS),
                                 ("PUBLISH", self.channel(message["id"]), payload)))
 
     def ready(self):
