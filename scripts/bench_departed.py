@@ -47,11 +47,11 @@ def open_files(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def until(predicate, timeout, interval):
+def until(predicate, timeout, interval, what):
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise SystemExit(f"gave up after {timeout}s")
+            raise SystemExit(f"gave up after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
     return time.monotonic()
 
@@ -70,16 +70,17 @@ def run_once(n):
             sock.sendall(f"GET /api/orders/{order['id']}/wait?timeout=55&since={order['version']} HTTP/1.1\r\n"
                          f"Host: 127.0.0.1\r\n\r\n".encode())
             socks.append(sock)
-        until(lambda: metrics(server.url).get("eventi_waiters") == n, 60, 0.1)
-        until(lambda: metrics(server.url).get("eventi_subscribed_channels") == n, 30, 0.1)
+        until(lambda: metrics(server.url).get("eventi_waiters") == n, 60, 0.1, f"{n} waits held")
+        until(lambda: metrics(server.url).get("eventi_subscribed_channels") == n, 30, 0.1, f"{n} channels")
         files_holding = open_files(worker)
         closing = time.monotonic()
         for sock in socks:
             sock.close()
         closed = time.monotonic()
-        released = until(lambda: metrics(server.url).get("eventi_waiters") == 0, 30, 0.005)
-        unsubscribed = until(lambda: metrics(server.url).get("eventi_subscribed_channels") == 0, 30, 0.005)
-        finished = until(lambda: open_files(worker) <= files_holding - n, 30, 0.005)
+        released = until(lambda: metrics(server.url).get("eventi_waiters") == 0, 30, 0.005, "no wait held")
+        unsubscribed = until(lambda: metrics(server.url).get("eventi_subscribed_channels") == 0, 30, 0.005, "no channel")
+        finished = until(lambda: open_files(worker) <= files_holding - n, 30, 0.005,
+                         lambda: f"the worker's open files down by {n} (from {files_holding}: {open_files(worker)})")
         count = metrics(server.url).get("eventi_waits_departed_total")
         return {"close_all_s": closed - closing, "released_s": released - closed,
                 "unsubscribed_s": unsubscribed - closed, "finished_s": finished - closed, "departed_metric": count}
