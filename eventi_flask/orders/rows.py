@@ -7,12 +7,18 @@ a callback from 12 round trips and 5.5 ms of CPU to 7 and 2.6 ms
 (scripts/bench_callback.py; BENCHMARKS.md).
 Creating an order is one statement that reserves the tickets and inserts the
 order (see create_order for why).  The rarer changes stay in the ORM (service.py).
+On PostgreSQL an order's two statements, each its own transaction, go straight
+to psycopg on a pooled connection (run_alone): SQLAlchemy's Session and
+execution context around them were a fifth of an order's CPU (BENCHMARKS.md).
 
 A row is a mapping of the orders table's columns plus `ticket_type_code` and
 `event_slug`: what schemas.order_body() needs to answer.
 """
+from psycopg.rows import dict_row
 from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 
+from .. import metrics
 from .models import Event, Order, OrderLogEntry, Ticket, TicketType
 
 ORDERS, TICKETS, TICKET_TYPES, EVENTS = Order.__table__, Ticket.__table__, TicketType.__table__, Event.__table__
@@ -90,6 +96,53 @@ _NOTE_PAYHERO_ANSWER = insert(ORDER_LOG).values(order_id=bindparam("order_id"), 
 _SAVE_AND_NOTE = _SAVE_PAYHERO_ANSWER.add_cte(_NOTE_PAYHERO_ANSWER.cte("noted"))
 
 
+_COMPILED = {}  # statement -> (SQL, default parameters, bind processors), for PostgreSQL
+
+
+def _compiled(statement, dialect):
+    try:
+        return _COMPILED[statement]
+    except KeyError:
+        compiled = statement.compile(dialect=dialect)
+        # The bind processors: what SQLAlchemy does to a value before psycopg sees it (JSON: dumps).
+        _COMPILED[statement] = (str(compiled), compiled.params, compiled._bind_processors)
+        return _COMPILED[statement]
+
+
+def run_alone(engine, statement, params):
+    """Run `statement` as its own transaction (autocommit) on a pooled psycopg connection; its first row, a dict, or None.
+
+    The connection is checked out as any other (engine.connect(): the idle ping, and a failure
+    to connect raised and watched as everywhere else, database.py).  A driver error is raised as
+    SQLAlchemy's (DBAPIError), as Connection.execute raises it, and the connection is dropped
+    from the pool, as is one left in an unknown state by anything else.
+    """
+    sql, defaults, processors = _compiled(statement, engine.dialect)
+    values = {**defaults, **params}
+    for key, process in processors.items():
+        values[key] = process(values[key])
+    with engine.connect() as connection:
+        pooled = connection.connection
+        driver = pooled.driver_connection
+        given_back = False
+        try:
+            driver.autocommit = True
+            metrics.db_queries.inc()
+            with driver.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(sql, values)
+                row = cursor.fetchone()
+            driver.autocommit = False  # as the pool's other users expect it
+            given_back = True
+            return row
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(sql, values, exc, engine.dialect.loaded_dbapi.Error, hide_parameters=True,
+                                      connection_invalidated=engine.dialect.is_disconnect(exc, driver, None),
+                                      dialect=engine.dialect) from exc
+        finally:
+            if not given_back:
+                connection.invalidate()
+
+
 def read(connection, order_id):
     return connection.execute(_FIND_BY["id"], {"key": order_id}).mappings().first()
 
@@ -123,20 +176,20 @@ def release_tickets(connection, ticket_type_id, quantity):
     connection.execute(_RELEASE_TICKETS, {"ticket_type_id": ticket_type_id, "quantity": quantity})
 
 
-def create_order(connection, order, event_slug, ticket_type_code):
+def create_order(bind, order, event_slug, ticket_type_code):
     """Reserve `order["quantity"]` tickets and insert `order` (the columns of _NEW_ORDER).
 
     Returns {"ticket_type_id", "amount"}, or None when the ticket type is unknown or has
-    too few tickets left (nothing is written then).  On PostgreSQL run it on an autocommit
-    connection: it is then its own transaction.  On SQLite the caller commits.
+    too few tickets left (nothing is written then).  `bind`: on PostgreSQL the engine (the
+    statement is its own transaction, run_alone); on SQLite a connection, and the caller commits.
     """
     params = {"event_slug": event_slug, "ticket_type_code": ticket_type_code, "quantity": order["quantity"],
               **{"new_" + name: order[name] for name in _NEW_ORDER}}
-    if connection.dialect.name == "postgresql":
-        return connection.execute(_RESERVE_AND_INSERT, params).mappings().first()
-    created = connection.execute(_INSERT_IF_ROOM, params).mappings().first()
+    if bind.dialect.name == "postgresql":
+        return run_alone(bind, _RESERVE_AND_INSERT, params)
+    created = bind.execute(_INSERT_IF_ROOM, params).mappings().first()
     if created is not None:
-        connection.execute(_RESERVE, {"ticket_type_id": created["ticket_type_id"], "quantity": order["quantity"]})
+        bind.execute(_RESERVE, {"ticket_type_id": created["ticket_type_id"], "quantity": order["quantity"]})
     return created
 
 
@@ -145,15 +198,15 @@ def tickets_left(connection, event_slug, ticket_type_code):
     return connection.execute(_TICKETS_LEFT, {"event_slug": event_slug, "ticket_type_code": ticket_type_code}).first()
 
 
-def save_payhero_answer(connection, order_id, reference, checkout_request_id, now):
+def save_payhero_answer(bind, order_id, reference, checkout_request_id, now):
     """Store PayHero's references on the order (version + 1) and note the answer in its log.
 
-    Returns the order's new row, or None if it already had them.  On PostgreSQL one
-    statement (autocommit: its own transaction); on SQLite the caller commits.
+    Returns the order's new row, or None if it already had them.  `bind` as for create_order:
+    on PostgreSQL one statement, its own transaction; on SQLite the caller commits.
     """
     params = {"order_id": order_id, "reference": reference, "checkout_request_id": checkout_request_id, "now": now,
               "note": {"accepted": True, "reference": reference, "checkout_request_id": checkout_request_id}}
-    if connection.dialect.name == "postgresql":
-        return connection.execute(_SAVE_AND_NOTE, params).mappings().first()
-    connection.execute(_NOTE_PAYHERO_ANSWER, params)
-    return connection.execute(_SAVE_PAYHERO_ANSWER, params).mappings().first()
+    if bind.dialect.name == "postgresql":
+        return run_alone(bind, _SAVE_AND_NOTE, params)
+    bind.execute(_NOTE_PAYHERO_ANSWER, params)
+    return bind.execute(_SAVE_PAYHERO_ANSWER, params).mappings().first()

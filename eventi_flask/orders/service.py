@@ -43,9 +43,11 @@ def order_by_id(order_id):
     return order
 
 
-def _row_body(connection, row):
-    codes = rows.ticket_codes(connection, row["id"]) if row["status"] == Status.COMPLETED else ()
-    return order_body(row, codes)
+def _row_body(row, connection=None):
+    """The order's body from its row; a completed order's ticket codes are read on `connection` (or the session's)."""
+    if row["status"] != Status.COMPLETED:
+        return order_body(row)
+    return order_body(row, rows.ticket_codes(connection or db.session.connection(), row["id"]))
 
 
 def _touch(order):
@@ -67,7 +69,7 @@ def create_order(data):
              "name": data["name"].strip(), "email": data["email"], "phone": data["phone"],
              "created_at": now, "updated_at": now}
     try:
-        created = rows.create_order(_single_statement_connection(), order, data["event"], data["ticket_type"])
+        created = rows.create_order(_single_statement_bind(), order, data["event"], data["ticket_type"])
         db.session.commit()
     except DBAPIError:
         db.session.rollback()
@@ -88,10 +90,11 @@ def create_order(data):
     return _request_payment(order)
 
 
-def _single_statement_connection():
-    """The session's connection; on PostgreSQL in autocommit, so that each statement is its own transaction."""
-    options = {"isolation_level": "AUTOCOMMIT"} if db.engine.dialect.name == "postgresql" else None
-    return db.session.connection(execution_options=options)
+def _single_statement_bind():
+    """Where an order's own statements run: on PostgreSQL the engine, each statement its own
+    transaction on a pooled connection (rows.run_alone); on SQLite the session's connection."""
+    engine = db.engine
+    return engine if engine.dialect.name == "postgresql" else db.session.connection()
 
 
 def _refuse_order(data):
@@ -163,15 +166,13 @@ def _request_payment(order):
 
 def _save_payhero_answer(order, answer):
     try:
-        connection = _single_statement_connection()
-        row = rows.save_payhero_answer(connection, order["id"], answer["reference"], answer["checkout_request_id"],
-                                       utcnow())
+        row = rows.save_payhero_answer(_single_statement_bind(), order["id"], answer["reference"],
+                                       answer["checkout_request_id"], utcnow())
         if row is None:  # a callback got here first and said it already: that order stands
             db.session.commit()
             return order_by_id(order["id"])
         # A final status here means a callback came first, without naming PayHero's references.
-        body = _row_body(connection, {**row, "event_slug": order["event_slug"],
-                                      "ticket_type_code": order["ticket_type_code"]})
+        body = _row_body({**row, "event_slug": order["event_slug"], "ticket_type_code": order["ticket_type_code"]})
         notify_after_commit(db.session, body)
         db.session.commit()
         return body
@@ -278,7 +279,7 @@ def apply_payment_outcome(outcome, order_id=None, record=None):
             if transition.decision is Decision.IGNORED_FINAL:
                 log.warning("Order %s is already %s; a later %s outcome was recorded and not applied",
                             row["id"], row["status"], outcome.status.value)
-            body = _row_body(connection, row)
+            body = _row_body(row, connection)
             break
         body = _apply(connection, row, transition.status, outcome)
         if body is not None:
@@ -352,7 +353,7 @@ def _read_order(order_id):
     try:
         connection = db.session.connection()
         row = rows.read(connection, order_id)
-        return _row_body(connection, row) if row is not None else None
+        return _row_body(row, connection) if row is not None else None
     finally:
         # Give the connection back before holding: a held wait owns no database connection.
         db.session.remove()
