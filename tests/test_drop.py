@@ -110,10 +110,10 @@ def test_an_unsaved_payhero_answer_still_answers_201_with_the_order(app, client,
 def test_an_idle_pooled_connection_that_died_is_replaced_before_use(backend, app, client, wire, monkeypatch):
     if backend != "postgres-redis":
         pytest.skip("about PostgreSQL connections")
-    import eventi_flask
+    from eventi_flask import database
 
     order = client.post("/api/orders", json=NO_CALLBACK).get_json()
-    monkeypatch.setattr(eventi_flask, "PING_AFTER_IDLE_SECONDS", 0)  # every pooled connection counts as idle
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 0)  # every pooled connection counts as idle
     with app.app_context():
         with db.engine.connect() as conn:
             name = conn.execute(text("SELECT current_database()")).scalar()
