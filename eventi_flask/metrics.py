@@ -21,7 +21,8 @@ callback_duration = Histogram(
     registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 callbacks = Counter("eventi_callbacks_total", "PayHero callbacks by outcome", ["outcome"], registry=registry)
-listener_connected = Gauge("eventi_redis_listener_connected", "1 while the Redis subscriber connection is up", registry=registry)
+listener_connected = Gauge("eventi_redis_listener_connected", "1 while the subscriber connection to this Redis node is up",
+                           ["node"], registry=registry)
 redis_transitions = Counter("eventi_redis_transitions_total", "Redis subscriber connects and disconnects", ["state"], registry=registry)
 publish_failures = Counter("eventi_redis_publish_failures_total", "Notifications that could not be published", registry=registry)
 database_available = Gauge("eventi_database_available", "0 while the database cannot be reached", registry=registry)

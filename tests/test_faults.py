@@ -136,7 +136,7 @@ def test_redis_down_at_start_then_started(app, client, wire, hub, redis_server, 
     wait_until(lambda: hub.channel(later["id"]) in redis_server.channels(), 5, message="the subscription")
     assert client.get("/readyz").status_code == 200
     assert sample("eventi_redis_transitions_total", state="connected") == connects + 1
-    assert sample("eventi_redis_listener_connected") == 1
+    assert sample("eventi_redis_listener_connected", node=f"127.0.0.1:{redis_server.port}") == 1
     assert "Redis subscriber connected" in log_lines
     sent = time.monotonic()
     pay(client, later)
@@ -156,7 +156,7 @@ def test_redis_outage_mid_wait_then_restart_resubscribes(app, client, wire, hub,
     redis_server.stop()
     wait_until(lambda: not hub.connected, 5, message="the listener to notice")
     assert sample("eventi_redis_transitions_total", state="disconnected") == disconnects + 1
-    assert sample("eventi_redis_listener_connected") == 0
+    assert sample("eventi_redis_listener_connected", node=f"127.0.0.1:{redis_server.port}") == 0
     assert sum("Redis subscriber disconnected" in line for line in log_lines) == 1
     assert client.get("/readyz").status_code == 503
 

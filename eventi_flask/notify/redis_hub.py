@@ -3,20 +3,12 @@
 Publishes on `order:status:<id>` and caches `order:latest:<id>` through a
 Publisher (its own connection and greenlet, publisher.py), reads the cache
 through a small pool of its own, and keeps ONE subscriber connection per
-process, owned by one listener greenlet, that SUBSCRIBEs a channel while the
-process has a waiter for it.
+process (subscriber.Subscriber) that SUBSCRIBEs a channel while the process
+has a waiter for it.
 """
-import collections
-import errno
 import json
 import logging
-import os
-import random
-import time
 
-import gevent
-import gevent.event
-import gevent.select
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -24,11 +16,10 @@ from redis.retry import Retry
 from .. import metrics
 from .hub import CACHE_SECONDS, Hub, is_order_message
 from .publisher import Publisher, redis_connection
+from .subscriber import SUBSCRIBE_CONFIRM_TIMEOUT, Subscriber, connection_options
 
 log = logging.getLogger(__name__)
 
-SUBSCRIBE_CONFIRM_TIMEOUT = 2.0  # past this, the waiter goes on and the re-check covers it
-SUBSCRIBE_BATCH = 1000
 CACHE_POOL_SIZE = 16  # cache-read connections per process (the publisher and the subscriber are apart)
 
 
@@ -39,20 +30,11 @@ class RedisHub(Hub):
         super().__init__(**limits)
         self.url = url
         self.prefix = prefix
-        self._channel_prefix = f"{prefix}order:status:".encode()
         self._client = self.cache_client(url)
         self._publisher = Publisher(lambda: redis_connection(url, "eventi-pub"))
-        self.connected = None  # None until the listener's first attempt: waiters still wait for it
-        self.ping_interval = 5.0
-        self._listener = None
-        self._wake_r = self._wake_w = None
-        # Subscription bookkeeping, touched only by the listener and (for _want/_ready) watch():
-        self._requested = set()  # channels whose last command sent was SUBSCRIBE
-        self._ready = {}  # id -> Event set when the SUBSCRIBE covering new waiters is confirmed
-        self._inflight = {}  # id -> deque of Events (SUBSCRIBE) / None (UNSUBSCRIBE) awaiting replies
-        self._want = set()
-        self._drop = set()
-        self._recheck_when_resubscribed = False
+        channel_prefix = len(f"{prefix}order:status:".encode())
+        self._subscriber = Subscriber(self, connection_options(url), self.channel,
+                                      lambda channel: channel[channel_prefix:].decode())
 
     @staticmethod
     def cache_client(url):
@@ -100,178 +82,65 @@ class RedisHub(Hub):
             return False, f"redis: {exc}"
         return True, "redis"
 
-    # -- subscribing: the waiter side --
+    # -- subscribing: one Subscriber, whose greenlet alone uses the connection --
+
+    @property
+    def connected(self):
+        return self._subscriber.connected
+
+    @property
+    def ping_interval(self):
+        return self._subscriber.ping_interval
+
+    @ping_interval.setter
+    def ping_interval(self, seconds):
+        self._subscriber.ping_interval = seconds
+
+    @property
+    def _listener(self):
+        return self._subscriber.greenlet
 
     def _ensure_subscribed(self, order_id):
         if self.connected is False:
             return  # degraded: the re-check every few seconds stands in for messages
-        if order_id in self._requested:
-            ready = self._ready.get(order_id)
-            if ready is None or ready.is_set():
-                return
-        else:
-            ready = self._ready.get(order_id)
-            if ready is None:
-                ready = self._ready[order_id] = gevent.event.Event()
-            self._want.add(order_id)
-            self._wake_listener()
-        ready.wait(SUBSCRIBE_CONFIRM_TIMEOUT)
+        ready = self._subscriber.subscribe(order_id)
+        if ready is not None:
+            ready.wait(SUBSCRIBE_CONFIRM_TIMEOUT)
 
     def _release(self, order_id):
-        self._drop.add(order_id)
-        self._wake_listener()
+        self._subscriber.release(order_id)
 
     def _start_background(self):
         super()._start_background()
-        if self._listener is None:
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
-            self._listener = gevent.spawn(self._listen_forever)
-
-    def _greenlets(self):
-        return super()._greenlets() + [g for g in (self._listener,) if g is not None]
+        self._subscriber.start()
 
     def stop(self):
         super().stop()
         self._publisher.stop()
+        self._subscriber.stop()
 
-    def _wake_listener(self):
-        if self._wake_w is None:
-            return
-        try:
-            os.write(self._wake_w, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+    # -- what the Subscriber asks of its owner --
 
-    # -- the listener greenlet: the only user of the subscriber connection --
+    def _wanted(self, subscriber, order_id):
+        return bool(self._waiters.get(order_id))
 
-    def _listen_forever(self):
-        backoff = 0.25
-        while True:
-            conn = None
-            try:
-                conn = self._connect()
-                backoff = 0.25
-                self._serve(conn)
-            except Exception as exc:  # the listener must outlive anything, or the worker goes deaf
-                if not isinstance(exc, (redis.RedisError, OSError)):
-                    log.exception("Redis listener failed; reconnecting")
-                if self.connected is not False:
-                    self._on_disconnected(exc)
-                else:
-                    log.debug("Redis subscriber still unreachable: %s", exc)
-            finally:
-                if conn is not None:
-                    conn.disconnect()
-            gevent.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, 10.0)
+    def _held_by(self, subscriber):
+        return list(self._waiters)
 
-    def _connect(self):
-        pool = redis.ConnectionPool.from_url(
-            self.url, protocol=2, socket_connect_timeout=1, socket_keepalive=True,
-            client_name=f"eventi-sub-{os.getpid()}",
-        )  # RESP2: pub/sub messages arrive as plain replies, not RESP3 pushes
-        conn = pool.make_connection()
-        conn.connect()
-        # A fresh connection has no subscriptions: re-request every channel we hold
-        # waiters for, keeping the confirmations that new waiters still wait on.
-        self._ready = {order_id: ready for order_id, ready in self._ready.items() if not ready.is_set()}
-        self._requested.clear()
-        self._inflight.clear()
-        self._drop.clear()
-        self._want = set(self._waiters)
-        # Messages may have been missed while we were away: once resubscribed, re-check everyone.
-        self._recheck_when_resubscribed = bool(self._want)
-        self.connected = True
-        metrics.listener_connected.set(1)
-        metrics.subscribed_channels.set(0)
-        metrics.redis_transitions.labels("connected").inc()
-        log.info("Redis subscriber connected")
-        return conn
+    def _on_subscriber_up(self, subscriber):
+        pass
 
-    def _on_disconnected(self, exc):
-        self.connected = False
-        metrics.listener_connected.set(0)
-        metrics.redis_transitions.labels("disconnected").inc()
-        log.warning("Redis subscriber disconnected, re-checking the database every %gs until it is back: %s",
-                    self.degraded_interval, exc)
-        for ready in self._ready.values():
-            ready.set()  # nobody waits for a confirmation that cannot come
+    def _on_subscriber_down(self, subscriber, exc):
         self._recheck_now.set()
 
-    def _serve(self, conn):
-        sock = conn._sock  # redis-py keeps it private; we only select() on it
-        ping_sent = None
-        while True:
-            self._sync_subscriptions(conn)
-            while conn.can_read(timeout=0):
-                self._handle(conn.read_response())
-                ping_sent = None
-            timeout = self.ping_interval if ping_sent is None else max(0, ping_sent + self.ping_interval - time.monotonic())
-            readable, _, _ = gevent.select.select([sock, self._wake_r], [], [], timeout)
-            if self._wake_r in readable:
-                self._drain_wake_pipe()
-            if not readable:
-                if ping_sent is not None:
-                    raise redis.ConnectionError(f"no PONG from Redis within {self.ping_interval:g}s")
-                conn.send_command("PING")
-                ping_sent = time.monotonic()
+    def _on_subscriptions_lost(self, subscriber, order_ids, reason):
+        log.warning("Redis dropped %d subscriptions (%s); re-checking the database", len(order_ids), reason)
+        self._recheck_now.set()
 
-    def _drain_wake_pipe(self):
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.EAGAIN:
-                raise
+    def _count_channels(self):
+        metrics.subscribed_channels.set(self._subscriber.channels)
 
-    def _sync_subscriptions(self, conn):
-        subscribe, unsubscribe = [], []
-        for order_id in self._want:
-            if self._waiters.get(order_id) and order_id not in self._requested:
-                ready = self._ready.setdefault(order_id, gevent.event.Event())
-                self._inflight.setdefault(order_id, collections.deque()).append(ready)
-                self._requested.add(order_id)
-                subscribe.append(self.channel(order_id))
-            elif not self._waiters.get(order_id):
-                ready = self._ready.pop(order_id, None)
-                if ready is not None and order_id not in self._requested:
-                    ready.set()
-        self._want.clear()
-        for order_id in self._drop:
-            if not self._waiters.get(order_id) and order_id in self._requested:
-                self._requested.discard(order_id)
-                self._ready.pop(order_id, None)
-                self._inflight.setdefault(order_id, collections.deque()).append(None)
-                unsubscribe.append(self.channel(order_id))
-        self._drop.clear()
-        for command, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe)):
-            for start in range(0, len(channels), SUBSCRIBE_BATCH):
-                conn.send_command(command, *channels[start:start + SUBSCRIBE_BATCH])
-
-    def _handle(self, reply):
-        kind = reply[0]
-        if kind == b"message":
-            self._on_message(reply[1], reply[2])
-        elif kind in (b"subscribe", b"unsubscribe"):
-            order_id = reply[1][len(self._channel_prefix):].decode()
-            queue = self._inflight.get(order_id)
-            ready = queue.popleft() if queue else None
-            if queue is not None and not queue:
-                del self._inflight[order_id]
-            metrics.subscribed_channels.set(reply[2])
-            if ready is not None:
-                ready.set()
-                log.info("Subscribed to Redis channel: %s", reply[1].decode())
-            if self._recheck_when_resubscribed and not self._inflight:
-                self._recheck_when_resubscribed = False
-                self._recheck_now.set()
-
-    def _on_message(self, channel, data):
-        order_id = channel[len(self._channel_prefix):].decode()
+    def _on_message(self, order_id, data):
         log.info("Redis message received for order: %s", order_id)
         try:
             message = json.loads(data)
@@ -279,7 +148,7 @@ class RedisHub(Hub):
             message = None
         if not is_order_message(message):
             # Not one of ours (another publisher on a shared channel?): the database decides.
-            log.warning("A message on %s is not an order message; re-checking the database", channel.decode())
+            log.warning("A message on %s is not an order message; re-checking the database", self.channel(order_id))
             for waiter in list(self._waiters.get(order_id, ())):
                 waiter.ask_recheck()
             return
