@@ -15,7 +15,7 @@ from sqlalchemy import text  # noqa: E402
 from config import TestConfig  # noqa: E402
 from eventi_flask import create_app  # noqa: E402
 from eventi_flask.extensions import db  # noqa: E402
-from eventi_flask.notify.service import get_hub  # noqa: E402
+from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
 from eventi_flask.orders.commands import seed_demo  # noqa: E402
 from eventi_flask.payhero import verify  # noqa: E402
 from tests.support import REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
@@ -78,6 +78,23 @@ def app(settings):
         get_hub().stop()
         db.session.remove()
         db.engine.dispose()
+
+
+@pytest.fixture
+def log_lines(app):
+    """Messages our loggers emit during the test (they do not propagate to pytest's caplog)."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("eventi_flask")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def hub(app):
+    return app.extensions[HUB]
 
 
 @pytest.fixture

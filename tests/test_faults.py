@@ -12,7 +12,6 @@ import redis
 import requests
 
 from eventi_flask import metrics
-from eventi_flask.notify.service import HUB
 from tests.support import DEMO, callback_body, free_port, wait_until
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
@@ -78,11 +77,6 @@ def backend():
 @pytest.fixture
 def settings(settings, redis_server):
     return {**settings, "REDIS_URL": redis_server.url}
-
-
-@pytest.fixture
-def hub(app):
-    return app.extensions[HUB]
 
 
 def sample(name, **labels):

@@ -8,16 +8,10 @@ from sqlalchemy import event, text
 
 from eventi_flask.extensions import db
 from eventi_flask.notify.publisher import Publisher, redis_connection
-from eventi_flask.notify.service import HUB
 from tests.support import DEMO, REDIS_URL, callback_body, wait_until
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}
-
-
-@pytest.fixture
-def hub(app):
-    return app.extensions[HUB]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Waking held requests when an order changes: the backends and the after-commit publisher."""
 from . import service
+from .cluster_hub import ClusterHub, is_cluster
 from .local_hub import LocalHub
 from .redis_hub import RedisHub
 
@@ -11,9 +12,12 @@ def create_hub(config):
         recheck_interval=config["WAIT_RECHECK_INTERVAL"],
         degraded_interval=config["WAIT_RECHECK_INTERVAL_DEGRADED"],
     )
-    if config.get("REDIS_URL"):
-        return RedisHub(config["REDIS_URL"], config.get("REDIS_PREFIX", ""), **limits)
-    return LocalHub(**limits)
+    url = config.get("REDIS_URL")
+    if not url:
+        return LocalHub(**limits)
+    # A cluster node says so in INFO cluster; nothing else to configure.
+    hub_class = ClusterHub if is_cluster(url) else RedisHub
+    return hub_class(url, config.get("REDIS_PREFIX", ""), **limits)
 
 
 def init_app(app):

@@ -12,6 +12,7 @@ re-check reads order versions in one batched query every WAIT_RECHECK_INTERVAL
 seconds (every WAIT_RECHECK_INTERVAL_DEGRADED while Redis is unreachable), so
 a lost message costs latency, never the answer.
 """
+import json
 import logging
 
 import gevent
@@ -208,6 +209,21 @@ class Hub:
 
     def _release(self, order_id):
         pass
+
+    def _on_message(self, order_id, data):
+        """A message on the order's channel (the Redis backends): deliver it if it is one of ours."""
+        log.info("Redis message received for order: %s", order_id)
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = None
+        if not is_order_message(message):
+            # Not one of ours (another publisher on a shared channel?): the database decides.
+            log.warning("A message on %s is not an order message; re-checking the database", self.channel(order_id))
+            for waiter in list(self._waiters.get(order_id, ())):
+                waiter.ask_recheck()
+            return
+        self._deliver(order_id, message)
 
     def _deliver(self, order_id, message):
         for waiter in list(self._waiters.get(order_id, ())):

@@ -14,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .. import metrics
-from .hub import CACHE_SECONDS, Hub, is_order_message
+from .hub import CACHE_SECONDS, Hub
 from .publisher import Publisher, redis_connection
 from .subscriber import SUBSCRIBE_CONFIRM_TIMEOUT, Subscriber, connection_options
 
@@ -37,14 +37,15 @@ class RedisHub(Hub):
                                       lambda channel: channel[channel_prefix:].decode())
 
     @staticmethod
-    def cache_client(url):
+    def cache_client(url, host=None, port=None):
         # One quick retry covers a pooled connection gone stale; more would hold up the wait.
         # Bounded: under gevent every concurrent cache read would otherwise open its own
         # connection (a burst of thousands of waits arriving meant hundreds of sockets); past the
         # bound a reader waits for a free connection, up to 2 s, then fails as a Redis error does
         # (and reads the database instead).  Publishing never uses this pool.
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=CACHE_POOL_SIZE, timeout=2, socket_timeout=2, socket_connect_timeout=1,
+        pool = redis.BlockingConnectionPool(
+            **connection_options(url, host, port), max_connections=CACHE_POOL_SIZE, timeout=2, socket_timeout=2,
+            socket_connect_timeout=1,
             health_check_interval=15, retry=Retry(NoBackoff(), 1))
         return redis.Redis(connection_pool=pool)
 
@@ -139,17 +140,3 @@ class RedisHub(Hub):
 
     def _count_channels(self):
         metrics.subscribed_channels.set(self._subscriber.channels)
-
-    def _on_message(self, order_id, data):
-        log.info("Redis message received for order: %s", order_id)
-        try:
-            message = json.loads(data)
-        except ValueError:
-            message = None
-        if not is_order_message(message):
-            # Not one of ours (another publisher on a shared channel?): the database decides.
-            log.warning("A message on %s is not an order message; re-checking the database", self.channel(order_id))
-            for waiter in list(self._waiters.get(order_id, ())):
-                waiter.ask_recheck()
-            return
-        self._deliver(order_id, message)

@@ -1,0 +1,116 @@
+"""A Redis Cluster of our own for tests: three primaries on spare loopback ports, no replicas."""
+import shutil
+import subprocess
+
+import redis
+
+from tests.support import free_port, wait_until
+
+
+class ClusterNode:
+    def __init__(self, workdir):
+        self.port, self.bus_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"redis://{self.address}/0"
+        self.workdir = workdir / str(self.port)
+        self.workdir.mkdir(parents=True)
+        self.proc = None
+
+    def start(self):
+        # nodes.conf in the node's own directory keeps its id and slots across a restart.
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-port", str(self.bus_port), "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "2000", "--dir", str(self.workdir), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answers, 10, 0.05, f"redis-server on port {self.port}")
+
+    def client(self):
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+
+    def answers(self):
+        try:
+            with self.client() as client:
+                return client.ping()
+        except redis.RedisError:
+            return False
+
+    def node_id(self):
+        with self.client() as client:
+            return client.execute_command("CLUSTER MYID").decode()
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class RedisCluster:
+    def __init__(self, workdir, primaries=3):
+        self.nodes = [ClusterNode(workdir) for _ in range(primaries)]
+
+    @property
+    def url(self):
+        return self.nodes[0].url
+
+    def start(self):
+        for node in self.nodes:
+            node.start()
+        subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        wait_until(self.healthy, 30, 0.1, "the cluster to be ok on every node")
+        return self
+
+    def healthy(self):
+        for node in self.nodes:
+            try:
+                with node.client() as client:
+                    if client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                        return False
+            except redis.RedisError:
+                return False
+        return True
+
+    def owner(self, slot):
+        """The node serving `slot`, as the first answering node sees it."""
+        for node in self.nodes:
+            try:
+                with node.client() as client:
+                    for first, last, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                        if first <= slot <= last:
+                            return next(n for n in self.nodes if n.port == primary[1])
+            except redis.RedisError:
+                continue
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot, target):
+        """Move `slot` and its keys to `target`, as redis-cli --cluster reshard does."""
+        source = self.owner(slot)
+        source_id, target_id = source.node_id(), target.node_id()
+        with source.client() as src, target.client() as dst:
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+            while True:
+                keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            for node in (target, source, *(n for n in self.nodes if n not in (source, target))):
+                with node.client() as client:
+                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        wait_until(lambda: self.owner(slot) is target, 10, message=f"slot {slot} to move")
+
+    def stop(self):
+        for node in self.nodes:
+            node.stop()
+
+
+def redis_server_available():
+    return shutil.which("redis-server") and shutil.which("redis-cli")
+
+

@@ -1,0 +1,171 @@
+"""Redis Cluster mode, against a real 3-primary cluster started once for the session.
+
+Sharded pub/sub: an order's channel and cache key share a slot, each worker holds
+at most one subscriber connection per primary, and the cluster may change under
+held waits (a slot moves, a primary dies) without a waiter missing its result.
+"""
+import collections
+import os
+import time
+
+import gevent
+import pytest
+import requests
+
+from eventi_flask.notify.cluster_hub import ClusterHub
+from tests.redis_cluster import RedisCluster, redis_server_available
+from tests.support import DEMO, callback_body, wait_until
+
+CALLBACK = "/api/payhero/callback?token=sandbox"
+NO_CALLBACK = {**DEMO, "phone": "0708000004"}  # the sandbox never calls back for this phone
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    if not redis_server_available():
+        pytest.skip("redis-server and redis-cli are not installed (scripts/test.sh installs them)")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+# The in-process tests run over PostgreSQL and the cluster (overriding conftest's fixtures).
+@pytest.fixture
+def backend():
+    return "postgres-redis"
+
+
+@pytest.fixture
+def settings(settings, cluster):
+    return {**settings, "REDIS_URL": cluster.url}
+
+
+def new_orders(client, count):
+    orders = []
+    for _ in range(count):
+        response = client.post("/api/orders", json=NO_CALLBACK)
+        assert response.status_code == 201, response.get_json()
+        orders.append(response.get_json())
+    return orders
+
+
+def hold(client, order, timeout=30):
+    path = f"/api/orders/{order['id']}/wait"
+    return gevent.spawn(client.get, path, query_string={"since": order["version"], "timeout": timeout})
+
+
+def pay(client, order, **kwargs):
+    response = client.post(CALLBACK, json=callback_body(order, **kwargs))
+    assert response.status_code == 200, response.get_json()
+
+
+def answer(waiting, seconds=10):
+    response = waiting.get(timeout=seconds)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def subscribers_by_node(cluster, name):
+    """{node port: number of connections called `name`} from CLIENT LIST on every node."""
+    counts = {}
+    for node in cluster.nodes:
+        with node.client() as client:
+            counts[node.port] = sum(c.get("name") == name for c in client.client_list())
+    return counts
+
+
+def shard_channels(cluster, prefix):
+    channels = set()
+    for node in cluster.nodes:
+        with node.client() as client:
+            channels.update(c.decode() for c in client.execute_command("PUBSUB SHARDCHANNELS", f"{prefix}*"))
+    return channels
+
+
+def spublish_calls(cluster):
+    calls = {}
+    for node in cluster.nodes:
+        with node.client() as client:
+            calls[node.port] = client.info("commandstats").get("cmdstat_spublish", {}).get("calls", 0)
+    return calls
+
+
+def test_cluster_mode_is_detected_and_names_share_a_slot(app, client, wire, hub, settings, cluster):
+    assert isinstance(hub, ClusterHub)
+    prefix = settings["REDIS_PREFIX"]
+    (order,) = new_orders(client, 1)  # creating it publishes it
+    key = f"{prefix}order:{{{order['id']}}}:latest"
+    assert hub.cache_key(order["id"]) == key and hub.channel(order["id"]) == f"{prefix}order:{{{order['id']}}}:status"
+    owner = cluster.owner(hub.slot(order["id"]))
+    with owner.client() as redis_client:
+        assert 0 < redis_client.ttl(key) <= 60
+        assert redis_client.keys(f"{prefix}order:latest:*") == []
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["checks"]["notifications"] == "ok"
+
+
+def test_300_waits_over_every_primary_answered_by_spublish_one_subscriber_per_primary(
+        app, client, wire, hub, settings, cluster, log_lines):
+    prefix = settings["REDIS_PREFIX"]
+    orders = new_orders(client, 300)
+    owners = collections.Counter(cluster.owner(hub.slot(o["id"])).port for o in orders)
+    assert len(owners) == 3, f"orders should cover every primary: {owners}"
+    waits = [hold(client, order) for order in orders]
+    wait_until(lambda: hub.waiter_count == 300, 20, message="300 held waits")
+    wait_until(lambda: len(shard_channels(cluster, prefix)) == 300, 10, message="300 shard channels subscribed")
+    connections = subscribers_by_node(cluster, f"eventi-sub-{os.getpid()}")
+    assert connections == {node.port: 1 for node in cluster.nodes}, "one subscriber connection per primary"
+    assert not any(w.ready() for w in waits)
+
+    before = spublish_calls(cluster)
+    for order in orders:
+        pay(client, order)
+    answers = [answer(waiting, 20) for waiting in waits]
+    assert [a["status"] for a in answers] == ["completed"] * 300
+    assert all(a["version"] == o["version"] + 1 for a, o in zip(answers, orders))
+    delivered = "\n".join(log_lines)
+    assert all(f"Order {o['id']} status changed via Redis" in delivered for o in orders), \
+        "every wait answered by its SPUBLISHed message"
+    after = spublish_calls(cluster)
+    assert all(after[port] - before[port] == owners[port] for port in owners), (before, after, owners)
+    wait_until(lambda: not shard_channels(cluster, prefix), 10, message="every shard channel released")
+    assert sum(subscribers_by_node(cluster, f"eventi-sub-{os.getpid()}").values()) <= 3
+
+
+# -- gunicorn processes --------------------------------------------------------------------------
+
+def held_waits(server, count):
+    return server.log().count("Long polling started for order") >= count
+
+
+def get_wait(server, order, timeout=20):
+    params = {"since": order["version"], "timeout": timeout}
+    return requests.get(f"{server.url}/api/orders/{order['id']}/wait", params=params, timeout=timeout + 15)
+
+
+@pytest.mark.live
+def test_two_instances_of_two_workers_on_one_cluster(live_server_factory, cluster):
+    one = live_server_factory(WEB_CONCURRENCY="2", REDIS_URL=cluster.url, REDIS_PREFIX="cluster-two:")
+    other = live_server_factory(WEB_CONCURRENCY="2", REDIS_URL=cluster.nodes[2].url,  # any node will do
+                                REDIS_PREFIX="cluster-two:", DATABASE_URL=one.env["DATABASE_URL"])
+    try:
+        pairs = [(one, other), (other, one)] * 6  # waits on each instance, callbacks landing on the other
+        orders = [waiter.create_order(phone=NO_CALLBACK["phone"]) for waiter, _ in pairs]
+        waits = [gevent.spawn(get_wait, waiter, order) for (waiter, _), order in zip(pairs, orders)]
+        wait_until(lambda: held_waits(one, 6) and held_waits(other, 6), message="the waits to be held")
+        for (_, landing), order, waiting in zip(pairs, orders, waits):
+            sent = time.monotonic()
+            response = requests.post(f"{landing.url}{CALLBACK}", json=callback_body(order), timeout=10)
+            assert response.status_code == 200, response.text
+            response = waiting.get(timeout=10)
+            assert response.status_code == 200 and response.json()["status"] == "completed"
+            assert time.monotonic() - sent < 5  # a message, not the 15 s re-check
+        log = one.log() + other.log()
+        assert all(f"Order {order['id']} status changed via Redis" in log for order in orders)
+        assert "Redis subscriber connected on 127.0.0.1:" in log
+        for name, count in ((n, c) for node in cluster.nodes for n, c in
+                            collections.Counter(c.get("name") for c in node.client().client_list()).items()):
+            assert not name.startswith("eventi-sub-") or count == 1, f"{name} has {count} connections to one node"
+    finally:
+        one.stop()
+        other.stop()
