@@ -35,6 +35,10 @@ class ClusterNode:
         except redis.RedisError:
             return False
 
+    def state(self):
+        with self.client() as client:
+            return client.execute_command("CLUSTER INFO").get("cluster_state")
+
     def node_id(self):
         with self.client() as client:
             return client.execute_command("CLUSTER MYID").decode()
@@ -67,14 +71,10 @@ class RedisCluster:
         return self
 
     def healthy(self):
-        for node in self.nodes:
-            try:
-                with node.client() as client:
-                    if client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
-                        return False
-            except redis.RedisError:
-                return False
-        return True
+        try:
+            return all(node.state() == "ok" for node in self.nodes)
+        except redis.RedisError:
+            return False
 
     def owner(self, slot):
         """The node serving `slot`, as the first answering node sees it."""

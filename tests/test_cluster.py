@@ -132,6 +132,101 @@ def test_300_waits_over_every_primary_answered_by_spublish_one_subscriber_per_pr
     assert sum(subscribers_by_node(cluster, f"eventi-sub-{os.getpid()}").values()) <= 3
 
 
+def orders_on_distinct_slots(client, hub, count):
+    orders = new_orders(client, count)
+    assert len({hub.slot(o["id"]) for o in orders}) == count  # 1 in 16384 that two share one: never mind
+    return orders
+
+
+@pytest.mark.env(WAIT_RECHECK_INTERVAL="60", WAIT_RECHECK_INTERVAL_DEGRADED="60")
+def test_a_slot_moved_under_held_waits_is_followed_at_once(app, client, wire, hub, settings, cluster, log_lines):
+    """With the periodic re-checks out of the way, only following the move can answer in time."""
+    raced, followed, bystander = orders_on_distinct_slots(client, hub, 3)
+    waits = {o["id"]: hold(client, o, 60) for o in (raced, followed, bystander)}
+    wait_until(lambda: len(shard_channels(cluster, settings["REDIS_PREFIX"])) == 3, 10,
+               message="the three channels subscribed")
+    for order in (raced, followed):
+        slot = hub.slot(order["id"])
+        source = cluster.owner(slot)
+        target = next(n for n in cluster.nodes if n is not source)
+        moved_at = time.monotonic()
+        cluster.move_slot(slot, target)  # its keys go too: the cached message of the order
+        if order is raced:
+            # A callback right after the move: published to the new owner, perhaps before we resubscribe
+            # there; either the message or the re-check that follows a move answers it.
+            pay(client, order)
+            assert answer(waits[order["id"]], 10)["status"] == "completed"
+            print(f"slot move to first answered wait: {time.monotonic() - moved_at:.3f}s")
+        else:
+            with target.client() as redis_client:
+                wait_until(lambda: redis_client.execute_command("PUBSUB SHARDCHANNELS", hub.channel(order["id"])),
+                           10, message="the channel subscribed on the slot's new owner")
+            sent = time.monotonic()
+            pay(client, order)
+            assert answer(waits[order["id"]], 10)["status"] == "completed"
+            assert time.monotonic() - sent < 2, "answered by the message on the new owner"
+            assert f"Order {order['id']} status changed via Redis" in "\n".join(log_lines)
+    assert not waits[bystander["id"]].ready()
+    pay(client, bystander, result_code=1032)
+    assert answer(waits[bystander["id"]], 10)["status"] == "cancelled"
+    assert any("dropped subscriptions (unsubscribed by the server)" in line for line in log_lines)
+
+
+def test_a_publish_on_a_stale_slot_map_follows_moved(app, client, wire, hub, cluster, log_lines):
+    (order,) = new_orders(client, 1)
+    waiting = hold(client, order)
+    wait_until(lambda: hub.waiter_count == 1, message="the wait to be held")
+    owner = hub._primary(order["id"])
+    wrong = next(n.address for n in cluster.nodes if n.address != owner)
+    hub._slots[hub.slot(order["id"])] = wrong  # as a process that has not heard of a move yet
+    pay(client, order)
+    assert answer(waiting, 5)["status"] == "completed"
+    assert f"Order {order['id']} status changed via Redis" in "\n".join(log_lines)
+    wait_until(lambda: hub._primary(order["id"]) == owner, 5, message="the slot map read again")
+
+
+@pytest.mark.env(WAIT_RECHECK_INTERVAL="60")
+def test_a_primary_killed_under_held_waits_then_back(app, client, wire, hub, settings, cluster, log_lines):
+    orders = orders_on_distinct_slots(client, hub, 30)
+    owner_of = {o["id"]: cluster.owner(hub.slot(o["id"])) for o in orders}
+    victim = owner_of[orders[0]["id"]]
+    assert len(set(owner_of.values())) == 3
+    waits = {o["id"]: hold(client, o, 60) for o in orders}
+    wait_until(lambda: len(shard_channels(cluster, settings["REDIS_PREFIX"])) == 30, 10,
+               message="every channel subscribed")
+
+    victim.kill()
+    try:
+        wait_until(lambda: hub.connected is False, 10, message="the dead primary to be noticed")
+        assert client.get("/readyz").status_code == 503
+        assert victim.address in client.get("/readyz").get_json()["checks"]["notifications"]
+        # Full coverage is required (the default): the survivors stop serving too, SPUBLISH included.
+        survivors = [node for node in cluster.nodes if node is not victim]
+        wait_until(lambda: all(node.state() == "fail" for node in survivors), 20,
+                   message="the survivors to declare the cluster down")
+        for order in orders:
+            pay(client, order)  # the database has the payment, whatever Redis does: 200
+        answers = {order_id: answer(waiting, 15) for order_id, waiting in waits.items()}
+        assert {a["status"] for a in answers.values()} == {"completed"}
+        assert any(f"Redis subscriber on {victim.address} disconnected" in line for line in log_lines)
+    finally:
+        victim.start()  # its own nodes.conf: the same id and slots
+        wait_until(cluster.healthy, 30, 0.2, "the cluster to be whole again")
+
+    wait_until(lambda: hub.connected, 30, message="the subscriber to reconnect to the restarted primary")
+    assert client.get("/readyz").status_code == 200
+    assert any(f"Redis subscriber connected on {victim.address}" in line for line in log_lines)
+    later = next(o for o in new_orders(client, 40) if cluster.owner(hub.slot(o["id"])) is victim)
+    waiting = hold(client, later)
+    with victim.client() as redis_client:
+        wait_until(lambda: redis_client.execute_command("PUBSUB SHARDCHANNELS", hub.channel(later["id"])), 10,
+                   message="the subscription on the restarted primary")
+    pay(client, later)
+    assert answer(waiting, 5)["status"] == "completed"
+    wait_until(lambda: f"Order {later['id']} status changed via Redis" in "\n".join(log_lines), 5,
+               message="delivery by Redis, not by the re-check")
+
+
 # -- gunicorn processes --------------------------------------------------------------------------
 
 def held_waits(server, count):

@@ -35,7 +35,8 @@ from .subscriber import SUBSCRIBE_CONFIRM_TIMEOUT, Subscriber, chunks, connectio
 
 log = logging.getLogger(__name__)
 
-REFRESH_PAUSE = 0.2  # at least this long between two reads of the slot map
+REFRESH_PAUSE = 0.2, 5.0  # between two reads of the slot map: doubling from the first while the cluster
+# keeps refusing our subscriptions (CLUSTERDOWN, or a map that has not settled), up to the second
 REFRESH_WHILE_DOWN = 2.0  # how often to read it again while a primary is unreachable
 
 
@@ -168,15 +169,19 @@ class ClusterHub(Hub):
         return True
 
     def _refresh_forever(self):
+        pause = REFRESH_PAUSE[0]
         while True:
             down = any(s.connected is False for s in self._subscribers.values())
             self._refresh.wait(REFRESH_WHILE_DOWN if down or self._slots[0] is None else None)
             self._refresh.clear()
+            resubscribing = bool(self._lost)
             try:
                 self._refresh_slots()
             except Exception:
                 log.exception("Reading the Redis Cluster slot map failed")
-            gevent.sleep(REFRESH_PAUSE)
+            gevent.sleep(pause)
+            # Lost again right after resubscribing: the cluster is not ready for us yet; back off.
+            pause = min(pause * 2, REFRESH_PAUSE[1]) if resubscribing and self._lost else REFRESH_PAUSE[0]
 
     def _request_refresh(self):
         self._refresh.set()

@@ -93,7 +93,8 @@ class Subscriber:
         self._sent = collections.deque()  # Commands awaiting replies, oldest first
         self._want = set()
         self._drop = set()
-        self._resubscribing = False  # True from a reconnect until its SUBSCRIBEs are answered
+        self._resubscribing = False  # True from a (re)connect until its SUBSCRIBEs are answered
+        self._reconnected = False
 
     # -- the hub's side --
 
@@ -178,6 +179,7 @@ class Subscriber:
         self._drop.clear()
         self._want = set(self.owner._held_by(self))
         self._resubscribing = bool(self._want)
+        self._reconnected = self.connected is False
         self.connected = True
         self.channels = 0
         metrics.listener_connected.labels(self.node).set(1)
@@ -303,5 +305,6 @@ class Subscriber:
         # Messages may have been missed while we were away: once resubscribed, re-check everyone.
         if self._resubscribing and not self._want and not any(c.kind == "subscribe" for c in self._sent):
             self._resubscribing = False
-            log.info("Redis subscriber%s resubscribed %d channels", self.where, len(self._requested))
+            if self._reconnected:
+                log.info("Redis subscriber%s resubscribed %d channels", self.where, len(self._requested))
             self.owner._recheck_now.set()
