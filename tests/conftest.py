@@ -81,18 +81,6 @@ def app(settings):
 
 
 @pytest.fixture
-def log_lines(app):
-    """Messages our loggers emit during the test (they do not propagate to pytest's caplog)."""
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("eventi_flask")
-    logger.addHandler(handler)
-    yield lines
-    logger.removeHandler(handler)
-
-
-@pytest.fixture
 def hub(app):
     return app.extensions[HUB]
 
