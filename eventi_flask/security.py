@@ -10,12 +10,14 @@ Redis is unreachable: an outage never stops customers from paying.
 import functools
 import logging
 import re
+from urllib.parse import urlsplit
 
 from flask import current_app, g, request
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 
 from .extensions import limiter
+from .notify.cluster_hub import is_cluster
 from .orders.phone import mask_phone, normalize_phone
 
 # No inline script or style anywhere: pages load one script and one stylesheet from this host.
@@ -138,5 +140,12 @@ def init_app(app):
             "socket_connect_timeout": 1,
             "socket_timeout": 1,
         }
+        if is_cluster(config["REDIS_URL"]):
+            # Each count is a key of its own slot: a one-node client would be answered MOVED
+            # (and fall back to memory) for most of them.
+            url = urlsplit(config["REDIS_URL"])
+            config["RATELIMIT_STORAGE_URI"] = f"redis+cluster://{url.netloc}"
+            if url.scheme == "rediss":
+                config["RATELIMIT_STORAGE_OPTIONS"]["ssl"] = True
     else:
         config["RATELIMIT_STORAGE_URI"] = "memory://"

@@ -104,6 +104,17 @@ def test_cluster_mode_is_detected_and_names_share_a_slot(app, client, wire, hub,
     assert ready.status_code == 200 and ready.get_json()["checks"]["notifications"] == "ok"
 
 
+@pytest.mark.env(ORDER_LIMIT_PER_PHONE="2 per minute")
+def test_order_limits_count_in_the_cluster(app, client, wire, settings, cluster):
+    """Shared by every worker and instance: the counts are cluster keys, not this process's memory."""
+    assert [client.post("/api/orders", json=NO_CALLBACK).status_code for _ in range(3)] == [201, 201, 429]
+    keys = []
+    for node in cluster.nodes:
+        with node.client() as redis_client:
+            keys += redis_client.keys(f"{settings['REDIS_PREFIX']}limits*phone*")
+    assert len(keys) == 1, keys
+
+
 def test_300_waits_over_every_primary_answered_by_spublish_one_subscriber_per_primary(
         app, client, wire, hub, settings, cluster, log_lines):
     prefix = settings["REDIS_PREFIX"]

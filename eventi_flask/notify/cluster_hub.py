@@ -17,6 +17,7 @@ While any primary's subscriber is down the whole process re-checks every
 WAIT_RECHECK_INTERVAL_DEGRADED seconds (with full coverage required, a lost
 primary stops the others too).
 """
+import functools
 import itertools
 import json
 import logging
@@ -40,6 +41,7 @@ REFRESH_PAUSE = 0.2, 5.0  # between two reads of the slot map: doubling from the
 REFRESH_WHILE_DOWN = 2.0  # how often to read it again while a primary is unreachable
 
 
+@functools.lru_cache(maxsize=8)  # asked by the hub and the order limiter, once each per process
 def is_cluster(url):
     """True when the Redis at `url` is a cluster node; False when it is not or cannot say."""
     try:
