@@ -6,10 +6,14 @@ backend sets it when the order changes.  The backends, one file each:
 * local_hub.LocalHub: in-process, for a single worker without REDIS_URL.
 * redis_hub.RedisHub: one Redis; publishes on `order:status:<id>` and keeps ONE
   subscriber connection per process.
+* cluster_hub.ClusterHub: a Redis Cluster; sharded pub/sub on `order:{<id>}:status`,
+  at most one subscriber connection per primary per process.
+
+Both Redis backends run their connections through subscriber.Subscriber.
 
 A waiter never touches a socket.  The database stays the truth: a background
 re-check reads order versions in one batched query every WAIT_RECHECK_INTERVAL
-seconds (every WAIT_RECHECK_INTERVAL_DEGRADED while Redis is unreachable), so
+seconds (every WAIT_RECHECK_INTERVAL_DEGRADED while Redis, or a cluster primary, is unreachable), so
 a lost message costs latency, never the answer.
 """
 import json
