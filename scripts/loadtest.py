@@ -6,6 +6,7 @@
     .venv/bin/python scripts/loadtest.py -n 6000 --rate 300 --mode callbacks
     .venv/bin/python scripts/loadtest.py --mode drop -n 6000 --concurrency 300 --workers 2  # a ticket drop
     .venv/bin/python scripts/loadtest.py --url http://127.0.0.1:8000 --worker-pid 1234 -n 100
+    .venv/bin/python scripts/loadtest.py -n 1000 --rate 200 --cluster --classic-contrast  # on a Redis Cluster
 
 Without --url it starts the service itself the way production does: a fresh
 PostgreSQL database, the Procfile's release step, `flask seed-demo`, then the
@@ -26,6 +27,12 @@ tickets of one ticket type that has --tickets left (default: enough for all).
 It reports orders/s, the answer time (p50/p99/max), the status codes, and
 then reads the database: whether tickets were oversold, and whether any
 buyer who was not answered 201 still holds tickets.
+
+With --cluster the server runs on a 3-primary Redis Cluster started for the
+run; on any Redis each node's share of the pub/sub traffic during the
+callbacks is printed (INFO commandstats, and CLUSTER INFO's bus counters), and
+--classic-contrast then publishes as many messages with classic PUBLISH on the
+same cluster, which every node carries.
 
 Latency is callback sent -> wait answered, both stamped by this process:
 the customer's latency, callback processing included.  Requests and DB queries
@@ -232,19 +239,64 @@ def local_tcp_ports(pid):
     return ports
 
 
-def redis_connections(redis_url, pid):
-    """{"subscriber": n, "other": n} Redis connections held by process `pid` (CLIENT LIST + /proc)."""
+def redis_node_urls(redis_url):
+    """The URL of every primary when `redis_url` names a Redis Cluster node, else [redis_url]."""
     import redis
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    try:
-        clients = client.client_list()
-    finally:
-        client.close()
+    with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
+        if client.info("cluster").get("cluster_enabled") != 1:
+            return [redis_url]
+        ranges = client.execute_command("CLUSTER SLOTS")
+    scheme = urlsplit(redis_url).scheme
+    primaries = sorted({(r[2][0].decode() or "127.0.0.1", r[2][1]) for r in ranges})
+    return [f"{scheme}://{host}:{port}" for host, port in primaries]
+
+
+def redis_connections(redis_url, pid):
+    """{"subscriber": n, "other": n} Redis connections held by process `pid` (CLIENT LIST on every node + /proc)."""
+    import redis
+
+    clients = []
+    for url in redis_node_urls(redis_url):
+        with redis.Redis.from_url(url, socket_timeout=5) as client:
+            clients += client.client_list()
     ports = local_tcp_ports(pid)
     subscriber = sum(1 for c in clients if c.get("name") == f"eventi-sub-{pid}")
     mine = sum(1 for c in clients if int(c["addr"].rsplit(":", 1)[1]) in ports)
     return {"subscriber": subscriber, "other": mine - subscriber}
+
+
+def pubsub_counters(redis_url):
+    """{node: counters} of the pub/sub traffic each node has carried (INFO commandstats, stats, CLUSTER INFO)."""
+    import redis
+
+    counters = {}
+    for url in redis_node_urls(redis_url):
+        with redis.Redis.from_url(url, socket_timeout=5) as client:
+            commands = client.info("commandstats")
+            stats = client.info("stats")
+            cluster = client.execute_command("CLUSTER INFO") if client.info("cluster").get("cluster_enabled") else {}
+        counters[urlsplit(url).netloc] = {
+            "publish_calls": commands.get("cmdstat_publish", {}).get("calls", 0),
+            "spublish_calls": commands.get("cmdstat_spublish", {}).get("calls", 0),
+            # Messages that reached this node over the cluster bus (classic PUBLISH goes to every node).
+            "bus_publish_received": int(cluster.get("cluster_stats_messages_publish_received", 0)),
+            "bus_publishshard_received": int(cluster.get("cluster_stats_messages_publishshard_received", 0)),
+            "net_output_bytes": stats.get("total_net_output_bytes", 0),
+        }
+    return counters
+
+
+def pubsub_shares(before, after):
+    """Per node: what it carried between the two readings, and its share of the publishes."""
+    deltas = {node: {k: after[node][k] - before[node].get(k, 0) for k in after[node]} for node in after if node in before}
+    for counters in deltas.values():
+        counters["messages"] = (counters["publish_calls"] + counters["spublish_calls"]
+                                + counters["bus_publish_received"] + counters["bus_publishshard_received"])
+    total = sum(c["publish_calls"] + c["spublish_calls"] for c in deltas.values()) or 1
+    for counters in deltas.values():
+        counters["share_of_publishes"] = round(counters["messages"] / total, 3)
+    return deltas
 
 
 def worker_pids_of(master_pid):
@@ -487,8 +539,10 @@ async def run_status_phase(args, target, mode):
     fds_holding = open_fds(target["worker_pid"]) if target.get("worker_pid") else None
     rss_holding = rss_mb(target["worker_pid"]) if target.get("worker_pid") else None
     await asyncio.sleep(args.settle)
+    traffic0 = pubsub_counters(target["redis_url"]) if target.get("redis_url") else None
     await fire_callbacks(callbacks, payments, args.rate, args.token, stats)
     await asyncio.wait(tasks, timeout=max(5, deadline - time.monotonic()))
+    traffic = pubsub_shares(traffic0, pubsub_counters(target["redis_url"])) if traffic0 is not None else None
     for task in tasks:
         task.cancel()
     m2 = await scrape(api)
@@ -535,6 +589,8 @@ async def run_status_phase(args, target, mode):
         "worker_open_files_holding": fds_holding,
         "worker_open_files_peak": sampler.fds_peak if sampler.pid else None,
         "redis_connections": connections,
+        "pubsub_by_node": traffic,
+        "pubsub_busiest_node_share": max((c["share_of_publishes"] for c in traffic.values()), default=None) if traffic else None,
     }
 
 
@@ -744,7 +800,33 @@ def _round(value, digits=2):
 
 # ---------------------------------------------------------------- the server
 
-def start_server(args):
+def start_cluster():
+    """A 3-primary Redis Cluster of our own on spare ports (the one the tests use)."""
+    from tests.redis_cluster import RedisCluster
+
+    cluster = RedisCluster(Path(tempfile.mkdtemp(prefix="eventi-loadtest-cluster-"))).start()
+    print(f"Redis Cluster: {' '.join(n.address for n in cluster.nodes)}", file=sys.stderr)
+    return cluster
+
+
+def classic_publish_contrast(redis_url, n, rate, payload_bytes=900):
+    """Classic PUBLISH of n order-sized messages on the cluster, spread over its primaries: what each node carries."""
+    import redis
+
+    clients = [redis.Redis.from_url(url, socket_timeout=5) for url in redis_node_urls(redis_url)]
+    before = pubsub_counters(redis_url)
+    payload = "x" * payload_bytes
+    started = time.monotonic()
+    for i in range(n):
+        if rate:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        clients[i % len(clients)].publish(f"loadtest:classic:order:status:{i}", payload)
+    for client in clients:
+        client.close()
+    return {"mode": "classic PUBLISH", "orders": n, "pubsub_by_node": pubsub_shares(before, pubsub_counters(redis_url))}
+
+
+def start_server(args, redis_url=None):
     from tests.support import REDIS_URL, LiveServer
 
     workers = args.workers or (2 if args.mode == "drop" else 1)
@@ -753,6 +835,8 @@ def start_server(args):
            "REDIS_PREFIX": f"loadtest:{uuid.uuid4().hex[:8]}:"}
     if args.database == "sqlite":
         env["DATABASE_URL"] = f"sqlite:///{scratch}/loadtest.sqlite3"
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     for item in args.server_env:
         name, _, value = item.partition("=")
         env[name] = value
@@ -818,6 +902,7 @@ ROWS = [
     ("worker open files holding", "worker_open_files_holding"),
     ("Redis subscriber conns", "redis_connections.subscriber"),
     ("Redis other conns", "redis_connections.other"),
+    ("pub/sub: busiest node's share", "pubsub_busiest_node_share"),
     ("seconds to hold all", "seconds_to_hold_all"),
     ("orders created/s", "orders_created_per_second"),
     ("buyers at a time", "concurrency"),
@@ -931,6 +1016,10 @@ def main(argv=None):
                         help="the server's database (a fresh one per run)")
     parser.add_argument("--database-url", help="with --url: the server's database, for --mode drop's checks")
     parser.add_argument("--py-spy", metavar="FILE", help="profile the worker with py-spy during the load (collapsed stacks)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run the server on a 3-primary Redis Cluster started for the run (sharded pub/sub)")
+    parser.add_argument("--classic-contrast", action="store_true",
+                        help="with --cluster: then classic PUBLISH the same number of messages, for each node's share")
     parser.add_argument("--json", default="loadtest-result.json", help="where to write the results")
     args = parser.parse_args(argv)
 
@@ -938,14 +1027,15 @@ def main(argv=None):
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    all_runs, targets = [], []
+    cluster = start_cluster() if args.cluster and not args.url else None
+    all_runs, targets, contrast = [], [], None
     for i in range(args.repeat):
         server = None
         if args.url:
             target = {"url": args.url.rstrip("/"), "worker_pid": args.worker_pid, "redis_url": args.redis_url,
                       "worker_pids": [args.worker_pid] if args.worker_pid else [], "database_url": args.database_url}
         else:
-            server, target = start_server(args)
+            server, target = start_server(args, cluster.url if cluster else None)
             print(f"run {i + 1}/{args.repeat}: server {target['url']} worker pid {target['worker_pid']} log {target['log']}",
                   file=sys.stderr)
         try:
@@ -957,14 +1047,24 @@ def main(argv=None):
             print(f"run {i + 1} {result['mode']}: " + json.dumps(result), file=sys.stderr)
         all_runs.append(results)
         targets.append({k: v for k, v in target.items() if k != "log"})
+    if args.classic_contrast and (cluster or args.url):
+        contrast = classic_publish_contrast(cluster.url if cluster else args.redis_url, args.n, args.rate)
+    if cluster:
+        cluster.stop()
 
     print(table(all_runs))
+    for label, result in [(f"{r['mode']} #{i}", r) for i, run in enumerate(all_runs, 1) for r in run] + \
+            ([("classic PUBLISH", contrast)] if contrast else []):
+        for node, counters in (result.get("pubsub_by_node") or {}).items():
+            print(f"{label}: node {node} carried {counters['messages']} messages "
+                  f"({counters['share_of_publishes']:.0%} of the publishes), {counters['net_output_bytes']} bytes out")
     report = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load_average_at_end": os.getloadavg()},
         "args": vars(args),
         "runs": all_runs,
         "medians": medians(all_runs),
+        "classic_publish_contrast": contrast,
         "targets": targets,
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
