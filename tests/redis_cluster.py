@@ -90,19 +90,26 @@ class RedisCluster:
 
     def move_slot(self, slot, target):
         """Move `slot` and its keys to `target`, as redis-cli --cluster reshard does."""
+        self.begin_migration(slot, target)
+        self.finish_migration(slot, target)
+
+    def begin_migration(self, slot, target):
+        """Mark `slot` migrating to `target` and move its keys there; it is still served by its owner."""
         source = self.owner(slot)
-        source_id, target_id = source.node_id(), target.node_id()
         with source.client() as src, target.client() as dst:
-            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
-            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source.node_id())
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target.node_id())
             while True:
                 keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
                 if not keys:
                     break
                 src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
-            for node in (target, source, *(n for n in self.nodes if n not in (source, target))):
-                with node.client() as client:
-                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+    def finish_migration(self, slot, target):
+        source = self.owner(slot)
+        for node in (target, source, *(n for n in self.nodes if n not in (source, target))):
+            with node.client() as client:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", target.node_id())
         wait_until(lambda: self.owner(slot) is target, 10, message=f"slot {slot} to move")
 
     def stop(self):

@@ -196,6 +196,31 @@ def test_a_publish_on_a_stale_slot_map_follows_moved(app, client, wire, hub, clu
     wait_until(lambda: hub._primary(order["id"]) == owner, 5, message="the slot map read again")
 
 
+@pytest.mark.env(WAIT_RECHECK_INTERVAL="60", WAIT_RECHECK_INTERVAL_DEGRADED="60")
+def test_a_callback_during_a_slot_migration_is_delivered(app, client, wire, hub, cluster, log_lines):
+    """Mid-migration the key is ASKed to the target while the source still serves the channel."""
+    (order,) = new_orders(client, 1)
+    waiting = hold(client, order, 60)
+    slot = hub.slot(order["id"])
+    source = cluster.owner(slot)
+    target = next(n for n in cluster.nodes if n is not source)
+    with source.client() as redis_client:
+        wait_until(lambda: redis_client.execute_command("PUBSUB SHARDCHANNELS", hub.channel(order["id"])), 10,
+                   message="the subscription")
+    cluster.begin_migration(slot, target)
+    try:
+        sent = time.monotonic()
+        pay(client, order)
+        assert answer(waiting, 10)["status"] == "completed"
+        assert time.monotonic() - sent < 2
+        assert f"Order {order['id']} status changed via Redis" in "\n".join(log_lines)
+        with target.client() as redis_client:
+            redis_client.execute_command("ASKING")
+            assert redis_client.get(hub.cache_key(order["id"]))  # cached where the key now lives
+    finally:
+        cluster.finish_migration(slot, target)
+
+
 @pytest.mark.env(WAIT_RECHECK_INTERVAL="60")
 def test_a_primary_killed_under_held_waits_then_back(app, client, wire, hub, settings, cluster, log_lines):
     orders = orders_on_distinct_slots(client, hub, 30)

@@ -163,6 +163,8 @@ class ClusterHub(Hub):
                 subscriber.stop()  # no longer a primary: nothing of ours lives there
                 del self._subscribers[address]
                 metrics.listener_connected.labels(address).set(0)
+        for address in set(self._nodes) - primaries:
+            self._nodes.pop(address).client.close()
         if changed or moved:
             log.info("Redis Cluster slot map read: %d primaries; %d held orders resubscribed",
                      len(primaries - {None}), moved)
@@ -173,8 +175,10 @@ class ClusterHub(Hub):
     def _refresh_forever(self):
         pause = REFRESH_PAUSE[0]
         while True:
-            down = any(s.connected is False for s in self._subscribers.values())
-            self._refresh.wait(REFRESH_WHILE_DOWN if down or self._slots[0] is None else None)
+            # Unsettled (a primary away, the map unknown, subscriptions to place): look again soon.
+            unsettled = self._lost or self._slots[0] is None or any(
+                s.connected is False for s in self._subscribers.values())
+            self._refresh.wait(REFRESH_WHILE_DOWN if unsettled else None)
             self._refresh.clear()
             resubscribing = bool(self._lost)
             try:
@@ -190,13 +194,17 @@ class ClusterHub(Hub):
 
     # -- publishing and the cache: a pooled client per primary --
 
+    def _away(self, address):
+        # Our subscriber there lost its connection: don't make each wait or webhook pay a timeout.
+        subscriber = self._subscribers.get(address)
+        return subscriber is not None and subscriber.connected is False
+
     def latest(self, order_id):
         address = self._primary(order_id)
-        subscriber = self._subscribers.get(address)
-        if subscriber is not None and subscriber.connected is False:
-            return None  # its primary is away: don't make every new wait pay a timeout
+        if self._away(address):
+            return None  # the database answers
         try:
-            raw = self._routed(address, lambda pipe: pipe.get(self.cache_key(order_id)))[-1]
+            raw = self._routed(address, [("GET", self.cache_key(order_id))])
         except (redis.RedisError, OSError):
             return None
         return json.loads(raw) if raw else None
@@ -204,18 +212,14 @@ class ClusterHub(Hub):
     def publish(self, message):
         order_id = message["id"]
         node = self._node(self._primary(order_id))
-        if time.monotonic() < node.paused_until:
-            metrics.publish_failures.inc()  # known to be away: don't make each webhook wait out a timeout
+        if self._away(node.address) or time.monotonic() < node.paused_until:
+            metrics.publish_failures.inc()  # waiters everywhere are re-checking the database meanwhile
             return
         payload = json.dumps(message, separators=(",", ":"))
-
-        def set_and_publish(pipe):
-            # Cache first: a waiter subscribing between the two still finds it.
-            pipe.set(self.cache_key(order_id), payload, ex=CACHE_SECONDS)
-            pipe.execute_command("SPUBLISH", self.channel(order_id), payload)
-
         try:
-            self._routed(node.address, set_and_publish)
+            # Cache first: a waiter subscribing between the two still finds it.
+            self._routed(node.address, [("SET", self.cache_key(order_id), payload, "EX", CACHE_SECONDS),
+                                        ("SPUBLISH", self.channel(order_id), payload)])
         except (redis.RedisError, OSError) as exc:
             metrics.publish_failures.inc()
             if node.up is not False:
@@ -229,21 +233,37 @@ class ClusterHub(Hub):
         log.info("Redis notification sent")
 
     def _routed(self, address, commands):
-        """Run `commands(pipe)` in one round trip on `address`, following one MOVED or ASK."""
-        asking = False
+        """Run `commands` (argument tuples) in one round trip on `address`; return the last one's answer.
+
+        Commands answered MOVED or ASK (a slot moving) are sent once more where they point;
+        the others stand.  During a migration the source still serves the channel (SPUBLISH
+        reaches our subscribers there) while a key missing there is ASKed to the target.
+        """
+        answers = [None] * len(commands)
+        pending, asking = list(range(len(commands))), False
         for attempt in (1, 2):
             pipe = self._node(address).client.pipeline(transaction=False)
+            for i in pending:
+                if asking:
+                    pipe.execute_command("ASKING")  # the slot is being imported there: let the next command in
+                pipe.execute_command(*commands[i])
+            results = pipe.execute(raise_on_error=False)
             if asking:
-                pipe.execute_command("ASKING")  # the slot is being imported there: let the next command in
-            commands(pipe)
-            try:
-                return pipe.execute()
-            except redis.exceptions.AskError as exc:  # MovedError is one too
-                if attempt == 2:
-                    raise
-                address, asking = f"{exc.host}:{exc.port}", not isinstance(exc, redis.exceptions.MovedError)
-                if not asking:
-                    self._request_refresh()
+                results = results[1::2]
+            redirected = []
+            for i, result in zip(pending, results):
+                if isinstance(result, redis.exceptions.AskError) and attempt == 1:  # MovedError is one too
+                    redirected.append(i)
+                    address, asking = f"{result.host}:{result.port}", not isinstance(result, redis.exceptions.MovedError)
+                elif isinstance(result, Exception):
+                    raise result
+                else:
+                    answers[i] = result
+            if not redirected:
+                return answers[-1]
+            if not asking:
+                self._request_refresh()
+            pending = redirected
 
     def ready(self):
         primaries = sorted(set(self._slots) - {None})

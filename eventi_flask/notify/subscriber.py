@@ -277,6 +277,7 @@ class Subscriber:
             if kind == "unsubscribe" and order_id in self._requested:
                 # Not asked for: the server let the channel go (its slot moved away).
                 self._requested.discard(order_id)
+                self._ready.pop(order_id, None)
                 self.owner._on_subscriptions_lost(self, [order_id], "unsubscribed by the server")
             return
         ready = command.ids[order_id]
@@ -296,8 +297,9 @@ class Subscriber:
             return  # a refused UNSUBSCRIBE or PING leaves nothing subscribed that should not be
         lost = [order_id for order_id in command.ids if order_id in self._requested]
         self._requested.difference_update(command.ids)
-        for ready in command.ids.values():
-            ready.set()  # the waiter goes on; the owner re-checks it
+        for order_id, ready in command.ids.items():
+            self._ready.pop(order_id, None)  # a later waiter waits for the next SUBSCRIBE's answer
+            ready.set()  # this one goes on; the owner re-checks it
         self.owner._on_subscriptions_lost(self, lost, str(exc))
         self._check_resubscribed()
 
