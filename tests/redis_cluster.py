@@ -76,16 +76,22 @@ class RedisCluster:
         except redis.RedisError:
             return False
 
-    def owner(self, slot):
-        """The node serving `slot`, as the first answering node sees it."""
+    def slot_ranges(self):
+        """[(first slot, last slot, node serving them)] as the first answering node sees it."""
         for node in self.nodes:
             try:
                 with node.client() as client:
-                    for first, last, primary, *_ in client.execute_command("CLUSTER SLOTS"):
-                        if first <= slot <= last:
-                            return next(n for n in self.nodes if n.port == primary[1])
+                    ranges = client.execute_command("CLUSTER SLOTS")
             except redis.RedisError:
                 continue
+            return [(r[0], r[1], next(n for n in self.nodes if n.port == r[2][1])) for r in ranges]
+        raise AssertionError("no cluster node answers")
+
+    def owner(self, slot, ranges=None):
+        """The node serving `slot`."""
+        for first, last, node in ranges or self.slot_ranges():
+            if first <= slot <= last:
+                return node
         raise AssertionError(f"no node serves slot {slot}")
 
     def move_slot(self, slot, target):

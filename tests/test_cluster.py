@@ -6,6 +6,7 @@ held waits (a slot moves, a primary dies) without a waiter missing its result.
 """
 import collections
 import os
+import secrets
 import time
 
 import gevent
@@ -142,6 +143,39 @@ def test_300_waits_over_every_primary_answered_by_spublish_one_subscriber_per_pr
     assert all(after[port] - before[port] == owners[port] for port in owners), (before, after, owners)
     wait_until(lambda: not shard_channels(cluster, prefix), 10, message="every shard channel released")
     assert sum(subscribers_by_node(cluster, f"eventi-sub-{os.getpid()}").values()) <= 3
+
+
+def ids_sharing_slots(hub, cluster, slots=2, per_slot=2):
+    """Order ids (as we issue them) with `per_slot` in each of `slots` slots, all slots on one primary."""
+    by_slot, ranges = collections.defaultdict(list), cluster.slot_ranges()
+    while True:
+        order_id = secrets.token_urlsafe(16)
+        slot = hub.slot(order_id)
+        by_slot[slot].append(order_id)
+        full = [s for s, ids in by_slot.items() if len(ids) >= per_slot]
+        for node in cluster.nodes:
+            mine = [s for s in full if cluster.owner(s, ranges) is node]
+            if len(mine) >= slots:
+                return [order_id for s in mine[:slots] for order_id in by_slot[s][:per_slot]], node
+
+
+def test_subscriptions_are_batched_by_slot(app, hub, cluster, log_lines):
+    """One SSUBSCRIBE per slot, never one across slots (CROSSSLOT), and every waiter gets its message."""
+    ids, node = ids_sharing_slots(hub, cluster)
+    with node.client() as redis_client:
+        before = redis_client.info("commandstats").get("cmdstat_ssubscribe", {}).get("calls", 0)
+    watching = [gevent.spawn(hub.watch, order_id) for order_id in ids]  # all asked before the subscriber connects
+    waiters = [w.get(timeout=10) for w in watching]
+    with node.client() as redis_client:
+        assert redis_client.info("commandstats")["cmdstat_ssubscribe"]["calls"] - before == 2
+        assert set(redis_client.execute_command("PUBSUB SHARDCHANNELS", "*")) >= {hub.channel(i).encode() for i in ids}
+    assert not any("dropped subscriptions" in line for line in log_lines)
+    for version, order_id in enumerate(ids, 2):
+        hub.publish({"id": order_id, "status": "completed", "version": version, "updated_at": "",
+                     "published_at_ms": 0, "order": {"id": order_id, "version": version}})
+    assert [w.wait(5)[0]["version"] for w in waiters] == list(range(2, 2 + len(ids)))
+    for waiter in waiters:
+        hub.unwatch(waiter)
 
 
 def orders_on_distinct_slots(client, hub, count):
