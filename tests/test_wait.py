@@ -261,3 +261,12 @@ def test_a_foreign_message_on_our_channel_rechecks_and_the_listener_lives_on(bac
     assert not waiting.ready() and not hub._listener.dead
     client.post(CALLBACK, json=callback_body(order))
     assert waiting.get(timeout=5).get_json()["status"] == "completed"
+
+
+def test_one_redis_keeps_its_names(backend, settings, hub, client, order, redis_client):
+    """Not a cluster (INFO cluster says cluster_enabled:0): classic pub/sub under today's names."""
+    redis_only(backend)
+    prefix = settings["REDIS_PREFIX"]
+    assert type(hub).__name__ == "RedisHub"
+    assert hub.channel(order["id"]) == f"{prefix}order:status:{order['id']}"
+    assert redis_client.get(f"{prefix}order:latest:{order['id']}")  # cached when the order was created
