@@ -337,9 +337,6 @@ class ClusterHub(Hub):
     def _held_by(self, subscriber):
         return [order_id for order_id, owner in self._owner.items() if owner is subscriber]
 
-    def _on_subscriber_up(self, subscriber):
-        pass
-
     def _on_subscriber_down(self, subscriber, exc):
         self._recheck_now.set()
         self._request_refresh()  # a replica may be promoted in its place

@@ -128,9 +128,6 @@ class RedisHub(Hub):
     def _held_by(self, subscriber):
         return list(self._waiters)
 
-    def _on_subscriber_up(self, subscriber):
-        pass
-
     def _on_subscriber_down(self, subscriber, exc):
         self._recheck_now.set()
 

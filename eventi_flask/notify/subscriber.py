@@ -15,9 +15,11 @@ The owner (a hub) provides:
   _wanted(subscriber, order_id) -> bool   the channel should be subscribed here now
   _held_by(subscriber) -> ids             what to subscribe on a fresh connection
   _on_message(order_id, data)             a message arrived
-  _on_subscriber_up(subscriber) / _on_subscriber_down(subscriber, exc)
+  _on_subscriber_down(subscriber, exc)    the connection is lost (it reconnects by itself)
   _on_subscriptions_lost(subscriber, ids, reason)   the server dropped or refused channels
+  _count_channels()                       the subscribed channel counts changed
   _recheck_now                            an Event: set it to re-check every waiter
+  degraded_interval                       seconds between re-checks while disconnected (for the log)
 """
 import collections
 import errno
@@ -79,10 +81,10 @@ class Subscriber:
         self.where = f" on {node}" if node else ""  # log lines name the node only in cluster mode
         self.batches = batches
         self.ping_interval = ping_interval
-        s = "S" if sharded else ""
-        self._commands = {"subscribe": f"{s}SUBSCRIBE", "unsubscribe": f"{s}UNSUBSCRIBE"}
-        self._kinds = {f"{s}subscribe".lower().encode(): "subscribe", f"{s}unsubscribe".lower().encode(): "unsubscribe"}
-        self._message_kind = b"smessage" if sharded else b"message"
+        s = "s" if sharded else ""  # sharded pub/sub: SSUBSCRIBE, SUNSUBSCRIBE, and smessage replies
+        self._commands = {"subscribe": f"{s}SUBSCRIBE".upper(), "unsubscribe": f"{s}UNSUBSCRIBE".upper()}
+        self._kinds = {f"{s}subscribe".encode(): "subscribe", f"{s}unsubscribe".encode(): "unsubscribe"}
+        self._message_kind = f"{s}message".encode()
         self.connected = None  # None until the first attempt: new waiters still wait for it
         self.channels = 0  # as the server last counted them
         self.greenlet = None
@@ -133,6 +135,7 @@ class Subscriber:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self.greenlet = None
+            self._wake_r = self._wake_w = None  # a closed descriptor's number may be reused: never write to it
 
     def _wake(self):
         if self._wake_w is None:
@@ -184,8 +187,8 @@ class Subscriber:
         self.channels = 0
         metrics.listener_connected.labels(self.node).set(1)
         metrics.redis_transitions.labels("connected").inc()
+        self.owner._count_channels()
         log.info("Redis subscriber connected%s", self.where)
-        self.owner._on_subscriber_up(self)
         return conn
 
     def _on_disconnected(self, exc):
@@ -193,6 +196,7 @@ class Subscriber:
         self.channels = 0
         metrics.listener_connected.labels(self.node).set(0)
         metrics.redis_transitions.labels("disconnected").inc()
+        self.owner._count_channels()
         log.warning("Redis subscriber%s disconnected, re-checking the database every %gs until it is back: %s",
                     self.where, self.owner.degraded_interval, exc)
         for ready in self._ready.values():
