@@ -14,9 +14,11 @@ import pytest
 import requests
 
 from eventi_flask import metrics
+from eventi_flask.extensions import db
 from eventi_flask.notify.cluster_hub import ClusterHub
 from tests.redis_cluster import RedisCluster, redis_server_available
 from tests.support import DEMO, callback_body, wait_until
+from tests.test_wait import QueriesByGreenlet
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}  # the sandbox never calls back for this phone
@@ -115,6 +117,21 @@ def test_order_limits_count_in_the_cluster(app, client, wire, settings, cluster)
         with node.client() as redis_client:
             keys += redis_client.keys(f"{settings['REDIS_PREFIX']}limits*phone*")
     assert len(keys) == 1, keys
+
+
+def test_a_woken_wait_costs_no_query_on_the_cluster(app, client, wire, hub):
+    """The cache on the order's primary answers the start, the SPUBLISHed message carries the order."""
+    (order,) = new_orders(client, 1)
+    with app.app_context():
+        queries = QueriesByGreenlet(db.engine)
+    try:
+        waiting = hold(client, order)
+        wait_until(lambda: hub.waiter_count == 1, message="the wait to be held")
+        pay(client, order)
+        assert answer(waiting, 5)["status"] == "completed"
+        assert queries.counts.get(waiting, 0) == 0
+    finally:
+        queries.close()
 
 
 def test_300_waits_over_every_primary_answered_by_spublish_one_subscriber_per_primary(
