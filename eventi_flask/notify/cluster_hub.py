@@ -53,16 +53,25 @@ def is_cluster(url):
 
 
 class Node:
-    """One primary as the publishing side sees it: a pooled client and its health."""
+    """One primary as the publishing side sees it: its clients and their health.
 
-    __slots__ = ("address", "client", "paused_until", "up")
+    Publishes have a pool of their own, so a burst of waits reading the cache never
+    makes a webhook's publish queue for a connection.
+    """
+
+    __slots__ = ("address", "cache", "publisher", "paused_until", "up")
 
     def __init__(self, url, address):
         host, port = address.rsplit(":", 1)
         self.address = address
-        self.client = RedisHub.cache_client(url, host=host, port=int(port))
+        self.cache = RedisHub.cache_client(url, host=host, port=int(port))
+        self.publisher = RedisHub.cache_client(url, host=host, port=int(port))
         self.paused_until = 0.0
         self.up = None  # unknown until the first publish
+
+    def close(self):
+        self.cache.close()
+        self.publisher.close()
 
 
 class ClusterHub(Hub):
@@ -164,7 +173,7 @@ class ClusterHub(Hub):
                 del self._subscribers[address]
                 metrics.listener_connected.labels(address).set(0)
         for address in set(self._nodes) - primaries:
-            self._nodes.pop(address).client.close()
+            self._nodes.pop(address).close()
         if changed or moved:
             log.info("Redis Cluster slot map read: %d primaries; %d held orders resubscribed",
                      len(primaries - {None}), moved)
@@ -219,7 +228,7 @@ class ClusterHub(Hub):
         try:
             # Cache first: a waiter subscribing between the two still finds it.
             self._routed(node.address, [("SET", self.cache_key(order_id), payload, "EX", CACHE_SECONDS),
-                                        ("SPUBLISH", self.channel(order_id), payload)])
+                                        ("SPUBLISH", self.channel(order_id), payload)], pool="publisher")
         except (redis.RedisError, OSError) as exc:
             metrics.publish_failures.inc()
             if node.up is not False:
@@ -232,8 +241,10 @@ class ClusterHub(Hub):
             node.up = True
         log.info("Redis notification sent")
 
-    def _routed(self, address, commands):
+    def _routed(self, address, commands, pool="cache"):
         """Run `commands` (argument tuples) in one round trip on `address`; return the last one's answer.
+
+        `pool`: the node's "cache" or "publisher" client.
 
         Commands answered MOVED or ASK (a slot moving) are sent once more where they point;
         the others stand.  During a migration the source still serves the channel (SPUBLISH
@@ -242,7 +253,7 @@ class ClusterHub(Hub):
         answers = [None] * len(commands)
         pending, asking = list(range(len(commands))), False
         for attempt in (1, 2):
-            pipe = self._node(address).client.pipeline(transaction=False)
+            pipe = getattr(self._node(address), pool).pipeline(transaction=False)
             for i in pending:
                 if asking:
                     pipe.execute_command("ASKING")  # the slot is being imported there: let the next command in
@@ -272,7 +283,7 @@ class ClusterHub(Hub):
         failed = []
         for address in primaries:
             try:
-                self._node(address).client.ping()
+                self._node(address).cache.ping()
             except (redis.RedisError, OSError) as exc:
                 failed.append(f"{address}: {exc}")
         if failed:
