@@ -119,14 +119,16 @@ def test_order_limits_count_in_the_cluster(app, client, wire, settings, cluster)
     assert len(keys) == 1, keys
 
 
-def test_a_woken_wait_costs_no_query_on_the_cluster(app, client, wire, hub):
+def test_a_woken_wait_costs_no_query_on_the_cluster(app, client, wire, hub, cluster):
     """The cache on the order's primary answers the start, the SPUBLISHed message carries the order."""
     (order,) = new_orders(client, 1)
     with app.app_context():
         queries = QueriesByGreenlet(db.engine)
     try:
         waiting = hold(client, order)
-        wait_until(lambda: hub.waiter_count == 1, message="the wait to be held")
+        with cluster.owner(hub.slot(order["id"])).client() as redis_client:
+            wait_until(lambda: redis_client.execute_command("PUBSUB SHARDCHANNELS", hub.channel(order["id"])), 10,
+                       message="the subscription")
         pay(client, order)
         assert answer(waiting, 5)["status"] == "completed"
         assert queries.counts.get(waiting, 0) == 0

@@ -213,6 +213,29 @@ def test_a_frozen_redis_is_detected_by_ping_and_the_webhook_still_answers(app, c
     wait_until(lambda: hub.connected, 15, message="the listener to reconnect")
 
 
+@pytest.mark.env(WAIT_RECHECK_INTERVAL="60", WAIT_RECHECK_INTERVAL_DEGRADED="60")
+def test_a_wait_that_stopped_waiting_for_its_subscription_is_rechecked_once_it_is_confirmed(
+        app, client, wire, hub, redis_server, log_lines):
+    """Redis stalls past the 2 s a wait gives its SUBSCRIBE: the wait reads on; the late confirmation re-checks."""
+    hub.ping_interval = 60  # before the listener starts: the stall must not be taken for a dead Redis
+    redis_server.start()
+    warm = new_order(client)
+    answered_within(hold(client, warm, 0), 5)  # the listener is connected
+    order = new_order(client)
+    redis_server.freeze()
+    try:
+        waiting = hold(client, order, 60)
+        wait_until(lambda: hub.waiter_count == 1, message="the wait to be held")
+        # Past the subscription's confirmation deadline it reads on (the database) and holds.
+        wait_until(lambda: f"Long polling started for order: {order['id']}" in log_lines, 10,
+                   message="the wait to give up on its confirmation and hold")
+        assert not waiting.ready()
+        pay(client, order)  # committed; its publish times out against the stalled Redis
+    finally:
+        redis_server.thaw()
+    assert answered_within(waiting, 5)["status"] == "completed"
+
+
 @pytest.mark.env(WAIT_RECHECK_INTERVAL="1")
 def test_a_lost_message_costs_latency_not_the_answer(app, client, wire, hub, redis_server, monkeypatch):
     redis_server.start()

@@ -32,7 +32,7 @@ from .. import metrics
 from .hub import CACHE_SECONDS, Hub
 from .publisher import PAUSE_AFTER_FAILURE
 from .redis_hub import RedisHub
-from .subscriber import SUBSCRIBE_CONFIRM_TIMEOUT, Subscriber, chunks, connection_options
+from .subscriber import Subscriber, chunks, connection_options
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class ClusterHub(Hub):
             elif order_id not in self._lost:
                 continue
             if self._waiters.get(order_id):
-                subscriber.subscribe(order_id)
+                subscriber.resubscribe(order_id)
                 moved += 1
         self._lost.clear()
         primaries = set(slots)
@@ -178,7 +178,8 @@ class ClusterHub(Hub):
             log.info("Redis Cluster slot map read: %d primaries; %d held orders resubscribed",
                      len(primaries - {None}), moved)
         if moved:
-            self._recheck_now.set()  # messages may have been lost while the slot moved
+            # Messages may have been lost while the slot moved: re-check now, and again once resubscribed.
+            self._recheck_now.set()
         return True
 
     def _refresh_forever(self):
@@ -316,9 +317,7 @@ class ClusterHub(Hub):
             subscriber = self._owner[order_id] = self._subscriber(self._primary(order_id))
         if subscriber.connected is False:
             return  # degraded: the re-check every few seconds stands in for messages
-        ready = subscriber.subscribe(order_id)
-        if ready is not None:
-            ready.wait(SUBSCRIBE_CONFIRM_TIMEOUT)
+        subscriber.confirm(order_id)
 
     def _release(self, order_id):
         subscriber = self._owner.pop(order_id, None)

@@ -16,7 +16,7 @@ from redis.retry import Retry
 from .. import metrics
 from .hub import CACHE_SECONDS, Hub
 from .publisher import Publisher, redis_connection
-from .subscriber import SUBSCRIBE_CONFIRM_TIMEOUT, Subscriber, connection_options
+from .subscriber import Subscriber, connection_options
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ class RedisHub(Hub):
     def _ensure_subscribed(self, order_id):
         if self.connected is False:
             return  # degraded: the re-check every few seconds stands in for messages
-        ready = self._subscriber.subscribe(order_id)
-        if ready is not None:
-            ready.wait(SUBSCRIBE_CONFIRM_TIMEOUT)
+        self._subscriber.confirm(order_id)
 
     def _release(self, order_id):
         self._subscriber.release(order_id)

@@ -97,6 +97,7 @@ class Subscriber:
         self._drop = set()
         self._resubscribing = False  # True from a (re)connect until its SUBSCRIBEs are answered
         self._reconnected = False
+        self._late = set()  # ids whose waiter stopped waiting for the confirmation
 
     # -- the hub's side --
 
@@ -111,6 +112,21 @@ class Subscriber:
         self._want.add(order_id)
         self._wake()
         return ready
+
+    def confirm(self, order_id):
+        """Subscribe the channel; wait, up to SUBSCRIBE_CONFIRM_TIMEOUT, until the server confirms it.
+
+        A waiter that gives up reads on regardless: when the confirmation does come, every
+        held order is re-checked, so a change committed in between is not missed.
+        """
+        ready = self.subscribe(order_id)
+        if ready is not None and not ready.wait(SUBSCRIBE_CONFIRM_TIMEOUT):
+            self._late.add(order_id)
+
+    def resubscribe(self, order_id):
+        """Subscribe a channel that was lost or lived elsewhere; re-check every held order once confirmed."""
+        self.subscribe(order_id)
+        self._late.add(order_id)
 
     def release(self, order_id):
         """Unsubscribe the channel unless it is wanted again by the time the greenlet gets to it."""
@@ -180,6 +196,7 @@ class Subscriber:
         self._requested.clear()
         self._sent.clear()
         self._drop.clear()
+        self._late.clear()  # the re-check after resubscribing covers them
         self._want = set(self.owner._held_by(self))
         self._resubscribing = bool(self._want)
         self._reconnected = self.connected is False
@@ -291,6 +308,9 @@ class Subscriber:
         if ready is not None:
             ready.set()
             log.info("Subscribed to Redis channel: %s", reply[1].decode())
+        if order_id in self._late:
+            self._late.discard(order_id)
+            self.owner._recheck_now.set()
         self._check_resubscribed()
 
     def _on_refused(self, exc):
@@ -311,6 +331,6 @@ class Subscriber:
         # Messages may have been missed while we were away: once resubscribed, re-check everyone.
         if self._resubscribing and not self._want and not any(c.kind == "subscribe" for c in self._sent):
             self._resubscribing = False
-            if self._reconnected:
+            if self._reconnected:  # messages may have been missed while we were away
                 log.info("Redis subscriber%s resubscribed %d channels", self.where, len(self._requested))
-            self.owner._recheck_now.set()
+                self.owner._recheck_now.set()
