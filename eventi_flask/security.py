@@ -10,7 +10,7 @@ Redis is unreachable: an outage never stops customers from paying.
 import functools
 import logging
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from flask import current_app, g, request
 from flask_limiter.util import get_remote_address
@@ -145,7 +145,8 @@ def init_app(app):
             # (and fall back to memory) for most of them.
             url = urlsplit(config["REDIS_URL"])
             config["RATELIMIT_STORAGE_URI"] = f"redis+cluster://{url.netloc}"
-            if url.scheme == "rediss":
-                config["RATELIMIT_STORAGE_OPTIONS"]["ssl"] = True
+            if url.scheme == "rediss":  # TLS, with the URL's certificate settings (REDIS_SSL_CERT_REQS)
+                tls = {name: values[-1] for name, values in parse_qs(url.query).items() if name.startswith("ssl_")}
+                config["RATELIMIT_STORAGE_OPTIONS"].update(ssl=True, **tls)
     else:
         config["RATELIMIT_STORAGE_URI"] = "memory://"
