@@ -32,7 +32,7 @@ from .. import metrics
 from .hub import CACHE_SECONDS, Hub
 from .publisher import PAUSE_AFTER_FAILURE
 from .redis_hub import RedisHub
-from .subscriber import Subscriber, chunks, connection_options
+from .subscriber import Subscriber, chunks, connection_options, short_lived_client
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ REFRESH_WHILE_DOWN = 2.0  # how often to read it again while a primary is unreac
 def is_cluster(url):
     """True when the Redis at `url` is a cluster node; False when it is not or cannot say."""
     try:
-        with redis.Redis(**connection_options(url), socket_connect_timeout=1, socket_timeout=2) as client:
+        with short_lived_client(url) as client:
             return client.info("cluster").get("cluster_enabled") == 1
     except (redis.RedisError, OSError) as exc:
         log.warning("Could not ask Redis whether it is a cluster (%s); running as on one Redis", exc)
@@ -132,8 +132,7 @@ class ClusterHub(Hub):
         for address in candidates:
             host, port = address.rsplit(":", 1)
             try:
-                with redis.Redis(**connection_options(self.url, host, int(port)), socket_connect_timeout=1,
-                                 socket_timeout=2) as client:
+                with short_lived_client(self.url, host, int(port)) as client:
                     ranges = client.execute_command("CLUSTER SLOTS")
             except (redis.RedisError, OSError) as exc:
                 error = exc

@@ -68,6 +68,12 @@ def connection_options(url, host=None, port=None):
     return options
 
 
+def short_lived_client(url, host=None, port=None):
+    """A client for a command or two (use it in a `with`), with the URL's credentials and TLS."""
+    options = connection_options(url, host, port)  # with rediss://, a connection_class: for a pool, not Redis()
+    return redis.Redis.from_pool(redis.ConnectionPool(**{**options, "socket_connect_timeout": 1, "socket_timeout": 2}))
+
+
 class Subscriber:
     """One subscriber connection to one Redis server (or cluster primary)."""
 
