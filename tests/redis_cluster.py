@@ -8,25 +8,31 @@ from tests.support import free_port, wait_until
 
 
 class ClusterNode:
-    def __init__(self, workdir):
+    def __init__(self, workdir, tls=None):
         self.port, self.bus_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.url = f"redis://{self.address}/0"
+        self.tls = tls  # (certificate, key) paths: clients and the cluster bus speak TLS only
+        self.url = f"rediss://{self.address}/0?ssl_cert_reqs=none" if tls else f"redis://{self.address}/0"
         self.workdir = workdir / str(self.port)
         self.workdir.mkdir(parents=True)
         self.proc = None
 
     def start(self):
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            cert, key = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cluster", "yes", "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
         # nodes.conf in the node's own directory keeps its id and slots across a restart.
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            ["redis-server", *ports, "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-port", str(self.bus_port), "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", "2000", "--dir", str(self.workdir), "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.answers, 10, 0.05, f"redis-server on port {self.port}")
 
     def client(self):
-        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=1)
 
     def answers(self):
         try:
@@ -54,8 +60,9 @@ class ClusterNode:
 
 
 class RedisCluster:
-    def __init__(self, workdir, primaries=3):
-        self.nodes = [ClusterNode(workdir) for _ in range(primaries)]
+    def __init__(self, workdir, primaries=3, tls=None):
+        self.nodes = [ClusterNode(workdir, tls) for _ in range(primaries)]
+        self.tls = tls
 
     @property
     def url(self):
@@ -64,8 +71,8 @@ class RedisCluster:
     def start(self):
         for node in self.nodes:
             node.start()
-        subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+        subprocess.run(["redis-cli", *(["--tls", "--insecure"] if self.tls else []), "--cluster", "create",
+                        *(n.address for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         wait_until(self.healthy, 30, 0.1, "the cluster to be ok on every node")
         return self
@@ -121,6 +128,15 @@ class RedisCluster:
     def stop(self):
         for node in self.nodes:
             node.stop()
+
+
+def self_signed_certificate(workdir):
+    """(certificate, key) for 127.0.0.1, made by openssl now."""
+    cert, key = workdir / "redis.crt", workdir / "redis.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 def redis_server_available():

@@ -16,7 +16,7 @@ import requests
 from eventi_flask import metrics
 from eventi_flask.extensions import db
 from eventi_flask.notify.cluster_hub import ClusterHub
-from tests.redis_cluster import RedisCluster, redis_server_available
+from tests.redis_cluster import RedisCluster, redis_server_available, self_signed_certificate
 from tests.support import DEMO, callback_body, wait_until
 from tests.test_wait import QueriesByGreenlet
 
@@ -39,9 +39,19 @@ def backend():
     return "postgres-redis"
 
 
+@pytest.fixture(scope="module")
+def tls_cluster(cluster, tmp_path_factory):
+    """Another cluster, speaking TLS only (clients and bus), with a self-signed certificate."""
+    workdir = tmp_path_factory.mktemp("redis-tls-cluster")
+    tls_cluster = RedisCluster(workdir, tls=self_signed_certificate(workdir)).start()
+    yield tls_cluster
+    tls_cluster.stop()
+
+
 @pytest.fixture
-def settings(settings, cluster):
-    return {**settings, "REDIS_URL": cluster.url}
+def settings(settings, cluster, request):
+    on = request.getfixturevalue("tls_cluster") if "tls_cluster" in request.fixturenames else cluster
+    return {**settings, "REDIS_URL": on.url}
 
 
 def new_orders(client, count):
@@ -134,6 +144,20 @@ def test_a_woken_wait_costs_no_query_on_the_cluster(app, client, wire, hub, clus
         assert queries.counts.get(waiting, 0) == 0
     finally:
         queries.close()
+
+
+def test_a_tls_cluster_with_a_self_signed_certificate(app, client, wire, hub, tls_cluster, log_lines):
+    """rediss://...?ssl_cert_reqs=none at one node: every node is reached over TLS with the same settings."""
+    assert isinstance(hub, ClusterHub)
+    orders = new_orders(client, 12)
+    waits = [hold(client, order) for order in orders]
+    wait_until(lambda: len(shard_channels(tls_cluster, "")) >= 12, 10, message="the subscriptions over TLS")
+    assert client.get("/readyz").status_code == 200
+    for order in orders:
+        pay(client, order)
+    assert [answer(w, 10)["status"] for w in waits] == ["completed"] * 12
+    assert all(f"Order {o['id']} status changed via Redis" in "\n".join(log_lines) for o in orders)
+    assert set(subscribers_by_node(tls_cluster, f"eventi-sub-{os.getpid()}").values()) <= {0, 1}
 
 
 def test_300_waits_over_every_primary_answered_by_spublish_one_subscriber_per_primary(
