@@ -15,7 +15,7 @@ from werkzeug.serving import make_server
 
 from eventi_flask import metrics
 from tests.support import DEMO, REDIS_URL, callback_body, wait_until
-from tests.test_wait import hub, order  # noqa: F401  (fixtures: the app's hub, a pending order)
+from tests.test_wait import order  # noqa: F401  (fixture: a pending order; the hub fixture is in conftest)
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}
