@@ -21,7 +21,7 @@ import functools
 import itertools
 import json
 import logging
-import time
+from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 import gevent.event
@@ -30,7 +30,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .. import metrics
 from .hub import CACHE_SECONDS, Hub
-from .publisher import PAUSE_AFTER_FAILURE
+from .publisher import Publisher, redis_connection
 from .redis_hub import RedisHub
 from .subscriber import Subscriber, chunks, connection_options, short_lived_client
 
@@ -52,26 +52,31 @@ def is_cluster(url):
         return False
 
 
-class Node:
-    """One primary as the publishing side sees it: its clients and their health.
+def node_url(url, address):
+    """`url` (its scheme, credentials and TLS settings) aimed at the node `address`."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address))
 
-    Publishes have a pool of their own, so a burst of waits reading the cache never
-    makes a webhook's publish queue for a connection.
+
+class Node:
+    """One primary as this process talks to it, apart from subscribing.
+
+    Publishes go through a Publisher of their own (publisher.py: one connection, one
+    round trip per batch), so a burst of waits reading the cache never holds one up.
     """
 
-    __slots__ = ("address", "cache", "publisher", "paused_until", "up")
+    __slots__ = ("address", "cache", "publisher")
 
     def __init__(self, url, address):
         host, port = address.rsplit(":", 1)
         self.address = address
         self.cache = RedisHub.cache_client(url, host=host, port=int(port))
-        self.publisher = RedisHub.cache_client(url, host=host, port=int(port))
-        self.paused_until = 0.0
-        self.up = None  # unknown until the first publish
+        self.publisher = Publisher(lambda: redis_connection(node_url(url, address), "eventi-pub"), f" to {address}")
 
     def close(self):
         self.cache.close()
-        self.publisher.close()
+        self.publisher.stop()
 
 
 class ClusterHub(Hub):
@@ -220,40 +225,44 @@ class ClusterHub(Hub):
 
     def publish(self, message):
         order_id = message["id"]
-        node = self._node(self._primary(order_id))
-        if self._away(node.address) or time.monotonic() < node.paused_until:
+        address = self._primary(order_id)
+        if self._away(address):
             metrics.publish_failures.inc()  # waiters everywhere are re-checking the database meanwhile
             return
         payload = json.dumps(message, separators=(",", ":"))
+        # Cache first: a waiter subscribing between the two still finds it.
+        commands = (("SET", self.cache_key(order_id), payload, "EX", CACHE_SECONDS),
+                    ("SPUBLISH", self.channel(order_id), payload))
+        replies = self._node(address).publisher.publish(commands)
+        redirected = [(command, reply) for command, reply in zip(commands, replies)
+                      if isinstance(reply, redis.exceptions.AskError)]  # MovedError is one too
+        if not redirected:
+            return
+        # The slot is moving or has moved: send what was refused where it now lives (the rest stands).
+        moved = isinstance(redirected[0][1], redis.exceptions.MovedError)
+        if moved:
+            self._request_refresh()
         try:
-            # Cache first: a waiter subscribing between the two still finds it.
-            self._routed(node.address, [("SET", self.cache_key(order_id), payload, "EX", CACHE_SECONDS),
-                                        ("SPUBLISH", self.channel(order_id), payload)], pool="publisher")
+            self._routed(f"{redirected[0][1].host}:{redirected[0][1].port}", [command for command, _ in redirected],
+                         asking=not moved)
         except (redis.RedisError, OSError) as exc:
             metrics.publish_failures.inc()
-            if node.up is not False:
-                log.warning("Redis publish to %s failed, waiters will re-check the database: %s", node.address, exc)
-            node.up = False
-            node.paused_until = time.monotonic() + PAUSE_AFTER_FAILURE
+            log.warning("Redis publish of order %s after a slot move failed, waiters will re-check the database: %s",
+                        order_id, exc)
             return
-        if not node.up:
-            log.info("Redis Publisher connected to %s", node.address)
-            node.up = True
         log.info("Redis notification sent")
 
-    def _routed(self, address, commands, pool="cache"):
+    def _routed(self, address, commands, asking=False):
         """Run `commands` (argument tuples) in one round trip on `address`; return the last one's answer.
-
-        `pool`: the node's "cache" or "publisher" client.
 
         Commands answered MOVED or ASK (a slot moving) are sent once more where they point;
         the others stand.  During a migration the source still serves the channel (SPUBLISH
         reaches our subscribers there) while a key missing there is ASKed to the target.
         """
         answers = [None] * len(commands)
-        pending, asking = list(range(len(commands))), False
+        pending = list(range(len(commands)))
         for attempt in (1, 2):
-            pipe = getattr(self._node(address), pool).pipeline(transaction=False)
+            pipe = self._node(address).cache.pipeline(transaction=False)
             for i in pending:
                 if asking:
                     pipe.execute_command("ASKING")  # the slot is being imported there: let the next command in
@@ -337,6 +346,8 @@ class ClusterHub(Hub):
         super().stop()
         for subscriber in self._subscribers.values():
             subscriber.stop()
+        for node in self._nodes.values():
+            node.publisher.stop()
 
     # -- what each Subscriber asks of its owner --
 

@@ -49,7 +49,7 @@ class Publisher:
     def __init__(self, make_connection, where=""):
         self._make_connection = make_connection
         self._where = where  # for the log: "" with one Redis, " to <address>" for a cluster node
-        self._queue = collections.deque()  # (commands, done) per message, oldest first
+        self._queue = collections.deque()  # (commands, done, replies) per message, oldest first
         self._queued = gevent.event.Event()
         self._filling = gevent.event.Event()  # `done` of the messages queued since the last batch was taken
         self._conn = None
@@ -61,17 +61,19 @@ class Publisher:
     def publish(self, commands):
         """Send one message's commands (a tuple of command tuples) and wait for Redis's answer, or its failure.
 
-        Never raises; drops the message at once while Redis is known to be away.
+        Never raises; drops the message at once while Redis is known to be away.  Returns Redis's
+        replies to these commands (error replies as exceptions), or [] when there are none.
         """
         if time.monotonic() < self._paused_until:
             metrics.publish_failures.inc()
-            return
-        done = self._filling
-        self._queue.append((commands, done))
+            return []
+        done, replies = self._filling, []
+        self._queue.append((commands, done, replies))
         self._queued.set()
         if self._greenlet is None:
             self._greenlet = gevent.spawn(self._publish_forever)
         done.wait(ANSWER_TIMEOUT)
+        return replies
 
     def stop(self):
         self._filling.set()  # nobody waits on a publisher that is gone
@@ -94,28 +96,35 @@ class Publisher:
                 self._answered(batch)
 
     def _answered(self, batch):
-        for done in {done for _, done in batch}:
+        for done in {done for _, done, _ in batch}:
             if not (self._queue and self._queue[0][1] is done):  # not while part of its batch still waits
                 done.set()
 
     def _round_trip(self, batch):
-        commands = [command for message, _ in batch for command in message]
+        commands = [command for message, _, _ in batch for command in message]
         try:
             replies = self._send(commands)
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             if not self._reused:
                 raise
             replies = self._send(commands)  # a connection gone stale while idle: once more, on a fresh one
-        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        start = 0
+        for message, _, answers in batch:
+            answers[:] = replies[start:start + len(message)]
+            start += len(message)
+        # MOVED and ASK (a cluster slot moving) are the caller's to follow: the cluster hub does.
+        failed = next((reply for reply in replies if isinstance(reply, Exception)
+                       and not isinstance(reply, redis.exceptions.AskError)), None)
         if failed is not None:  # Redis answered, but refused a command (a read-only replica, a full memory)
             metrics.publish_failures.inc(len(batch))
             log.warning("Redis refused a publish%s, waiters will re-check the database: %s", self._where, failed)
             return
         if not self._up:
-            log.info("Redis Publisher connected")
+            log.info("Redis Publisher connected%s", self._where)
             self._up = True
-        for _ in batch:
-            log.info("Redis notification sent")
+        for _, _, answers in batch:
+            if not any(isinstance(answer, Exception) for answer in answers):
+                log.info("Redis notification sent")
 
     def _send(self, commands):
         self._reused = self._conn is not None
