@@ -348,11 +348,15 @@ def test_workers_re_verifying_one_order_at_once_complete_it_once(app, other_work
         return apply_payment_outcome(*args, **kwargs)
 
     monkeypatch.setattr(orders, "apply_payment_outcome", both_at_once)
-    payhero.status[order["payment"]["reference"]] = answers("QUEUED", "QUEUED", "SUCCESS")  # each callback's ask
+    # QUEUED until both callbacks are in: the first worker's re-verification may start before the second
+    # callback is sent (0.05 s on a busy machine), and must not make that callback's own ask the SUCCESS.
+    both_received = gevent.event.Event()
+    payhero.status[order["payment"]["reference"]] = lambda: "SUCCESS" if both_received.is_set() else "QUEUED"
     waiting = hold_wait(app, client, order)
     for worker in (app, other_worker):
         response = worker.test_client().post(CALLBACK, json=callback_body(order))
         assert response.status_code == 200 and response.get_json()["status"] == "pending"
+    both_received.set()
     assert waiting.get(timeout=10).get_json()["status"] == "completed"
     running = [worker.extensions[verify.EXTENSION] for worker in (app, other_worker)]
     wait_until(lambda: not any(running), message="both re-verifications to finish")
