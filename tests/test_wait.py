@@ -1,4 +1,5 @@
 """GET /api/orders/<id>/wait and the notification hub, over both hubs and both databases."""
+import json
 import time
 
 import gevent
@@ -261,6 +262,32 @@ def test_a_foreign_message_on_our_channel_rechecks_and_the_listener_lives_on(bac
     assert not waiting.ready() and not hub._listener.dead
     client.post(CALLBACK, json=callback_body(order))
     assert waiting.get(timeout=5).get_json()["status"] == "completed"
+
+
+@pytest.mark.parametrize("foreign", [b"not json", b'{"id": "x", "status": "completed", "version": 9}'])
+def test_a_foreign_value_under_the_cache_key_leaves_the_answer_to_the_database(backend, client, order, hub,
+                                                                               redis_client, foreign):
+    redis_only(backend)
+    redis_client.set(hub.cache_key(order["id"]), foreign, ex=60)
+    response = wait(client, order, timeout=0)
+    assert response.status_code == 200 and response.get_json() == client.get(f"/api/orders/{order['id']}").get_json()
+
+
+def test_a_publish_goes_out_while_our_subscriber_is_still_reconnecting(backend, client, order, hub, redis_client):
+    redis_only(backend)
+    # Redis is back, but this process's subscriber has not reconnected yet (its backoff runs up to 15 s):
+    # the other processes' waiters, subscribed already, must still hear of the change.
+    listener = redis_client.pubsub()
+    listener.subscribe(hub.channel(order["id"]))
+    wait_until(lambda: listener.get_message(timeout=0.1), message="our own subscription confirmed")
+    hub._subscriber.connected = False
+    try:
+        assert client.post(CALLBACK, json=callback_body(order)).get_json()["status"] == "completed"
+        message = wait_until(lambda: listener.get_message(timeout=0.1), message="the publish")
+        assert json.loads(message["data"])["status"] == "completed"
+    finally:
+        hub._subscriber.connected = True
+        listener.close()
 
 
 def test_one_redis_keeps_its_names(backend, settings, hub, client, order, redis_client):

@@ -29,7 +29,7 @@ import redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .. import metrics
-from .hub import CACHE_SECONDS, Hub
+from .hub import CACHE_SECONDS, Hub, cached_message
 from .publisher import Publisher, redis_connection
 from .redis_hub import RedisHub
 from .subscriber import Subscriber, chunks, connection_options, short_lived_client
@@ -221,14 +221,13 @@ class ClusterHub(Hub):
             raw = self._routed(address, [("GET", self.cache_key(order_id))])
         except (redis.RedisError, OSError):
             return None
-        return json.loads(raw) if raw else None
+        return cached_message(raw)
 
     def publish(self, message):
+        # Not gated on that node's subscriber (as latest() is): the node may be back before it
+        # reconnects, and the node's Publisher stops trying for a moment after a failed round trip.
         order_id = message["id"]
         address = self._primary(order_id)
-        if self._away(address):
-            metrics.publish_failures.inc()  # waiters everywhere are re-checking the database meanwhile
-            return
         payload = json.dumps(message, separators=(",", ":"))
         # Cache first: a waiter subscribing between the two still finds it.
         commands = (("SET", self.cache_key(order_id), payload, "EX", CACHE_SECONDS),

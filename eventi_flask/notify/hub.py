@@ -262,6 +262,17 @@ class Hub:
                     waiter.ask_recheck()
 
 
+def cached_message(raw):
+    """The order message cached under `order:latest:<id>`, or None for nothing, or anything not ours."""
+    if not raw:
+        return None
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    return message if is_order_message(message) else None
+
+
 def is_order_message(message):
     """The message our publish() sends: carrying the whole order, with its version, both integers."""
     if not isinstance(message, dict) or not isinstance(message.get("order"), dict):

@@ -14,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .. import metrics
-from .hub import CACHE_SECONDS, Hub
+from .hub import CACHE_SECONDS, Hub, cached_message
 from .publisher import Publisher, redis_connection
 from .subscriber import Subscriber, connection_options
 
@@ -64,13 +64,11 @@ class RedisHub(Hub):
             raw = self._client.get(self.cache_key(order_id))
         except (redis.RedisError, OSError):
             return None
-        return json.loads(raw) if raw else None
+        return cached_message(raw)
 
     def publish(self, message):
-        if self.connected is False:
-            # Redis is known to be away: don't queue for it. Waiters everywhere are re-checking the database.
-            metrics.publish_failures.inc()
-            return
+        # Not gated on the subscriber being connected: Redis may be back before it is, and the
+        # Publisher itself stops trying for a moment after a failed round trip.
         payload = json.dumps(message, separators=(",", ":"))
         # Cache first: a waiter subscribing between the two still finds it.
         self._publisher.publish((("SET", self.cache_key(message["id"]), payload, "EX", CACHE_SECONDS),

@@ -192,8 +192,11 @@ class Subscriber:
 
     def _connect(self):
         # RESP2: pub/sub messages arrive as plain replies, not RESP3 pushes.
+        # socket_timeout: the handshake (TLS, CLIENT SETNAME) and a reply cut off halfway must not hang the
+        # listener; replies are read only once the socket is readable, so a quiet channel never meets it.
         pool = redis.ConnectionPool(**{**self.options, "protocol": 2, "socket_connect_timeout": 1,
-                                       "socket_keepalive": True, "client_name": f"eventi-sub-{os.getpid()}"})
+                                       "socket_timeout": self.ping_interval, "socket_keepalive": True,
+                                       "client_name": f"eventi-sub-{os.getpid()}"})
         conn = pool.make_connection()
         conn.connect()
         # A fresh connection has no subscriptions: re-request every channel we hold
