@@ -132,6 +132,43 @@ def reference_asked(request):
     return parse_qs(urlsplit(request.url).query)["reference"][0]
 
 
+CALLBACK_PATH = "/api/payhero/callback?token=sandbox"
+
+
+def held_waits(server, count):
+    """True once `count` waits have started holding on this server (read from its log)."""
+    return server.log().count("Long polling started for order") >= count
+
+
+def get_wait(server, order, timeout=20, since=None):
+    params = {"since": order["version"] if since is None else since, "timeout": timeout}
+    return requests.get(f"{server.url}/api/orders/{order['id']}/wait", params=params, timeout=timeout + 15)
+
+
+def post_callback(server, order, **kwargs):
+    response = requests.post(f"{server.url}{CALLBACK_PATH}", json=callback_body(order, **kwargs), timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_answered_across(one, other, rounds, within):
+    """Waits held on each instance, each answered `completed` within `within` s of its callback landing
+    on the other instance; returns the orders.  The sandbox never calls back on their phone."""
+    import gevent
+
+    pairs = [(one, other), (other, one)] * rounds
+    orders = [waiter.create_order(phone="0708000004") for waiter, _ in pairs]
+    waits = [gevent.spawn(get_wait, waiter, order) for (waiter, _), order in zip(pairs, orders)]
+    wait_until(lambda: held_waits(one, rounds) and held_waits(other, rounds), message="the waits to be held")
+    for (_, landing), order, waiting in zip(pairs, orders, waits):
+        sent = time.monotonic()
+        post_callback(landing, order)
+        response = waiting.get(timeout=within + 5)
+        assert response.status_code == 200 and response.json()["status"] == "completed"
+        assert time.monotonic() - sent < within
+    return orders
+
+
 def callback_body(order, result_code=0, amount=None, shape="classic", desc=None):
     """A PayHero callback for `order` (an order JSON) in either payload shape, with M-Pesa's own wording."""
     from eventi_flask.payhero.sandbox import result_description, sandbox_callback

@@ -11,13 +11,12 @@ import time
 
 import gevent
 import pytest
-import requests
 
 from eventi_flask import metrics
 from eventi_flask.extensions import db
 from eventi_flask.notify.cluster_hub import ClusterHub
 from tests.redis_cluster import RedisCluster, redis_server_available, self_signed_certificate
-from tests.support import DEMO, callback_body, wait_until
+from tests.support import DEMO, assert_answered_across, callback_body, wait_until
 from tests.test_wait import QueriesByGreenlet
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
@@ -354,32 +353,13 @@ def test_a_primary_killed_under_held_waits_then_back(app, client, wire, hub, set
 
 # -- gunicorn processes --------------------------------------------------------------------------
 
-def held_waits(server, count):
-    return server.log().count("Long polling started for order") >= count
-
-
-def get_wait(server, order, timeout=20):
-    params = {"since": order["version"], "timeout": timeout}
-    return requests.get(f"{server.url}/api/orders/{order['id']}/wait", params=params, timeout=timeout + 15)
-
-
 @pytest.mark.live
 def test_two_instances_of_two_workers_on_one_cluster(live_server_factory, cluster):
     one = live_server_factory(WEB_CONCURRENCY="2", REDIS_URL=cluster.url, REDIS_PREFIX="cluster-two:")
     other = live_server_factory(WEB_CONCURRENCY="2", REDIS_URL=cluster.nodes[2].url,  # any node will do
                                 REDIS_PREFIX="cluster-two:", DATABASE_URL=one.env["DATABASE_URL"])
     try:
-        pairs = [(one, other), (other, one)] * 6  # waits on each instance, callbacks landing on the other
-        orders = [waiter.create_order(phone=NO_CALLBACK["phone"]) for waiter, _ in pairs]
-        waits = [gevent.spawn(get_wait, waiter, order) for (waiter, _), order in zip(pairs, orders)]
-        wait_until(lambda: held_waits(one, 6) and held_waits(other, 6), message="the waits to be held")
-        for (_, landing), order, waiting in zip(pairs, orders, waits):
-            sent = time.monotonic()
-            response = requests.post(f"{landing.url}{CALLBACK}", json=callback_body(order), timeout=10)
-            assert response.status_code == 200, response.text
-            response = waiting.get(timeout=10)
-            assert response.status_code == 200 and response.json()["status"] == "completed"
-            assert time.monotonic() - sent < 5  # a message, not the 15 s re-check
+        orders = assert_answered_across(one, other, rounds=6, within=5)  # a message, not the 15 s re-check
         log = one.log() + other.log()
         assert all(f"Order {order['id']} status changed via Redis" in log for order in orders)
         assert "Redis subscriber connected on 127.0.0.1:" in log

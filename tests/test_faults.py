@@ -12,7 +12,8 @@ import redis
 import requests
 
 from eventi_flask import metrics
-from tests.support import DEMO, callback_body, free_port, wait_until
+from tests.support import (DEMO, assert_answered_across, callback_body, free_port, get_wait, held_waits,
+                           post_callback, wait_until)
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}  # the sandbox never calls back for this phone
@@ -257,22 +258,6 @@ def worker_pids(server):
         return {int(pid) for pid in children.read().split()}
 
 
-def held_waits(server, count):
-    """True once `count` waits have started holding on this server (read from its log)."""
-    return server.log().count("Long polling started for order") >= count
-
-
-def get_wait(server, order, timeout=20, since=None):
-    params = {"since": order["version"] if since is None else since, "timeout": timeout}
-    return requests.get(f"{server.url}/api/orders/{order['id']}/wait", params=params, timeout=timeout + 15)
-
-
-def post_callback(server, order, **kwargs):
-    response = requests.post(f"{server.url}{CALLBACK}", json=callback_body(order, **kwargs), timeout=10)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 @pytest.fixture
 def stopping(request):
     """Servers to stop at the end of this test, even when it fails."""
@@ -333,13 +318,4 @@ def test_two_instances_share_one_redis_and_one_database(live_server_factory, sto
     stopping(one)
     other = live_server_factory(WEB_CONCURRENCY="2", REDIS_PREFIX="two-instances:", DATABASE_URL=one.env["DATABASE_URL"])
     stopping(other)
-    pairs = [(one, other), (other, one)] * 3  # waits on each instance, callbacks landing on the other
-    orders = [waiter.create_order(phone=NO_CALLBACK["phone"]) for waiter, _ in pairs]
-    waits = [gevent.spawn(get_wait, waiter, order) for (waiter, _), order in zip(pairs, orders)]
-    wait_until(lambda: held_waits(one, 3) and held_waits(other, 3), message="the waits to be held")
-    for (_, landing), order, waiting in zip(pairs, orders, waits):
-        sent = time.monotonic()
-        post_callback(landing, order)
-        response = waiting.get(timeout=5)
-        assert response.status_code == 200 and response.json()["status"] == "completed"
-        assert time.monotonic() - sent < 1
+    assert_answered_across(one, other, rounds=3, within=1)
