@@ -23,6 +23,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def database_unavailable(message):
+    """The 503 every route answers while the database cannot take work (API.md, "Every route")."""
+    return ApiError(503, "database_unavailable", message, headers={"Retry-After": database.RETRY_AFTER})
+
+
 def error_response(status, code, message, fields=None, headers=None):
     body = {"error": {"code": code, "message": message, "fields": fields or {}}}
     response = jsonify(body)
@@ -49,14 +54,11 @@ def handle_error(exc):
     if isinstance(exc, PoolTimeout):
         # Every database connection is busy: shed load with a retryable answer, not a 500.
         log.warning("Database pool exhausted; answering 503")
-        return error_response(503, "database_unavailable", "The server is busy; please try again in a moment.",
-                              headers={"Retry-After": database.RETRY_AFTER})
+        return handle_error(database_unavailable("The server is busy; please try again in a moment."))
     if database.is_unavailable(exc):
         # The outage itself is logged once (database.py), not once per request.
         log.debug("Database unavailable for %s: %s", type(exc).__name__, database.cause(exc))
-        return error_response(503, "database_unavailable",
-                              "We cannot reach our database just now; please try again in a moment.",
-                              headers={"Retry-After": database.RETRY_AFTER})
+        return handle_error(database_unavailable("We cannot reach our database just now; please try again in a moment."))
     log.exception("Unhandled error")
     return error_response(500, "internal_error", "Something went wrong on our side; please try again.")
 

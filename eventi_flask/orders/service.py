@@ -11,7 +11,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
 from .. import database, metrics
-from ..errors import ApiError
+from ..errors import ApiError, database_unavailable
 from ..extensions import db
 from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
@@ -76,14 +76,14 @@ def create_order(data):
         # The statement may have committed before the connection failed: a buyer who is told
         # "try again" must not be left holding tickets.
         _undo_reservation(order["id"], "The order could not be saved.")
-        raise _database_unavailable() from None
+        raise database_unavailable(ORDER_NOT_SAVED) from None
     if created is None:
         db.session.rollback()
         try:
             _refuse_order(data)
         except DBAPIError:
             db.session.rollback()
-            raise _database_unavailable() from None  # nothing was reserved
+            raise database_unavailable(ORDER_NOT_SAVED) from None  # nothing was reserved
     order.update(created, event_slug=data["event"], ticket_type_code=data["ticket_type"], payhero_reference=None,
                  checkout_request_id=None, receipt=None, result_code=None, result_desc=None)
     # Saved before PayHero is called: its callback may arrive before its answer does.
@@ -111,11 +111,7 @@ def _refuse_order(data):
                    {"quantity": f"Only {left} left."})
 
 
-def _database_unavailable():
-    return ApiError(503, "database_unavailable", "The database is not answering; please try again.",
-                    headers={"Retry-After": database.RETRY_AFTER})
-
-
+ORDER_NOT_SAVED = "The database is not answering; please try again."
 UNDO_RETRY_DELAYS = (0.2, 0.5)  # seconds between attempts to free the tickets of a buyer told "error"
 
 
@@ -154,7 +150,7 @@ def _request_payment(order):
         undone = _undo_reservation(order["id"], f"The payment could not be started: {exc.public_message}",
                                    note=("stk_push", {"accepted": False, "error": str(exc)[:500]}))
         if undone is None:
-            raise _database_unavailable() from None
+            raise database_unavailable(ORDER_NOT_SAVED) from None
         changed, body = undone
         if not changed:
             return body  # a callback settled it while PayHero's answer was lost: that outcome stands
