@@ -8,6 +8,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import database, errors, logs, metrics, notify, openapi, ops, orders, payhero, security, web
 from .extensions import db, limiter, migrate
+from .json_provider import JSONProvider
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def create_app(config=None):
         config = Config()
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_object(config)
-    app.json.sort_keys = False
+    app.json = JSONProvider(app)
     logs.configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     if app.config["PROXY_HOPS"]:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["PROXY_HOPS"], x_proto=app.config["PROXY_HOPS"])

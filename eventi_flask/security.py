@@ -83,7 +83,7 @@ def _order_phone():
     if "order_phone" not in g:
         try:
             body = request.get_json(silent=True)
-        except (HTTPException, RecursionError):  # too large or too deep: the view refuses it
+        except HTTPException:  # too large: the view refuses it
             body = None
         g.order_phone = normalize_phone(body.get("phone")) if isinstance(body, dict) else None
     return g.order_phone

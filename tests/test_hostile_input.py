@@ -91,6 +91,12 @@ def test_broken_json_is_400_on_both_routes(client, body):
         error_shape(response)
 
 
+def test_brackets_inside_strings_are_not_nesting(client, wire):
+    # Deep nesting is refused before parsing (json_provider.py); a string full of brackets is not nesting.
+    response = client.post("/api/orders", json={**NO_CALLBACK, "name": "[{" * 100})
+    assert response.status_code == 201, response.get_json()
+
+
 def test_an_order_sent_as_a_form_is_400(client):
     response = client.post("/api/orders", data=NO_CALLBACK)
     assert response.status_code == 400 and error_shape(response)["code"] == "invalid_json"
