@@ -43,8 +43,8 @@ def scratch_app(prefix, redis_url, sandbox_port=False):
     """
     from config import Config
     from eventi_flask import create_app
+    from eventi_flask.events.commands import seed_demo
     from eventi_flask.extensions import db
-    from eventi_flask.orders.commands import seed_demo
     from tests.support import free_port
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
@@ -92,8 +92,9 @@ def main():
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
 
+    from eventi_flask.events.models import TicketType
     from eventi_flask.extensions import db
-    from eventi_flask.orders.models import Order, TicketType
+    from eventi_flask.orders.models import Order
     from eventi_flask.payhero.sandbox import classic_callback
 
     with scratch_app("bench_callback", args.redis_url) as app:

@@ -92,7 +92,7 @@ def main():
     from eventi_flask import create_app
     from eventi_flask.extensions import db
     from eventi_flask.notify.service import HUB
-    from eventi_flask.orders.commands import seed_demo
+    from eventi_flask.events.commands import seed_demo
     from eventi_flask.orders.models import Order
     from eventi_flask.payhero.sandbox import classic_callback
 

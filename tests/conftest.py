@@ -16,7 +16,7 @@ from config import TestConfig  # noqa: E402
 from eventi_flask import create_app  # noqa: E402
 from eventi_flask.extensions import db  # noqa: E402
 from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
-from eventi_flask.orders.commands import seed_demo  # noqa: E402
+from eventi_flask.events.commands import seed_demo  # noqa: E402
 from eventi_flask.payhero import verify  # noqa: E402
 from tests.support import REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
 

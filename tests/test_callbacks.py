@@ -5,7 +5,8 @@ import pytest
 from sqlalchemy import func, select
 
 from eventi_flask.extensions import db
-from eventi_flask.orders.models import Ticket, TicketType
+from eventi_flask.events.models import TicketType
+from eventi_flask.orders.models import Ticket
 from eventi_flask.payhero.models import PayheroCallback
 from tests.support import DEMO, callback_body
 

@@ -15,7 +15,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from eventi_flask.extensions import db
 from eventi_flask.orders import rows
-from eventi_flask.orders.models import Order, TicketType
+from eventi_flask.events.models import TicketType
+from eventi_flask.orders.models import Order
 from tests.support import DEMO, callback_body
 
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}  # the sandbox never calls back for this phone

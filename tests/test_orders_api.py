@@ -77,7 +77,7 @@ def test_unknown_event_or_ticket_type_is_404(client, wire, change, code):
 
 def test_not_enough_tickets_left_is_409(app, client, wire):
     from eventi_flask.extensions import db
-    from eventi_flask.orders.models import TicketType
+    from eventi_flask.events.models import TicketType
 
     with app.app_context():
         db.session.execute(db.update(TicketType).values(capacity=TicketType.reserved + 3))

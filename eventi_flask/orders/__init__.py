@@ -1,4 +1,4 @@
-"""Orders: events, ticket types, the order state machine and the long poll."""
+"""Orders: the order state machine and the long poll."""
 from . import commands, routes
 
 

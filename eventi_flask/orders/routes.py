@@ -21,21 +21,6 @@ def _load(schema, data, message):
         raise ApiError(400, "invalid_request", message, field_errors(err)) from None
 
 
-@bp.get("/events/<slug>")
-def event(slug):
-    """An event and its ticket types.
-    ---
-    get:
-      summary: An event, with what is left of each ticket type
-      tags: [orders]
-      responses:
-        200: {description: The event., content: {application/json: {schema: EventSchema}}}
-        404: NotFound
-        503: ServiceUnavailable
-    """
-    return jsonify(service.event_by_slug(slug))
-
-
 @bp.post("/orders")
 @limit_order_creation
 def create_order():

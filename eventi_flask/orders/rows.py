@@ -19,7 +19,8 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
 from .. import metrics
-from .models import Event, Order, OrderLogEntry, Ticket, TicketType
+from ..events.models import Event, TicketType
+from .models import Order, OrderLogEntry, Ticket
 
 ORDERS, TICKETS, TICKET_TYPES, EVENTS = Order.__table__, Ticket.__table__, TicketType.__table__, Event.__table__
 ORDER_LOG = OrderLogEntry.__table__

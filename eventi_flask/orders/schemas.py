@@ -106,22 +106,6 @@ def _required(field_class, *args, **kwargs):
     return field_class(*args, required=True, **kwargs)
 
 
-class TicketTypeSchema(Schema):
-    id = _required(fields.String)
-    name = _required(fields.String)
-    price = _required(fields.Integer, metadata={"description": "KES per ticket"})
-    available = _required(fields.Integer, validate=validate.Range(min=0))
-
-
-class EventSchema(Schema):
-    slug = _required(fields.String)
-    name = _required(fields.String)
-    venue = _required(fields.String)
-    starts_at = _required(fields.DateTime)
-    currency = _required(fields.String, validate=validate.OneOf(["KES"]))
-    ticket_types = _required(fields.List, fields.Nested(TicketTypeSchema))
-
-
 class PaymentSchema(Schema):
     reference = _required(fields.String, allow_none=True, metadata={"description": "PayHero's reference"})
     checkout_request_id = _required(fields.String, allow_none=True)
@@ -167,20 +151,6 @@ def _first_messages(messages, prefix=""):
 
 def isoformat(moment):
     return as_utc(moment).isoformat().replace("+00:00", "Z")
-
-
-def serialize_event(event):
-    return {
-        "slug": event.slug,
-        "name": event.name,
-        "venue": event.venue,
-        "starts_at": isoformat(event.starts_at),
-        "currency": "KES",
-        "ticket_types": [
-            {"id": tt.code, "name": tt.name, "price": tt.price, "available": tt.available}
-            for tt in event.ticket_types
-        ],
-    }
 
 
 def order_body(values, ticket_codes=()):

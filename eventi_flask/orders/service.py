@@ -12,13 +12,14 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from .. import database, metrics
 from ..errors import ApiError, database_unavailable
+from ..events.models import Event
 from ..extensions import db
 from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
 from ..payhero.client import PayHeroError, get_payhero
 from . import rows
-from .models import Event, Order, OrderLogEntry, new_order_id, utcnow
-from .schemas import order_body, serialize_event, serialize_order
+from .models import Order, OrderLogEntry, new_order_id, utcnow
+from .schemas import order_body, serialize_order
 from .state import PLAIN_REASONS, Decision, Status, decide
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,6 @@ log = logging.getLogger(__name__)
 # What we issue, and no more: anything else is unknown without asking the database
 # (PostgreSQL refuses some characters, such as NUL, with an error rather than "not found").
 ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
-SLUG = re.compile(r"[A-Za-z0-9_-]{1,100}")
-
-
-def event_by_slug(slug):
-    event = db.session.scalar(select(Event).where(Event.slug == slug)) if SLUG.fullmatch(slug) else None
-    if event is None:
-        raise ApiError(404, "event_not_found", f"No event called {slug!r}.")
-    return serialize_event(event)
 
 
 def order_by_id(order_id):

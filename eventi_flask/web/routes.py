@@ -6,6 +6,7 @@ which the page's one script (static/eventi.js) calls.
 from flask import Blueprint, current_app, render_template, request
 
 from ..errors import ApiError
+from ..events.service import event_by_slug
 from ..orders import service
 from . import presenters
 
@@ -20,7 +21,7 @@ def kes_filter(amount):
 
 @bp.get("/events/<slug>/checkout")
 def checkout(slug):
-    event = service.event_by_slug(slug)
+    event = event_by_slug(slug)
     # "Try again" comes back with the ticket choice in the query string; the
     # personal details come back from the browser's sessionStorage instead.
     choice = presenters.checkout_choice(event, request.args.get("ticket_type"), request.args.get("quantity", type=int))
@@ -40,7 +41,7 @@ def checkout(slug):
 @bp.get("/orders/<order_id>")
 def order_status(order_id):
     order = service.order_by_id(order_id)
-    event = service.event_by_slug(order["event"])
+    event = event_by_slug(order["event"])
     ticket_names = {ticket["id"]: ticket["name"] for ticket in event["ticket_types"]}
     return render_template(
         "order.html",
