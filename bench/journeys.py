@@ -1,0 +1,210 @@
+"""journeys: whole buyer journeys, sandbox PayHero included: buyers arriving at --rate for --buyers.
+
+Each buyer, on its own connection: POST /api/orders with an Idempotency-Key
+(a 503 busy or 429 is retried after Retry-After with the same key, as the
+checkout page does; a lost connection or no answer in --order-timeout, after
+a short backoff); then hold the wait as the status page does (since=version,
+asking again after a hold that ran its course, reconnecting after a 503's
+Retry-After) until the outcome.  The sandbox calls back after
+SANDBOX_CALLBACK_DELAY (2 s); the phones decide the outcome: 85% pay, 10%
+cancel (0708000001), 5% lack funds (0708000002).
+
+Outcome after the callback: the sandbox's reference carries the millisecond
+it took the payment (its callback is due SANDBOX_CALLBACK_DELAY later), so
+outcome_after_callback_ms = page answered - that; outcome_after_commit_ms is
+measured from the order's updated_at (the callback's commit).  Both are wall
+clock on this one machine.  journeys/s = journeys with an outcome / (last
+outcome - first arrival).  With the server's database at hand, duplicate
+orders = orders in the database - distinct orders answered to buyers.
+"""
+import asyncio
+import json
+import time
+import uuid
+from datetime import datetime
+
+from eventi_flask.payhero.sandbox import read_reference
+
+from .client import ORDER_BODY, Conn, paced, post_order
+from .page import Watch, backoff, follow, story
+from .results import count_by, latency, rounded, spread
+from .server import Profiler, Usage, worker_cpu_total
+
+CALLBACK_DELAY = 2.0
+SERVER = {"WEB_CONCURRENCY": "2", "SANDBOX_CALLBACK_DELAY": str(CALLBACK_DELAY)}
+SHED = (429, 503)
+# Of every 20 buyers: 2 cancel (10%), 1 lacks funds (5%), 17 pay (85%).
+CANCELS, LACKS_FUNDS = "0708000001", "0708000002"
+
+
+def add_arguments(parser, rate=300, buyers=3000):
+    parser.add_argument("--rate", type=float, default=rate, help=f"buyers arriving per second (default {rate:g})")
+    parser.add_argument("--buyers", type=int, default=buyers, help=f"buyers in all (default {buyers})")
+    parser.add_argument("--timeout", type=float, default=55, help="the wait's timeout= (the hold), seconds")
+    parser.add_argument("--order-timeout", type=float, default=30,
+                        help="seconds a buyer waits for the POST's answer before retrying it (same key)")
+    parser.add_argument("--give-up", type=float, default=120, help="seconds after arriving a buyer gives up")
+
+
+def phone_and_outcome(i):
+    slot = i % 20
+    if slot < 2:
+        return CANCELS, "cancelled"
+    if slot == 2:
+        return LACKS_FUNDS, "failed"
+    return f"0712{i % 1000000:06d}", "completed"
+
+
+class Buyer:
+    __slots__ = ("index", "phone", "expected", "arrived_at", "served_at", "order_ids", "answers", "watch", "error")
+
+    def __init__(self, index):
+        self.index = index
+        self.phone, self.expected = phone_and_outcome(index)
+        self.arrived_at = self.served_at = self.watch = self.error = None
+        self.order_ids = set()  # every distinct order the server answered this buyer: exactly one, or a duplicate
+        self.answers = []  # (status or error name, ms) of every POST
+
+    def shed(self):
+        return sum(1 for status, _ in self.answers if status in SHED)
+
+
+async def journey(host, port, buyer, args, deadline):
+    loop = asyncio.get_running_loop()
+    conn = Conn(host, port)
+    body = json.dumps({**ORDER_BODY, "phone": buyer.phone}).encode()
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    buyer.arrived_at = loop.time()
+    give_up = buyer.arrived_at + args.give_up
+    failures = 0
+    while True:
+        if loop.time() > give_up:
+            buyer.error = f"not served in {args.give_up:g} s"
+            conn.close()
+            return
+        answer, status, took = await post_order(conn, body, headers, args.order_timeout)
+        buyer.answers.append((status, took))
+        if answer is not None and status in (200, 201):
+            break
+        if answer is not None and status not in SHED:
+            buyer.error = f"{status} {answer.body[:120]!r}"
+            conn.close()
+            return
+        failures += 1
+        await asyncio.sleep(answer.retry_after() if answer is not None else backoff(failures))
+    order = answer.json()
+    buyer.served_at = loop.time()
+    buyer.order_ids.add(order["id"])
+    buyer.watch = Watch(order)
+    await follow(host, port, buyer.watch, args.timeout, deadline, retry_refused=True, conn=conn)
+
+
+def callback_due_ms(order, delay):
+    decoded = read_reference(order["payment"]["reference"])
+    return None if decoded is None else decoded[2] + delay * 1000
+
+
+def updated_ms(order_json):
+    return datetime.fromisoformat(order_json["updated_at"].replace("Z", "+00:00")).timestamp() * 1000
+
+
+def orders_in_database(database_url):
+    """How many orders the server's database holds (a fresh one per run), or None without it."""
+    if not database_url:
+        return None
+    from sqlalchemy import create_engine, text
+
+    from config import database_url as sqlalchemy_url
+
+    engine = create_engine(sqlalchemy_url(database_url))
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT count(*) FROM orders")).scalar()
+    finally:
+        engine.dispose()
+
+
+async def run(args, target):
+    host, port, loop = target["host"], target["port"], asyncio.get_running_loop()
+    delay = float(dict(item.partition("=")[::2] for item in args.server_env).get(
+        "SANDBOX_CALLBACK_DELAY", CALLBACK_DELAY))
+    buyers = [Buyer(i) for i in range(args.buyers)]
+    profiler = Profiler(args.profile, target)
+    usage = Usage(target).start()
+    started = loop.time()
+    deadline = started + args.buyers / args.rate + args.give_up + args.timeout + 30
+    tasks = await paced(args.rate, [journey(host, port, b, args, deadline) for b in buyers])
+    await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    used = usage.stop()
+    profile = profiler.stop()
+
+    watches = [b.watch for b in buyers if b.watch]
+    finished = [b for b in buyers if b.watch and b.watch.answered_at is not None]
+    wrong = [b for b in finished if b.watch.status != b.expected]
+    answers = [a for b in buyers for a in b.answers]
+    shed = sum(b.shed() for b in buyers)
+    served = [b for b in buyers if b.served_at is not None]
+    answered_ids = {i for b in buyers for i in b.order_ids}
+    in_database = orders_in_database(target.get("database_url"))
+    duplicates = None if in_database is None else in_database - len(answered_ids)
+    last = max((b.watch.answered_at for b in finished), default=None)
+    cpu = worker_cpu_total(used)
+    failures = []
+    if wrong:
+        failures.append(f"{len(wrong)} buyers saw a wrong outcome")
+    if duplicates:
+        failures.append(f"{duplicates} duplicate orders")
+    return {
+        "buyers": args.buyers,
+        "arrival_rate": args.rate,
+        "callback_delay_s": delay,
+        "journeys": len(finished),
+        "journeys_per_second": rounded(len(finished) / (last - started)) if last and last > started else None,
+        "order_answers": len(answers),
+        "order_answer_ms": spread(took for _, took in answers),
+        "order_statuses": count_by(status for status, _ in answers),
+        "shed": shed,
+        "shed_share": rounded(shed / len(answers), 3) if answers else None,
+        "served": len(served),
+        "served_exactly_once": sum(1 for b in served if len(b.order_ids) == 1),
+        "served_within_30s": sum(1 for b in served if b.served_at - b.arrived_at <= 30),
+        "time_to_served_ms": spread((b.served_at - b.arrived_at) * 1000 for b in served),
+        "not_served": len(buyers) - len(served),
+        "orders_in_database": in_database,
+        "duplicate_orders": duplicates,
+        "outcome_after_callback_ms": spread(
+            b.watch.answered_wall * 1000 - callback_due_ms(b.watch.order, delay) for b in finished
+            if callback_due_ms(b.watch.order, delay) is not None),
+        "outcome_after_commit_ms": spread(_after_commit(b) for b in finished),
+        "outcomes": count_by(b.watch.status for b in finished),
+        "wrong_outcomes": len(wrong),
+        "order_retries": sum(len(b.answers) - 1 for b in served),
+        "buyers_needing_a_retry": sum(1 for b in buyers if len(b.answers) > 1 or (b.watch and b.watch.retries)),
+        **{f"wait_{k}": v for k, v in story(watches).items()},
+        "buyer_errors": sum(1 for b in buyers if b.error),
+        "first_buyer_errors": [b.error for b in buyers if b.error][:5],
+        "worker_cpu_ms_per_journey": rounded(cpu * 1000 / len(finished)) if cpu is not None and finished else None,
+        **used,
+        "profile_top": profile,
+        "failures": failures,
+    }
+
+
+def _after_commit(buyer):
+    """Page answered - the final change's commit (its updated_at), from the answer the page got."""
+    return buyer.watch.answered_wall * 1000 - updated_ms(buyer.watch.final)
+
+
+def summary(result):
+    return (f"{result['buyers']} buyers at {result['arrival_rate']:g}/s: {result['journeys_per_second']} journeys/s, "
+            f"{latency('order answer', result['order_answer_ms'])}, "
+            f"{latency('outcome after callback', result['outcome_after_callback_ms'])}; "
+            f"shed {result['shed']} ({result['shed_share']}), served {result['served']} "
+            f"(exactly once {result['served_exactly_once']}), "
+            f"{latency('time to be served', result['time_to_served_ms'])}; "
+            f"wrong outcomes {result['wrong_outcomes']}, duplicate orders {result['duplicate_orders']}, "
+            f"buyers needing a retry {result['buyers_needing_a_retry']}, errors {result['buyer_errors']}; "
+            f"worker CPU {result['worker_cpu_percent']} %")

@@ -1,0 +1,60 @@
+"""The benchmark tool, at toy size against real servers it starts, so that it cannot rot.
+
+Timings are not checked (the machine is shared): that every mode runs to the
+end, says what it saw in one line, and writes every run's numbers as JSON.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.live
+
+
+def bench(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_mode(tmp_path, mode, *args):
+    out = tmp_path / f"{mode}.json"
+    done = bench(mode, *args, "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith(f"{mode} run ")]
+    assert len(lines) == 1, done.stdout
+    report = json.loads(out.read_text())
+    assert report["mode"] == mode and len(report["runs"]) == 1
+    return lines[0], report["runs"][0]
+
+
+def test_storm_holds_every_wait_and_answers_each_callback(tmp_path):
+    line, run = run_mode(tmp_path, "storm", "-n", "60", "--rate", "60", "--timeout", "20")
+    assert "held 60" in line and "60 notified" in line
+    assert run["refused"] == 0 and run["held_all"] and run["wrong_status"] == 0
+    assert run["latency_ms"]["n"] == 60 and run["latency_ms"]["max"] >= run["latency_ms"]["p99"] > 0
+
+
+def test_journeys_end_in_the_outcome_each_phone_decides(tmp_path):
+    line, run = run_mode(tmp_path, "journeys", "--buyers", "40", "--rate", "20", "--timeout", "20",
+                         "--server-env", "SANDBOX_CALLBACK_DELAY=0.5")
+    assert "40 buyers at 20/s" in line
+    assert run["journeys"] == 40 and run["wrong_outcomes"] == 0 and run["duplicate_orders"] == 0
+    # Of every 20 buyers 2 cancel and 1 lacks funds.
+    assert run["outcomes"] == {"cancelled": 4, "completed": 34, "failed": 2}
+    assert run["outcome_after_callback_ms"]["n"] == 40 and run["callback_delay_s"] == 0.5
+
+
+def test_overload_serves_every_buyer_once_and_makes_no_duplicate(tmp_path):
+    _, run = run_mode(tmp_path, "overload", "--buyers", "40", "--rate", "40", "--timeout", "20",
+                      "--server-env", "SANDBOX_CALLBACK_DELAY=0.5")
+    assert run["served"] == run["served_exactly_once"] == 40
+    assert run["orders_in_database"] == 40 and run["duplicate_orders"] == 0
+    assert run["order_answer_ms"]["n"] == run["order_answers"] >= 40
+
+
+def test_a_mistake_in_the_options_is_one_line_and_a_non_zero_exit():
+    done = bench("journeys", "--rate", "-5", timeout=60)
+    assert done.returncode == 2 and done.stderr == "python -m bench: error: --rate must be positive\n"
