@@ -46,7 +46,7 @@ def post_fork(server, worker):
     """A full garbage collection stops every held wait at once: make them rare.
 
     At 10,000 held waits the collector walks ~900,000 objects: 0.15 s per full
-    pass on a quiet machine, 1.1 s on a busy one (scripts/bench_gc.py). With
+    pass on a quiet machine, 1.1 s on a busy one (measured with a gc probe, since removed). With
     CPython's default (700, 10, 10), opening 10,000 waits made 7-8 full passes;
     with (700, 10, 100), one; with (7000, 10, 100), none (the young generation
     collected 164 times, the middle one 14): a full pass now comes after ~7

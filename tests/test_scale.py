@@ -1,6 +1,6 @@
 """Scale, functionally: 500 held waits on one gunicorn worker, all answered right, over one subscriber.
 
-Timings are not checked here (this machine is shared and noisy); scripts/loadtest.py and
+Timings are not checked here (this machine is shared and noisy); `python -m bench` and
 BENCHMARKS.md measure them.  This checks that a larger load is fully and correctly answered.
 """
 import json
