@@ -58,3 +58,25 @@ def test_overload_serves_every_buyer_once_and_makes_no_duplicate(tmp_path):
 def test_a_mistake_in_the_options_is_one_line_and_a_non_zero_exit():
     done = bench("journeys", "--rate", "-5", timeout=60)
     assert done.returncode == 2 and done.stderr == "python -m bench: error: --rate must be positive\n"
+
+
+def test_charts_are_drawn_from_the_results_beside_nchan(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "charts"
+    results.mkdir()
+    spread = {"n": 1000, "p50": 9.0, "p90": 14.0, "p99": 40.0, "max": 80.0}
+    (results / "held-1.json").write_text(json.dumps({"mode": "held", "args": {"short_poll": False},
+                                                     "runs": [{"orders": 1000, "latency_ms": spread}] * 3}))
+    (results / "journeys-1.json").write_text(json.dumps({"mode": "journeys", "args": {}, "runs": [
+        {"arrival_rate": rate, "journeys_per_second": rate * 0.8, "order_answer_ms": spread,
+         "outcome_after_callback_ms": spread} for rate in (100, 200, 300)]}))
+    nchan = tmp_path / "nchan-results.json"
+    nchan.write_text(json.dumps({"runs": [{"rounds": [{"N": 1000, "p50_ms": 1.1, "p90_ms": 2.0, "p99_ms": 4.0,
+                                                       "max_ms": 9.0}]}]}))
+    done = bench("charts", "--results", str(results), "--nchan", str(nchan), "--out", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(out / "held-latency.png"), str(out / "journeys.png")]
+    for name in ("held-latency.png", "journeys.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    empty = bench("charts", "--results", str(tmp_path / "none"), "--out", str(out), timeout=120)
+    assert empty.returncode == 1 and len(empty.stderr.splitlines()) == 1
