@@ -176,8 +176,13 @@ class Config:
         # classic: the shape of PayHero's v2 docs; flat: its current webhook reference (no result code).
         self.SANDBOX_CALLBACK_SHAPE = _choice(env, "SANDBOX_CALLBACK_SHAPE", "classic", ("classic", "flat"))
 
-        self.WAIT_TIMEOUT_MAX = read_number(env, "WAIT_TIMEOUT_MAX", 60.0, float, minimum=0, maximum=3600)
-        self.WAIT_TIMEOUT_DEFAULT = read_number(env, "WAIT_TIMEOUT_DEFAULT", 55.0, float, minimum=0, maximum=self.WAIT_TIMEOUT_MAX)
+        # Heroku's router (a dyno has DYNO set) cuts a request with no answer at 30 s (H12): hold less there.
+        on_dyno = bool(env.get("DYNO", "").strip())
+        self.WAIT_TIMEOUT_MAX = read_number(env, "WAIT_TIMEOUT_MAX", 28.0 if on_dyno else 60.0, float,
+                                            minimum=0, maximum=3600)
+        self.WAIT_TIMEOUT_DEFAULT = read_number(env, "WAIT_TIMEOUT_DEFAULT",
+                                                min(25.0 if on_dyno else 55.0, self.WAIT_TIMEOUT_MAX), float,
+                                                minimum=0, maximum=self.WAIT_TIMEOUT_MAX)
         self.WAIT_MAX_PER_ORDER = read_number(env, "WAIT_MAX_PER_ORDER", 20, minimum=1)
         self.WAIT_MAX_PER_WORKER = read_number(env, "WAIT_MAX_PER_WORKER", 10000, minimum=1)
         # A held wait re-reads the database this often even with Redis up, so a

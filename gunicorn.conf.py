@@ -22,7 +22,8 @@ worker_class = "gevent"
 backlog = 4096
 # A held wait lasts up to WAIT_TIMEOUT_MAX (60 s); on SIGTERM they are answered
 # at once with the current state, so the graceful window only drains stragglers.
-graceful_timeout = 30
+# Heroku sends SIGKILL 30 s after SIGTERM: the workers are stopped well before that.
+graceful_timeout = 25
 timeout = 30
 # Idle keep-alive connections hold up a graceful stop, so keep them short.
 keepalive = 5
