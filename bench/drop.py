@@ -9,7 +9,7 @@ import json
 
 from .client import NO_CALLBACK_PHONE, ORDER_BODY, Conn, post_order
 from .results import count_by, latency, rounded, spread
-from .server import Profiler, Usage, worker_cpu_total
+from .server import Profiler, Usage, database_engine, worker_cpu_total
 
 SERVER = {"WEB_CONCURRENCY": "2"}
 
@@ -24,19 +24,11 @@ def add_arguments(parser):
     parser.add_argument("--order-timeout", type=float, default=60, help="seconds a buyer waits for the answer")
 
 
-def _engine(database_url):
-    from sqlalchemy import create_engine
-
-    from config import database_url as sqlalchemy_url
-
-    return create_engine(sqlalchemy_url(database_url))
-
-
 def set_tickets(database_url, ticket_type, tickets):
     """Give the ticket type `tickets` free tickets before the drop."""
     from sqlalchemy import text
 
-    engine = _engine(database_url)
+    engine = database_engine(database_url)
     try:
         with engine.begin() as connection:
             connection.execute(text(
@@ -51,7 +43,7 @@ def ledger(database_url, ticket_type, sold_ids):
     """What the database says after the drop: capacity, reserved, and tickets held by buyers not told 201."""
     from sqlalchemy import text
 
-    engine = _engine(database_url)
+    engine = database_engine(database_url)
     try:
         with engine.connect() as connection:
             type_id, capacity, reserved = connection.execute(text(

@@ -19,7 +19,6 @@ orders = orders in the database - distinct orders answered to buyers.
 """
 import asyncio
 import json
-import time
 import uuid
 from datetime import datetime
 
@@ -28,7 +27,7 @@ from eventi_flask.payhero.sandbox import read_reference
 from .client import ORDER_BODY, Conn, paced, post_order
 from .page import Watch, backoff, follow, story
 from .results import count_by, latency, rounded, spread
-from .server import Profiler, Usage, worker_cpu_total
+from .server import Profiler, Usage, database_engine, worker_cpu_total
 
 CALLBACK_DELAY = 2.0
 SERVER = {"WEB_CONCURRENCY": "2", "SANDBOX_CALLBACK_DELAY": str(CALLBACK_DELAY)}
@@ -112,11 +111,9 @@ def orders_in_database(database_url):
     """How many orders the server's database holds (a fresh one per run), or None without it."""
     if not database_url:
         return None
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
-    from config import database_url as sqlalchemy_url
-
-    engine = create_engine(sqlalchemy_url(database_url))
+    engine = database_engine(database_url)
     try:
         with engine.connect() as connection:
             return connection.execute(text("SELECT count(*) FROM orders")).scalar()

@@ -99,6 +99,15 @@ def redis_cluster():
         cluster.stop()
 
 
+def database_engine(url):
+    """An SQLAlchemy engine on the server's database, for the checks that read it (dispose of it after)."""
+    from sqlalchemy import create_engine
+
+    from config import database_url
+
+    return create_engine(database_url(url))
+
+
 # ---------------------------------------------------------------- /proc
 
 def cpu_seconds(pid):
