@@ -245,7 +245,7 @@ def frame_name(frame):
 class Profiler:
     """py-spy on every worker for the measured part of a run (--profile FILE: collapsed stacks, then a summary)."""
 
-    IDLE = ("run (gevent/hub.py", "wait (gevent/_hub_primitives.py")
+    IDLE = ("run (gevent/hub.py)", "wait (gevent/_hub_primitives.py)")  # the hub waiting for I/O
 
     def __init__(self, path, target):
         self.path, self.proc = path, None
@@ -267,7 +267,7 @@ class Profiler:
         for line in Path(self.path).read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             frames = [frame_name(f) for f in stack.split(";") if f.strip()]
-            if not frames or frames[-1].startswith(self.IDLE):
+            if not frames or any(idle in frames[-1] for idle in self.IDLE):
                 continue
             busy += int(count)
             own[frames[-1]] = own.get(frames[-1], 0) + int(count)
