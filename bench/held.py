@@ -138,7 +138,7 @@ async def run(args, target, retry_refused=False):
 
 def summary(result):
     refused = f", refused {result['refused']} {result['refusals_by_status']}" if result["refused"] else ""
-    held = "short polling" if result["waiters_held"] is None else f"held {result['waiters_held']}"
+    held = "short polling" if result["waiters_held"] is None else f"held {result['waiters_held']} (server's gauge)"
     return (f"{result['orders']} pages opened in {result['waits_opened_in_s']} s, {held}"
             f"{refused}; {result['notified']} notified at {result['callbacks_per_second']}/s, "
             f"{latency('callback->answer', result['latency_ms'])}; worker CPU {result['worker_cpu_percent']} %; "
