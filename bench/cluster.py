@@ -9,6 +9,7 @@ import time
 from urllib.parse import urlsplit
 
 from . import held
+from .server import node_urls
 
 SERVER = held.SERVER
 USES_CLUSTER = True
@@ -18,17 +19,6 @@ def add_arguments(parser):
     held.add_arguments(parser)
     parser.add_argument("--classic-contrast", action="store_true",
                         help="then classic PUBLISH as many messages, for each node's share")
-
-
-def node_urls(redis_url):
-    """The URL of every primary of the cluster at `redis_url`."""
-    import redis
-
-    with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
-        ranges = client.execute_command("CLUSTER SLOTS")
-    scheme = urlsplit(redis_url).scheme
-    return [f"{scheme}://{host}:{port}" for host, port in sorted({(r[2][0].decode() or "127.0.0.1", r[2][1])
-                                                                 for r in ranges})]
 
 
 def pubsub_counters(redis_url):

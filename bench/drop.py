@@ -15,7 +15,7 @@ SERVER = {"WEB_CONCURRENCY": "2"}
 
 
 def add_arguments(parser):
-    parser.add_argument("--buyers", type=int, default=6000, help="buyers in all (default 6000)")
+    parser.add_argument("-n", "--buyers", type=int, default=6000, help="buyers in all (default 6000)")
     parser.add_argument("--concurrency", type=int, default=300, help="buyers at a time (default 300)")
     parser.add_argument("--ticket-type", default="early-bird", help="the demo event's ticket type everyone buys")
     parser.add_argument("--quantity", type=int, default=1, help="tickets per order")

@@ -14,7 +14,8 @@ from .client import NO_CALLBACK_PHONE, Pool, create_orders, paced
 from .page import Watch, follow, story
 from .payhero import pay
 from .results import latency, rounded, spread
-from .server import Profiler, Usage, gc_pauses, histogram_quantile, scrape, worker_cpu_total
+from .server import (Profiler, Usage, gc_pauses, histogram_quantile, open_fds, redis_connections, rss_mb, scrape,
+                     worker_cpu_total)
 
 SERVER = {"WEB_CONCURRENCY": "1"}
 
@@ -95,6 +96,9 @@ async def run(args, target, retry_refused=False):
     held = None if args.short_poll else await until_held(api, watches, 120)
     hold_seconds = loop.time() - started
     m1 = await scrape(api)
+    holding = {"redis_connections": redis_connections(target["redis_url"], target.worker_pid),
+               "worker_rss_mb_holding": rounded(rss_mb(target.worker_pid)),
+               "worker_open_files_holding": open_fds(target.worker_pid)}
     await asyncio.sleep(args.settle)
     paid = await pay(callbacks, [w for w in watches if not w.error and w.answered_at is None], args.rate, args.token)
     await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))
@@ -129,6 +133,7 @@ async def run(args, target, retry_refused=False):
         "db_queries_per_payment": round(queries / n, 3) if n else None,
         "db_queries_while_opening": int(m1.get("eventi_db_queries_total", 0) - m0.get("eventi_db_queries_total", 0)),
         "worker_cpu_ms_per_payment": rounded(cpu * 1000 / n) if cpu is not None and n else None,
+        **holding,
         **gc_pauses(m0, m2),
         **used,
         "profile_top": profiler.stop(),

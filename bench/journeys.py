@@ -38,7 +38,7 @@ CANCELS, LACKS_FUNDS = "0708000001", "0708000002"
 
 def add_arguments(parser, rate=300, buyers=3000):
     parser.add_argument("--rate", type=float, default=rate, help=f"buyers arriving per second (default {rate:g})")
-    parser.add_argument("--buyers", type=int, default=buyers, help=f"buyers in all (default {buyers})")
+    parser.add_argument("-n", "--buyers", type=int, default=buyers, help=f"buyers in all (default {buyers})")
     parser.add_argument("--timeout", type=float, default=55, help="the wait's timeout= (the hold), seconds")
     parser.add_argument("--order-timeout", type=float, default=30,
                         help="seconds a buyer waits for the POST's answer before retrying it (same key)")

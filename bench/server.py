@@ -181,6 +181,58 @@ def worker_cpu_total(usage):
     return sum(values) if values else None
 
 
+# ---------------------------------------------------------------- Redis
+
+def node_urls(redis_url):
+    """The URL of every primary when `redis_url` names a Redis Cluster node, else [redis_url]."""
+    import redis
+
+    with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
+        if client.info("cluster").get("cluster_enabled") != 1:
+            return [redis_url]
+        ranges = client.execute_command("CLUSTER SLOTS")
+    scheme = urlsplit(redis_url).scheme
+    return [f"{scheme}://{host}:{port}" for host, port in sorted({(r[2][0].decode() or "127.0.0.1", r[2][1])
+                                                                 for r in ranges})]
+
+
+def local_tcp_ports(pid):
+    """The local ports of the TCP sockets process `pid` holds."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def redis_connections(redis_url, pid):
+    """{"subscriber": n, "other": n}: the Redis connections worker `pid` holds (CLIENT LIST on every node)."""
+    import redis
+
+    if not redis_url or not pid:
+        return None
+    clients = []
+    for url in node_urls(redis_url):
+        with redis.Redis.from_url(url, socket_timeout=5) as client:
+            clients += client.client_list()
+    ports = local_tcp_ports(pid)
+    subscriber = sum(1 for c in clients if c.get("name") == f"eventi-sub-{pid}")
+    mine = sum(1 for c in clients if int(c["addr"].rsplit(":", 1)[1]) in ports)
+    return {"subscriber": subscriber, "other": mine - subscriber}
+
+
 # ---------------------------------------------------------------- /metrics
 
 def parse_metrics(text):
