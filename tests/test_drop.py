@@ -1,7 +1,7 @@
 """The ticket drop, functionally: every buyer is answered 201 or 409, nothing is oversold,
 and a buyer who got an error holds no tickets.
 
-Speed is not checked here (scripts/loadtest.py --mode drop and BENCHMARKS.md measure it).
+Speed is not checked here (`python -m bench drop` and BENCHMARKS.md measure it).
 """
 import collections
 

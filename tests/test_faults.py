@@ -303,7 +303,7 @@ def test_sigterm_answers_held_waits_with_the_current_state(live_server_factory, 
     stopped = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     responses = [waiting.get(timeout=10) for waiting in waits]
-    assert time.monotonic() - stopped < 5  # far inside the graceful timeout (30 s), far before the hold (50 s)
+    assert time.monotonic() - stopped < 5  # far inside the graceful timeout (25 s), far before the hold (50 s)
     assert [r.status_code for r in responses] == [200] * len(waits)
     assert {r.json()["status"] for r in responses} == {"pending"}
     assert all(r.json()["version"] == orders[1]["version"] for r in responses)
