@@ -18,16 +18,6 @@ def _count_query(*_):
     metrics.db_queries.inc()
 
 
-@event.listens_for(Engine, "connect")
-def _sqlite_pragmas(dbapi_connection, _record):
-    # WAL lets readers and the writer proceed together in the embedded default.
-    if type(dbapi_connection).__module__.startswith("sqlite3"):
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
-        cursor.close()
-
-
 def create_app(config=None):
     """Build the app.  `config`: a Config instance, or None to read the environment."""
     if config is None:

@@ -11,7 +11,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from . import metrics
+from . import metrics, sqlite
 from .extensions import db
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ class DatabaseWatch:
 
 def init_app(app):
     with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            sqlite.init_engine(db.engine)
         ping_idle_connections(db.engine)
         app.extensions[WATCH] = DatabaseWatch(db.engine)
     metrics.database_available.set(1)
