@@ -216,7 +216,7 @@ def test_a_lost_message_costs_latency_not_the_answer(app, client, order, monkeyp
 
 def test_a_slow_query_in_one_request_does_not_delay_a_notification(backend, app, client, order, hub):
     if backend != "postgres-redis":
-        pytest.skip("SQLite is an in-process library; the gevent-friendly driver is psycopg 3")
+        pytest.skip("pg_sleep is PostgreSQL's; SQLite's long query and write are in test_sqlite.py")
 
     def slow_query():
         with app.app_context():
