@@ -1,21 +1,13 @@
 """Orders and their tickets."""
 import secrets
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from ..clock import as_utc, utcnow  # noqa: F401 (where the order modules import them from)
 from ..events.models import TicketType
 from ..extensions import db
-
-
-def utcnow():
-    return datetime.now(timezone.utc)
-
-
-def as_utc(moment):
-    # SQLite hands back naive datetimes; we only ever store UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def new_order_id():

@@ -15,7 +15,7 @@ A row is a mapping of the orders table's columns plus `ticket_type_code` and
 `event_slug`: what schemas.order_body() needs to answer.
 """
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from .. import metrics
@@ -52,6 +52,11 @@ _RELEASE_TICKETS = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("t
 _NAMED_TYPE = (TICKET_TYPES.c.event_id == EVENTS.c.id, EVENTS.c.slug == bindparam("event_slug"),
                TICKET_TYPES.c.code == bindparam("ticket_type_code"))
 _HAS_ROOM = TICKET_TYPES.c.capacity - TICKET_TYPES.c.reserved >= bindparam("quantity")
+# On sale at "now", within the type's max_per_order: else the refusal says which (events.service.order_refusal).
+_NOW = bindparam("now", type_=EVENTS.c.starts_at.type)
+_ORDERABLE = (*_NAMED_TYPE, _HAS_ROOM, TICKET_TYPES.c.max_per_order >= bindparam("quantity"),
+              or_(EVENTS.c.sales_start.is_(None), EVENTS.c.sales_start <= _NOW),
+              func.coalesce(EVENTS.c.sales_end, EVENTS.c.starts_at) > _NOW)
 # The new order's own values, given by the caller; its ticket type and amount come from the reservation.
 _NEW_ORDER = ("id", "status", "version", "quantity", "name", "email", "phone", "created_at", "updated_at")
 
@@ -68,7 +73,7 @@ def _insert_order_for(ticket_type):
 # PostgreSQL: the guarded reservation and the INSERT in one statement (a data-modifying CTE).
 # Run on its own (autocommit), the hot ticket type's row lock lasts the statement and its
 # commit inside the server, never a round trip back to this worker.
-_RESERVED = (update(TICKET_TYPES).where(*_NAMED_TYPE, _HAS_ROOM)
+_RESERVED = (update(TICKET_TYPES).where(*_ORDERABLE)
              .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity"))
              .returning(TICKET_TYPES.c.id, TICKET_TYPES.c.price)
              .cte("reserved"))
@@ -76,11 +81,9 @@ _RESERVE_AND_INSERT = _insert_order_for(_RESERVED).add_cte(_RESERVED)
 # SQLite allows no UPDATE in a CTE; it has one writer at a time, so an INSERT that checks the
 # room and then the UPDATE, in one transaction, cannot be overtaken.
 _INSERT_IF_ROOM = _insert_order_for(select(TICKET_TYPES.c.id, TICKET_TYPES.c.price)
-                                    .where(*_NAMED_TYPE, _HAS_ROOM).subquery())
+                                    .where(*_ORDERABLE).subquery())
 _RESERVE = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("ticket_type_id"))
             .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity")))
-_TICKETS_LEFT = select(TICKET_TYPES.c.name, (TICKET_TYPES.c.capacity - TICKET_TYPES.c.reserved).label("left")
-                       ).where(*_NAMED_TYPE)
 _SAVE_PAYHERO_ANSWER = (
     update(ORDERS)
     # Else a callback got here first and said it already.
@@ -180,11 +183,13 @@ def release_tickets(connection, ticket_type_id, quantity):
 def create_order(bind, order, event_slug, ticket_type_code):
     """Reserve `order["quantity"]` tickets and insert `order` (the columns of _NEW_ORDER).
 
-    Returns {"ticket_type_id", "amount"}, or None when the ticket type is unknown or has
-    too few tickets left (nothing is written then).  `bind`: on PostgreSQL the engine (the
-    statement is its own transaction, run_alone); on SQLite a connection, and the caller commits.
+    Returns {"ticket_type_id", "amount"}, or None when the ticket type is unknown, not on sale at
+    the order's created_at, allows fewer in one order, or has too few tickets left (nothing is
+    written then).  `bind`: on PostgreSQL the engine (the statement is its own transaction,
+    run_alone); on SQLite a connection, and the caller commits.
     """
     params = {"event_slug": event_slug, "ticket_type_code": ticket_type_code, "quantity": order["quantity"],
+              "now": order["created_at"],
               **{"new_" + name: order[name] for name in _NEW_ORDER}}
     if bind.dialect.name == "postgresql":
         return run_alone(bind, _RESERVE_AND_INSERT, params)
@@ -192,11 +197,6 @@ def create_order(bind, order, event_slug, ticket_type_code):
     if created is not None:
         bind.execute(_RESERVE, {"ticket_type_id": created["ticket_type_id"], "quantity": order["quantity"]})
     return created
-
-
-def tickets_left(connection, event_slug, ticket_type_code):
-    """(name, left): the ticket type's name and how many of its tickets are free; None if there is no such type."""
-    return connection.execute(_TICKETS_LEFT, {"event_slug": event_slug, "ticket_type_code": ticket_type_code}).first()
 
 
 def save_payhero_answer(bind, order_id, reference, checkout_request_id, now):

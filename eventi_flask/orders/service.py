@@ -12,7 +12,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from .. import database, metrics
 from ..errors import ApiError, database_unavailable
-from ..events.models import Event
+from ..events import service as events
 from ..extensions import db
 from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
@@ -73,7 +73,7 @@ def create_order(data):
     if created is None:
         db.session.rollback()
         try:
-            _refuse_order(data)
+            _refuse_order(data, now)
         except DBAPIError:
             db.session.rollback()
             raise database_unavailable(ORDER_NOT_SAVED) from None  # nothing was reserved
@@ -90,18 +90,12 @@ def _single_statement_bind():
     return engine if engine.dialect.name == "postgresql" else db.session.connection()
 
 
-def _refuse_order(data):
-    """404 for an unknown event or ticket type, else 409: not enough tickets left."""
-    ticket_type = rows.tickets_left(db.session.connection(), data["event"], data["ticket_type"])
+def _refuse_order(data, now):
+    """404 for an unknown event or ticket type, 400 above its max_per_order, else 409: outside the
+    sales window, or not enough tickets left."""
+    refusal = events.order_refusal(data["event"], data["ticket_type"], data["quantity"], now)
     db.session.rollback()
-    if ticket_type is None:
-        if db.session.scalar(select(Event.id).where(Event.slug == data["event"])) is None:
-            raise ApiError(404, "event_not_found", f"No event called {data['event']!r}.", {"event": "Unknown event."})
-        raise ApiError(404, "ticket_type_not_found", f"No ticket type {data['ticket_type']!r} for this event.",
-                       {"ticket_type": "Unknown ticket type."})
-    left = max(ticket_type.left, 0)
-    raise ApiError(409, "sold_out", f"Only {left} {ticket_type.name} tickets are left.",
-                   {"quantity": f"Only {left} left."})
+    raise refusal
 
 
 ORDER_NOT_SAVED = "The database is not answering; please try again."

@@ -3,16 +3,11 @@
 Plain functions over the API's own dicts, so the pages and the JSON API can
 never disagree about an order.
 """
-from datetime import datetime, timedelta, timezone
-
 from ..orders import phone as phone_rules
 from ..orders.schemas import PhoneField
 from ..orders.state import PLAIN_REASONS, RESULT_SUCCESS
 from ..payhero.sandbox import SANDBOX_PHONES
 
-# Events are in Kenya; customers read times in Nairobi time whatever their device says.
-# Kenya keeps UTC+3 all year, so a fixed offset needs no tz database on the host.
-EVENT_TIMEZONE = timezone(timedelta(hours=3), "EAT")
 FALLBACK_REASON = "M-Pesa did not complete the payment."
 # Short names for the sandbox banner; the status page uses the full PLAIN_REASONS sentences.
 SANDBOX_OUTCOMES = {1032: "Cancelled on the phone", 1: "Insufficient funds", 2001: "Wrong PIN", 1037: "Phone unreachable"}
@@ -28,12 +23,6 @@ PHONE_MESSAGE = PhoneField.default_error_messages["invalid_phone"]
 
 def kes(amount):
     return f"KES {amount:,}"
-
-
-def event_date(iso):
-    moment = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(EVENT_TIMEZONE)
-    hour = moment.strftime("%I").lstrip("0")
-    return f"{moment:%a %d %B %Y}, {hour}:{moment:%M %p} EAT".replace("AM", "am").replace("PM", "pm")
 
 
 def checkout_choice(event, ticket_type=None, quantity=None):

@@ -5,6 +5,7 @@ which the page's one script (static/eventi.js) calls.
 """
 from flask import Blueprint, current_app, render_template, request
 
+from ..clock import east_africa_time
 from ..errors import ApiError
 from ..events.service import event_by_slug
 from ..orders import service
@@ -28,7 +29,7 @@ def checkout(slug):
     return render_template(
         "checkout.html",
         event=event,
-        starts_at=presenters.event_date(event["starts_at"]),
+        starts_at=east_africa_time(event["starts_at"]),
         choice=choice,
         phone_pattern=presenters.PHONE_PATTERN,
         phone_separators=presenters.PHONE_SEPARATORS,
