@@ -73,3 +73,8 @@ ensure_pgbouncer() {
 ensure_openssl() {
     command -v openssl >/dev/null || apt_install openssl
 }
+
+# The browser tests decode the success page's QR codes with pyzbar, which loads Debian's libzbar.
+ensure_zbar() {
+    ldconfig -p 2>/dev/null | grep -q 'libzbar\.so\.0' || apt_install libzbar0
+}

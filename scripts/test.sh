@@ -10,6 +10,7 @@ ensure_postgres
 ensure_chromium
 ensure_pgbouncer
 ensure_openssl
+ensure_zbar
 
 export PATH="$VENV/bin:$PATH"
 exec python -m pytest "$@"

@@ -1,4 +1,5 @@
 """Helpers for tests: waiting on conditions with deadlines, real servers, databases."""
+import json
 import os
 import shlex
 import socket
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -177,3 +179,32 @@ def callback_body(order, result_code=0, amount=None, shape="classic", desc=None)
                             order["payment"]["checkout_request_id"] or "ws_CO_x", order["id"],
                             order["amount"] if amount is None else amount, "254712345678", result_code,
                             desc or result_description(result_code))
+
+
+# -- event files (API.md), as an organizer writes them --
+
+EAT = timezone(timedelta(hours=3))
+
+
+def when(**delta):
+    """A moment relative to now, as an event file writes it: ISO 8601 in Nairobi time."""
+    return (datetime.now(EAT) + timedelta(**delta)).replace(microsecond=0).isoformat()
+
+
+def event_file(ticket_types=None, **event):
+    """An event file as API.md shows it, on sale now; keyword arguments replace (None: leave out) its fields."""
+    fields = {"slug": "sauti-live", "name": "Sauti Live", "venue": "Uhuru Gardens, Nairobi", "starts_at": when(days=30),
+              "sales_start": when(hours=-1), "sales_end": when(days=29), **event}
+    if ticket_types is None:
+        ticket_types = [{"id": "vip", "name": "VIP", "price": 5000, "quantity": 5, "max_per_order": 4},
+                        {"id": "regular", "name": "Regular", "price": 1500, "quantity": 200}]
+    return {"event": fields, "ticket_types": ticket_types}
+
+
+def toml(data):
+    """TOML for `data` (tables of strings and integers): JSON's string escapes are TOML's too."""
+    def table(values):
+        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items() if value is not None)
+
+    return "[event]\n" + table(data["event"]) + "".join(
+        "\n[[ticket_types]]\n" + table(entry) for entry in data["ticket_types"])

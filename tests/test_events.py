@@ -1,38 +1,12 @@
 """Putting an event on sale from a file (flask events import | list | show) and the API's sales rules,
 over both backends: SQLite, and PostgreSQL with Redis."""
-import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import pytest
 
-from tests.support import DEMO, wait_until
+from tests.support import DEMO, event_file, toml, wait_until, when
 
-EAT = timezone(timedelta(hours=3))
-SLUG = "sauti-live"
-
-
-def when(**delta):
-    """A moment relative to now, as an event file writes it: ISO 8601 in Nairobi time."""
-    return (datetime.now(EAT) + timedelta(**delta)).replace(microsecond=0).isoformat()
-
-
-def event_file(ticket_types=None, **event):
-    """An event file as API.md shows it, on sale now; keyword arguments replace (None: leave out) its fields."""
-    fields = {"slug": SLUG, "name": "Sauti Live", "venue": "Uhuru Gardens, Nairobi", "starts_at": when(days=30),
-              "sales_start": when(hours=-1), "sales_end": when(days=29), **event}
-    if ticket_types is None:
-        ticket_types = [{"id": "vip", "name": "VIP", "price": 5000, "quantity": 5, "max_per_order": 4},
-                        {"id": "regular", "name": "Regular", "price": 1500, "quantity": 200}]
-    return {"event": fields, "ticket_types": ticket_types}
-
-
-def toml(data):
-    """TOML for `data` (tables of strings and integers): JSON's string escapes are TOML's too."""
-    def table(values):
-        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items() if value is not None)
-
-    return "[event]\n" + table(data["event"]) + "".join(
-        "\n[[ticket_types]]\n" + table(entry) for entry in data["ticket_types"])
+SLUG = event_file()["event"]["slug"]
 
 
 @pytest.fixture

@@ -22,11 +22,12 @@ class ImportRefused(Exception):
     """An event file that cannot be applied as it is; the message names the problem.  Nothing was changed."""
 
 
-def event_by_slug(slug):
+def event_by_slug(slug, now=None):
+    """The event as the API shows it, on sale or not at `now` (default: now)."""
     event = db.session.scalar(select(Event).where(Event.slug == slug)) if SLUG.fullmatch(slug) else None
     if event is None:
         raise ApiError(404, "event_not_found", f"No event called {slug!r}.")
-    return serialize_event(event)
+    return serialize_event(event, now)
 
 
 def order_refusal(event_slug, ticket_type_code, quantity, now):

@@ -30,7 +30,8 @@ ERRORS = {
     "BadRequest": ("Invalid input; `fields` names each bad field.", {}),
     "NotFound": ("No such thing (the message says which).", {}),
     "Unauthorized": ("The callback token is missing or wrong.", {}),
-    "Conflict": ("Not enough tickets left.", {}),
+    "Conflict": ("Not enough tickets left (`sold_out`), or outside the event's sales window "
+                 "(`sales_not_open`, `sales_closed`).", {}),
     "TooLarge": ("The body is over 64 KB.", {}),
     "UnsupportedMediaType": ("The body is not sent as application/json.", {}),
     "TooManyRequests": ("Too many requests of this kind; try again after Retry-After seconds.",

@@ -3,6 +3,12 @@
 Plain functions over the API's own dicts, so the pages and the JSON API can
 never disagree about an order.
 """
+from datetime import datetime
+
+import segno
+from markupsafe import Markup
+
+from ..clock import as_utc
 from ..orders import phone as phone_rules
 from ..orders.schemas import PhoneField
 from ..orders.state import PLAIN_REASONS, RESULT_SUCCESS
@@ -26,11 +32,40 @@ def kes(amount):
 
 
 def checkout_choice(event, ticket_type=None, quantity=None):
-    """The ticket type, quantity and total the form starts with: a valid request, else the first."""
-    prices = {ticket["id"]: ticket["price"] for ticket in event["ticket_types"] if ticket["available"]}
-    chosen = ticket_type if ticket_type in prices else next(iter(prices), None)
-    quantity = quantity if quantity in range(1, 11) else 1
-    return {"ticket_type": chosen, "quantity": quantity, "total": prices.get(chosen, 0) * quantity}
+    """The ticket type, quantity and total the form starts with: a valid request, else the first that is left."""
+    on_offer = {ticket["id"]: ticket for ticket in event["ticket_types"] if ticket["available"]}
+    chosen = ticket_type if ticket_type in on_offer else next(iter(on_offer), None)
+    most = on_offer[chosen]["max_per_order"] if chosen else 1
+    quantity = quantity if quantity in range(1, most + 1) else 1
+    price = on_offer[chosen]["price"] if chosen else 0
+    return {"ticket_type": chosen, "quantity": quantity, "total": price * quantity, "max_per_order": most}
+
+
+def _epoch_ms(moment):
+    return round(as_utc(moment).timestamp() * 1000)
+
+
+def _parse(iso):
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def sales_window(event, now):
+    """Where the checkout stands at `now` (the server's clock; `event` the API's, read at `now`): state "not_open", "open", "closed" or
+    "sold_out" (open, and every type taken), and the moments the page counts to, in ms since the epoch."""
+    opens_at, closes_at = event["sales_start"], event["sales_end"] or event["starts_at"]
+    if event["on_sale"]:  # as the API says it at `now`
+        state = "open" if any(ticket["available"] for ticket in event["ticket_types"]) else "sold_out"
+    else:
+        state = "not_open" if opens_at is not None and now < _parse(opens_at) else "closed"
+    return {"state": state, "opens_at": opens_at, "closes_at": closes_at, "server_now_ms": _epoch_ms(now),
+            "opens_at_ms": _epoch_ms(_parse(opens_at)) if opens_at else "", "closes_at_ms": _epoch_ms(_parse(closes_at))}
+
+
+def ticket_qr_code(code):
+    """A ticket's code as a QR code a gate scanner reads: inline SVG, sized by CSS, black on white."""
+    qr = segno.make_qr(code, error="m")
+    return Markup(qr.svg_inline(scale=1, border=4, omitsize=True, dark="#000", light="#fff", svgclass="qr",
+                                lineclass=None))
 
 
 def failure_reason(order):

@@ -5,7 +5,7 @@ which the page's one script (static/eventi.js) calls.
 """
 from flask import Blueprint, current_app, render_template, request
 
-from ..clock import east_africa_time
+from ..clock import east_africa_time, utcnow
 from ..errors import ApiError
 from ..events.service import event_by_slug
 from ..orders import service
@@ -20,17 +20,28 @@ def kes_filter(amount):
     return presenters.kes(amount)
 
 
+@bp.app_template_filter("qr_code")
+def qr_code_filter(text):
+    return presenters.ticket_qr_code(text)
+
+
+@bp.app_template_filter("eat")
+def east_africa_time_filter(iso):
+    return east_africa_time(iso)
+
+
 @bp.get("/events/<slug>/checkout")
 def checkout(slug):
-    event = event_by_slug(slug)
+    now = utcnow()
+    event = event_by_slug(slug, now)
     # "Try again" comes back with the ticket choice in the query string; the
     # personal details come back from the browser's sessionStorage instead.
     choice = presenters.checkout_choice(event, request.args.get("ticket_type"), request.args.get("quantity", type=int))
     return render_template(
         "checkout.html",
         event=event,
-        starts_at=east_africa_time(event["starts_at"]),
         choice=choice,
+        sales=presenters.sales_window(event, now),
         phone_pattern=presenters.PHONE_PATTERN,
         phone_separators=presenters.PHONE_SEPARATORS,
         phone_message=presenters.PHONE_MESSAGE,

@@ -12,6 +12,9 @@ const MAX_BACKOFF_MS = 30000;
 const formatKes = (amount) => `KES ${Number(amount).toLocaleString("en-US")}`;
 const detailsKey = (slug) => `eventi:checkout:${slug}`;
 const REMEMBERED_FIELDS = ["name", "email", "phone"];
+// The sales window (salesWindow): its refusals, and how long a timer may aim ahead.
+const SALES_WINDOW_CODES = new Set(["sales_not_open", "sales_closed"]);
+const LONGEST_TIMER_MS = 60 * 60 * 1000; // re-aim at least hourly: a sleeping laptop's timers run late
 
 if (document.body.dataset.page === "checkout") startCheckout(document.querySelector("form[data-checkout]"));
 if (document.body.dataset.page === "order") startStatusPage(document.querySelector("[data-order]"));
@@ -36,10 +39,17 @@ function startCheckout(form) {
   // Fields are checked on submit, then again as they are corrected. Not on blur: a
   // message appearing under a field moves the Pay button away from the pointer mid-click.
   const flagged = new Set();
+  const sales = salesWindow(form, () => {
+    payButton.disabled = false;
+    showTotal();
+  });
 
   restoreDetails(form, slug);
   showTotal();
 
+  form.addEventListener("change", (event) => {
+    if (event.target.name === "ticket_type") limitQuantity(form);
+  });
   form.addEventListener("change", showTotal);
   form.addEventListener("input", (event) => {
     if (flagged.has(event.target.name)) checkField(event.target.name);
@@ -77,6 +87,7 @@ function startCheckout(form) {
   }
 
   async function submit() {
+    if (!sales.open()) return; // Enter in a field, before the opening minute
     showFormError("");
     saveDetails(form, slug);
     const invalid = Object.keys(rules).filter((name) => checkField(name));
@@ -115,7 +126,8 @@ function startCheckout(form) {
       focusField(form, onForm[0]);
       return;
     }
-    if (status === 409) showFormError(`${error.message || "Not enough tickets are left."} ${FORM_SENTENCES[409]}`);
+    if (status === 409 && SALES_WINDOW_CODES.has(error.code)) showFormError(error.message);
+    else if (status === 409) showFormError(`${error.message || "Not enough tickets are left."} ${FORM_SENTENCES[409]}`);
     // The limiter says which limit was hit (this phone, or this connection): its words are the better ones.
     else if (status === 429) showFormError(error.message || FORM_SENTENCES[429]);
     else showFormError(FORM_SENTENCES[status] || (status === 400 && error.message) || FORM_SENTENCES.other);
@@ -127,11 +139,83 @@ function startCheckout(form) {
   }
 
   function setBusy(busy) {
-    payButton.disabled = busy;
+    payButton.disabled = busy || !sales.open();
     form.setAttribute("aria-busy", String(busy));
     if (busy) payButton.textContent = "Sending the M-Pesa prompt…";
     else showTotal();
   }
+}
+
+// ---------------------------------------------------------------- the sales window
+
+// Counts down to the opening and watches for the close, on the server's clock (the page says what
+// time the server had when it rendered it), so a phone set to the wrong time opens on the minute.
+// onOpen() runs once, when sales open with the page still on screen.
+function salesWindow(form, onOpen) {
+  const offsetMs = Number(form.dataset.serverNowMs) - pageArrivedAt();
+  const serverNow = () => Date.now() + offsetMs;
+  const opensAt = Number(form.dataset.opensAtMs);
+  const closesAt = Number(form.dataset.closesAtMs);
+  const countdown = document.querySelector("[data-countdown]");
+  let state = form.dataset.salesState;
+
+  function show(name) {
+    state = name;
+    form.dataset.salesState = name;
+    for (const notice of form.querySelectorAll("[data-sales-notice]")) notice.hidden = notice.dataset.salesNotice !== name;
+    form.querySelector("[data-checkout-fields]").hidden = name === "closed" || name === "sold_out";
+  }
+
+  function tick() {
+    const now = serverNow();
+    if (state === "not_open") {
+      const left = opensAt - now;
+      if (left > 0) {
+        countdown.textContent = formatCountdown(left);
+        setTimeout(tick, Math.min(left, left % 1000 || 1000)); // on each second's edge, and on the opening
+        return;
+      }
+      show("open");
+      console.log("🎟️ Sales are open");
+      onOpen();
+    }
+    if (state === "open") {
+      const left = closesAt - now;
+      if (left > 0) {
+        setTimeout(tick, Math.min(left, LONGEST_TIMER_MS));
+        return;
+      }
+      show("closed");
+    }
+  }
+
+  tick();
+  return { open: () => state === "open" };
+}
+
+// When this page's response arrived, on the phone's clock (Date.now's, whatever time it is set to):
+// the moment the server's time in the page was true.
+function pageArrivedAt() {
+  const [navigation] = performance.getEntriesByType("navigation");
+  const sinceArrival = navigation && navigation.responseStart ? performance.now() - navigation.responseStart : 0;
+  return Date.now() - sinceArrival;
+}
+
+function formatCountdown(ms) {
+  const seconds = Math.ceil(ms / 1000);
+  const days = Math.floor(seconds / 86400);
+  const clock = [Math.floor(seconds / 3600) % 24, Math.floor(seconds / 60) % 60, seconds % 60]
+    .map((n) => String(n).padStart(2, "0")).join(":");
+  return days ? `${days} day${days === 1 ? "" : "s"} ${clock}` : clock;
+}
+
+// The quantity picker offers no more than the chosen type's max_per_order.
+function limitQuantity(form) {
+  const ticket = form.querySelector("input[name=ticket_type]:checked");
+  const most = ticket ? Number(ticket.dataset.maxPerOrder) : 10;
+  const picker = form.elements.quantity;
+  for (const option of picker.options) option.disabled = option.hidden = Number(option.value) > most;
+  if (Number(picker.value) > most) picker.value = String(most);
 }
 
 // The API's own rules, checked before anything is sent (see POST /api/orders).
@@ -202,6 +286,7 @@ function startStatusPage(root) {
   function resolved() {
     console.log(`✅ Payment status resolved! Final status: ${order.status}`);
     view.render(order);
+    if (order.status === "completed") showTicketQrCodes(root);
   }
 
   // One held request at a time. A hold that ends with no change is one attempt;
@@ -288,6 +373,23 @@ function pause(ms) {
     const timer = setTimeout(wake, ms);
     window.addEventListener("online", wake);
   });
+}
+
+// Tickets that arrived with the long poll are shown as codes at once; their QR codes (inline SVG,
+// drawn by the server) follow from the status page itself, as a reload would show them.
+async function showTicketQrCodes(root) {
+  const lists = root.querySelectorAll("[data-slot=tickets]");
+  if (!lists.length || [...lists].every((list) => list.querySelector("svg"))) return;
+  try {
+    const response = await fetch(window.location.pathname, { cache: "no-store", headers: { Accept: "text/html" } });
+    if (!response.ok) return;
+    const page = new DOMParser().parseFromString(await response.text(), "text/html");
+    const drawn = page.querySelector("[data-slot=tickets]");
+    if (!drawn || !drawn.querySelector("svg")) return;
+    for (const list of lists) list.replaceChildren(...[...drawn.children].map((item) => document.importNode(item, true)));
+  } catch {
+    // The codes are already on screen; a reload brings the QR codes.
+  }
 }
 
 function statusView(root, reasons) {
