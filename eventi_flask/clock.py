@@ -11,6 +11,11 @@ def as_utc(moment):
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def from_iso(iso):
+    """The API's ISO 8601 (a "Z" for UTC) as an aware datetime."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
 # Events are in Kenya; customers and organizers read times in Nairobi time whatever their device says.
 # Kenya keeps UTC+3 all year, so a fixed offset needs no tz database on the host.
 EAST_AFRICA = timezone(timedelta(hours=3), "EAT")
@@ -19,7 +24,7 @@ EAST_AFRICA = timezone(timedelta(hours=3), "EAT")
 def east_africa_time(moment):
     """`moment` (aware, naive UTC, or ISO 8601) as people in Kenya read it: Sun 14 February 2027, 7:00 pm EAT."""
     if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+        moment = from_iso(moment)
     local = as_utc(moment).astimezone(EAST_AFRICA)
     hour = local.strftime("%I").lstrip("0")
     return f"{local:%a %d %B %Y}, {hour}:{local:%M %p} EAT".replace("AM", "am").replace("PM", "pm")

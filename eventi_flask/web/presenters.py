@@ -3,12 +3,10 @@
 Plain functions over the API's own dicts, so the pages and the JSON API can
 never disagree about an order.
 """
-from datetime import datetime
-
 import segno
 from markupsafe import Markup
 
-from ..clock import as_utc
+from ..clock import as_utc, from_iso
 from ..orders import phone as phone_rules
 from ..orders.schemas import PhoneField
 from ..orders.state import PLAIN_REASONS, RESULT_SUCCESS
@@ -45,10 +43,6 @@ def _epoch_ms(moment):
     return round(as_utc(moment).timestamp() * 1000)
 
 
-def _parse(iso):
-    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
-
-
 def sales_window(event, now):
     """Where the checkout stands at `now` (the server's clock; `event` the API's, read at `now`): state "not_open", "open", "closed" or
     "sold_out" (open, and every type taken), and the moments the page counts to, in ms since the epoch."""
@@ -56,9 +50,9 @@ def sales_window(event, now):
     if event["on_sale"]:  # as the API says it at `now`
         state = "open" if any(ticket["available"] for ticket in event["ticket_types"]) else "sold_out"
     else:
-        state = "not_open" if opens_at is not None and now < _parse(opens_at) else "closed"
+        state = "not_open" if opens_at is not None and now < from_iso(opens_at) else "closed"
     return {"state": state, "opens_at": opens_at, "closes_at": closes_at, "server_now_ms": _epoch_ms(now),
-            "opens_at_ms": _epoch_ms(_parse(opens_at)) if opens_at else "", "closes_at_ms": _epoch_ms(_parse(closes_at))}
+            "opens_at_ms": _epoch_ms(from_iso(opens_at)) if opens_at else "", "closes_at_ms": _epoch_ms(from_iso(closes_at))}
 
 
 def ticket_qr_code(code):
