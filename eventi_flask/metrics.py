@@ -20,6 +20,10 @@ callback_duration = Histogram(
     "eventi_callback_duration_seconds", "Time to store, apply and publish one PayHero callback",
     registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+payments_refund_due = Counter(
+    "eventi_payments_refund_due_total",
+    "Payments confirmed for a failed or cancelled order with no tickets left to give it: each one is owed back",
+    registry=registry)
 callbacks = Counter("eventi_callbacks_total", "PayHero callbacks by outcome", ["outcome"], registry=registry)
 listener_connected = Gauge("eventi_redis_listener_connected", "1 while the subscriber connection to this Redis node is up",
                            ["node"], registry=registry)

@@ -295,7 +295,7 @@ def test_sqlite_a_callback_never_overwrites_a_change_made_since_it_read_the_orde
         return row
 
     monkeypatch.setattr(rows, "find_for_payment", read_then_cancelled_elsewhere)
-    response = client.post(URL, json=callback_body(order))
+    response = client.post(URL, json=callback_body(order, result_code=1))
     assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
     after = client.get(f"/api/orders/{order['id']}").get_json()
     assert (after["status"], after["version"], "tickets" in after) == ("cancelled", order["version"] + 1, False)
@@ -341,13 +341,23 @@ def test_verification_stores_the_body_before_asking_payhero(app, client, order, 
 
 
 @pytest.mark.env(PAYHERO_VERIFY_CALLBACKS="1")
-def test_verification_is_not_asked_for_a_final_order(app, client, order, wire):
+def test_a_late_success_for_a_failed_order_is_verified_like_any_other(app, client, order, wire):
     assert client.post(URL, json=callback_body(order, result_code=1)).get_json()["status"] == "failed"
     wire.reset_mock()
-    late = client.post(URL, json=callback_body(order))
+    late = client.post(URL, json=callback_body(order))  # the sandbox's status for this phone stays QUEUED
     assert late.status_code == 200 and late.get_json()["status"] == "failed"
+    assert any(r.path.endswith("/transaction-status") for r in wire.request_history)
+    assert client.get(f"/api/orders/{order['id']}").get_json()["payment"]["refund_due"] is False
+    assert [row[0] for row in stored(app)] == ["applied", "unverified"]
+
+
+def test_a_completed_order_is_not_verified_again(app, client, order, wire):
+    assert client.post(URL, json=callback_body(order)).get_json()["status"] == "completed"
+    app.config["PAYHERO_VERIFY_CALLBACKS"] = True
+    wire.reset_mock()
+    assert client.post(URL, json=callback_body(order)).get_json()["status"] == "completed"
     assert not any(r.path.endswith("/transaction-status") for r in wire.request_history)
-    assert [row[0] for row in stored(app)] == ["applied", "ignored_final"]
+    assert [row[0] for row in stored(app)] == ["applied", "repeat"]
 
 
 def test_concurrent_failures_give_every_ticket_back(backend, app, client, wire):

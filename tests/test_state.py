@@ -3,7 +3,8 @@ import pytest
 from marshmallow import ValidationError
 
 from eventi_flask.orders.phone import mask_phone, normalize_phone
-from eventi_flask.orders.state import Decision, PaymentOutcome, Status, decide, result_code_for_message
+from eventi_flask.orders.state import (Decision, PaymentOutcome, Status, Transition, decide, late_success,
+                                      result_code_for_message)
 from eventi_flask.payhero.sandbox import classic_callback
 from eventi_flask.payhero.schemas import parse_callback, parse_transaction_status
 
@@ -29,18 +30,40 @@ def test_success_with_another_amount_leaves_the_order_pending():
     assert transition.decision is Decision.AMOUNT_MISMATCH and transition.status is Status.PENDING
 
 
-@pytest.mark.parametrize("final", ["completed", "failed", "cancelled"])
-def test_a_final_order_never_moves(final):
-    for outcome in (PAID, PaymentOutcome(success=False, result_code=1), PaymentOutcome(success=False, result_code=1032)):
+def test_a_completed_order_never_changes():
+    for outcome in (PAID, PaymentOutcome(success=False, result_code=1), PaymentOutcome(success=False, result_code=1032),
+                    PaymentOutcome(success=True, result_code=0, amount=300, receipt="SOTHER0001")):
+        transition = decide("completed", 300, outcome)
+        assert transition.status is Status.COMPLETED and not transition.changes
+
+
+@pytest.mark.parametrize("final", ["failed", "cancelled"])
+def test_a_failure_never_moves_a_final_order(final):
+    for outcome in (PaymentOutcome(success=False, result_code=1), PaymentOutcome(success=False, result_code=1032)):
         transition = decide(final, 300, outcome)
-        assert transition.status.value == final
-        assert not transition.changes
+        assert transition.status.value == final and not transition.changes
 
 
-def test_the_same_outcome_again_is_a_repeat_and_a_different_one_is_ignored():
-    assert decide("completed", 300, PAID).decision is Decision.REPEAT
-    assert decide("completed", 300, PaymentOutcome(success=False, result_code=1)).decision is Decision.IGNORED_FINAL
-    assert decide("cancelled", 300, PaymentOutcome(success=False, result_code=1032)).decision is Decision.REPEAT
+@pytest.mark.parametrize("final", ["failed", "cancelled"])
+def test_a_late_success_completes_a_failed_or_cancelled_order_when_its_tickets_can_be_held(final):
+    transition = decide(final, 300, PAID)
+    assert transition.decision is Decision.LATE_SUCCESS
+    assert late_success(final, tickets_held=True) == Transition(Decision.APPLY, Status.COMPLETED)
+    owed = late_success(final, tickets_held=False)
+    assert owed.decision is Decision.REFUND_DUE and owed.status.value == final and owed.changes
+    # Once owed a refund, the same success again changes nothing, nor does a failure.
+    assert decide(final, 300, PAID, refund_due=True).decision is Decision.REPEAT
+    assert not decide(final, 300, PaymentOutcome(success=False, result_code=1), refund_due=True).changes
+
+
+def test_a_late_success_of_another_amount_changes_nothing():
+    assert decide("failed", 500, PAID).decision is Decision.AMOUNT_MISMATCH
+
+
+@pytest.mark.parametrize("current", ["pending", "failed", "cancelled"])
+def test_one_payment_never_completes_two_orders(current):
+    transition = decide(current, 300, PAID, paid_another_order=True)
+    assert transition.decision is Decision.PAYMENT_REUSED and transition.status.value == current
 
 
 @pytest.mark.parametrize("raw", [
@@ -94,6 +117,9 @@ def test_flat_shape():
     ("No response from user.", 1037, Status.FAILED),
     ("Transaction has expired", 1019, Status.FAILED),
     ("Unable to lock subscriber, a transaction is already in process for the current subscriber", 1001, Status.FAILED),
+    ("Rule limited.", 17, Status.FAILED),
+    ("An error occurred while sending a push request", 1025, Status.FAILED),
+    ("The transaction is not permitted", 2028, Status.FAILED),
     ("System busy. Try again later.", None, Status.FAILED),
     (None, None, Status.FAILED),
 ])

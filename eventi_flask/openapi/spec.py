@@ -30,14 +30,17 @@ ERRORS = {
     "BadRequest": ("Invalid input; `fields` names each bad field.", {}),
     "NotFound": ("No such thing (the message says which).", {}),
     "Unauthorized": ("The callback token is missing or wrong.", {}),
-    "Conflict": ("Not enough tickets left (`sold_out`), or outside the event's sales window "
-                 "(`sales_not_open`, `sales_closed`).", {}),
+    "Conflict": ("Not enough tickets left (`sold_out`), outside the event's sales window (`sales_not_open`, "
+                 "`sales_closed`), an M-Pesa prompt already open on the phone (`payment_in_progress`: the order "
+                 "is failed), or, for a callback, a payment whose receipt or reference already paid for another "
+                 "order (`payment_reused`).", {}),
     "TooLarge": ("The body is over 64 KB.", {}),
     "UnsupportedMediaType": ("The body is not sent as application/json.", {}),
     "TooManyRequests": ("Too many requests of this kind; try again after Retry-After seconds.",
                         {"Retry-After": RETRY_AFTER}),
     "AmountMismatch": ("The amount paid does not match the order, which does not become completed.", {}),
-    "BadGateway": ("PayHero refused the payment or did not answer; the order is kept, failed.",
+    "BadGateway": ("PayHero refused the payment (`payhero_unavailable`; `payment_refused` when M-Pesa's rule says "
+                   "why, in the message); the order is kept, failed.",
                    {"X-Order-Id": {"description": "The failed order", "required": True, "schema": {"type": "string"}}}),
     "ServiceUnavailable": ("The database cannot be reached or is busy (`database_unavailable`, `server_busy`); "
                            "try again after Retry-After seconds.", {"Retry-After": RETRY_AFTER}),

@@ -3,6 +3,7 @@ import secrets
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from ..clock import as_utc, utcnow  # noqa: F401 (where the order modules import them from)
@@ -27,11 +28,18 @@ class Order(db.Model):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str] = mapped_column(String(254))
     phone: Mapped[str] = mapped_column(String(12))
-    payhero_reference: Mapped[str | None] = mapped_column(String(100), index=True)
+    # One PayHero payment never completes two orders: its reference and its M-Pesa receipt are
+    # each on one order at most (decide() refuses a reuse; these catch a race past that check).
+    payhero_reference: Mapped[str | None] = mapped_column(String(100), index=True, unique=True)
     checkout_request_id: Mapped[str | None] = mapped_column(String(100), index=True)
-    receipt: Mapped[str | None] = mapped_column(String(100))
+    receipt: Mapped[str | None] = mapped_column(String(100), index=True, unique=True)
     result_code: Mapped[int | None]
     result_desc: Mapped[str | None] = mapped_column(Text)
+    # Paid, but too late to be given tickets (a success after the order failed or was cancelled,
+    # and none left to hold): the money is owed back.  Stays true once refunded; the refund's
+    # own reference (`flask orders settle`) is what takes it off `flask orders unsettled`.
+    refund_due: Mapped[bool] = mapped_column(server_default=sa_false())  # no Python default: see rows._insert_order_for
+    refund_reference: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
 

@@ -36,6 +36,13 @@ _FIND_BY = {
     for column in (ORDERS.c.id, ORDERS.c.checkout_request_id, ORDERS.c.payhero_reference)
 }
 _LOCK_BY = {key: statement.with_for_update(of=ORDERS) for key, statement in _FIND_BY.items()}
+# One PayHero payment never completes two orders: another order already holding a payment's
+# receipt or reference.  (The unique indexes on both catch a race past this check.)
+_PAID_ANOTHER_ORDER = (select(ORDERS.c.id)
+                       .where(ORDERS.c.id != bindparam("order_id"),
+                              (ORDERS.c.receipt == bindparam("receipt")) |
+                              (ORDERS.c.payhero_reference == bindparam("reference")))
+                       .limit(1))
 _TICKET_CODES = select(TICKETS.c.code).where(TICKETS.c.order_id == bindparam("order_id")).order_by(TICKETS.c.id)
 # Compare-and-set on the version: PostgreSQL's row lock already makes it hold; SQLite has no
 # row locks (and pysqlite reads outside any transaction), so there a writer that got there
@@ -46,6 +53,12 @@ _INSERT_TICKET = insert(TICKETS)
 # In SQL, not in Python: concurrent failures on one ticket type must not overwrite each other.
 _RELEASE_TICKETS = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("ticket_type_id"))
                     .values(reserved=TICKET_TYPES.c.reserved - bindparam("quantity")))
+
+# A late success takes its order's tickets again, only if they are still free: in one guarded
+# statement, so two late successes (or one and a new order) can never oversell the last ones.
+_HOLD_AGAIN = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("ticket_type_id"),
+                                          TICKET_TYPES.c.capacity - TICKET_TYPES.c.reserved >= bindparam("quantity"))
+               .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity")))
 
 # -- creating an order --
 # The ticket type as the API names it (event slug, type code), and whether it has room.
@@ -178,6 +191,19 @@ def add_tickets(connection, order_id, codes):
 
 def release_tickets(connection, ticket_type_id, quantity):
     connection.execute(_RELEASE_TICKETS, {"ticket_type_id": ticket_type_id, "quantity": quantity})
+
+
+def hold_tickets_again(connection, ticket_type_id, quantity):
+    """Take `quantity` tickets of the type back for an order that had let them go; False if too few are free."""
+    return connection.execute(_HOLD_AGAIN, {"ticket_type_id": ticket_type_id, "quantity": quantity}).rowcount == 1
+
+
+def paid_another_order(connection, order_id, receipt, reference):
+    """True when an order other than `order_id` already holds this payment's receipt or reference."""
+    if not receipt and not reference:
+        return False
+    found = connection.execute(_PAID_ANOTHER_ORDER, {"order_id": order_id, "receipt": receipt, "reference": reference})
+    return found.first() is not None
 
 
 def create_order(bind, order, event_slug, ticket_type_code):

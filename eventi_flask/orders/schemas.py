@@ -112,6 +112,8 @@ class PaymentSchema(Schema):
     receipt = _required(fields.String, allow_none=True, metadata={"description": "The M-Pesa receipt number"})
     result_code = _required(fields.Integer, allow_none=True, metadata={"description": "M-Pesa's result code"})
     result_desc = _required(fields.String, allow_none=True)
+    refund_due = _required(fields.Boolean, metadata={
+        "description": "Paid after the order failed or was cancelled, with no tickets left to give: the money is owed back"})
 
 
 class TicketSchema(Schema):
@@ -174,6 +176,7 @@ def order_body(values, ticket_codes=()):
             "receipt": values["receipt"],
             "result_code": values["result_code"],
             "result_desc": values["result_desc"],
+            "refund_due": bool(values["refund_due"]),
         },
     }
     if values["status"] == "completed":

@@ -20,7 +20,7 @@ from ..payhero.client import PayHeroError, get_payhero
 from . import rows
 from .models import Order, OrderLogEntry, new_order_id, utcnow
 from .schemas import order_body, serialize_order
-from .state import PLAIN_REASONS, Decision, Status, decide
+from .state import PLAIN_REASONS, RESULT_IN_PROGRESS, Decision, Status, decide_payment, result_code_for_message
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def create_order(data):
             db.session.rollback()
             raise database_unavailable(ORDER_NOT_SAVED) from None  # nothing was reserved
     order.update(created, event_slug=data["event"], ticket_type_code=data["ticket_type"], payhero_reference=None,
-                 checkout_request_id=None, receipt=None, result_code=None, result_desc=None)
+                 checkout_request_id=None, receipt=None, result_code=None, result_desc=None, refund_due=False)
     # Saved before PayHero is called: its callback may arrive before its answer does.
     return _request_payment(order)
 
@@ -102,11 +102,11 @@ ORDER_NOT_SAVED = "The database is not answering; please try again."
 UNDO_RETRY_DELAYS = (0.2, 0.5)  # seconds between attempts to free the tickets of a buyer told "error"
 
 
-def _undo_reservation(order_id, reason, note=None):
+def _undo_reservation(order_id, reason, note=None, result_code=None):
     """fail_pending_order(...), retried through a short database hiccup; None if it never got through."""
     for delay in (*UNDO_RETRY_DELAYS, None):
         try:
-            return fail_pending_order(order_id, reason, note)
+            return fail_pending_order(order_id, reason, note, result_code)
         except (DBAPIError, PoolTimeout) as exc:
             db.session.rollback()
             if delay is None:
@@ -133,18 +133,50 @@ def _request_payment(order):
             callback_url=_callback_url(),
         )
     except PayHeroError as exc:
-        log.warning("PayHero refused the payment request for order %s: %s", order["id"], exc)
-        undone = _undo_reservation(order["id"], f"The payment could not be started: {exc.public_message}",
-                                   note=("stk_push", {"accepted": False, "error": str(exc)[:500]}))
-        if undone is None:
-            raise database_unavailable(ORDER_NOT_SAVED) from None
-        changed, body = undone
-        if not changed:
-            return body  # a callback settled it while PayHero's answer was lost: that outcome stands
-        raise ApiError(502, "payhero_unavailable",
-                       "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
-                       headers={"X-Order-Id": body["id"]})
+        if exc.unanswered:
+            return _left_pending(order, exc)
+        return _refused(order, exc)
     return _save_payhero_answer(order, answer)
+
+
+def _left_pending(order, exc):
+    """PayHero took the STK push but did not answer in time: the prompt may be on the phone and
+    the customer may pay, so the order stays pending, without a PayHero reference, for its
+    callback (verified with the callback's reference) or reconcile's expiry to settle."""
+    log.warning("PayHero did not answer the payment request for order %s in time; left pending: %s", order["id"], exc)
+    try:
+        save_note(order["id"], "stk_push", {"accepted": None, "error": str(exc)[:500]})
+        return order_by_id(order["id"])  # as it is now: its callback may have come already
+    except (DBAPIError, PoolTimeout):
+        db.session.rollback()  # only the note is lost: the order is saved, and pending as far as we know
+        return order_body(order)
+
+
+# M-Pesa's refusals of the prompt itself, as PayHero passes them on, by the result code they name
+# (any other one it names is a 502 payment_refused with that code's sentence).
+REFUSED_PROMPT = {
+    RESULT_IN_PROGRESS: (409, "payment_in_progress"),
+}
+
+
+def _refused(order, exc):
+    """PayHero refused the STK push: the order fails, its tickets go back, and the buyer is told why."""
+    log.warning("PayHero refused the payment request for order %s: %s", order["id"], exc)
+    result_code = result_code_for_message(str(exc))
+    reason = PLAIN_REASONS.get(result_code) or f"The payment could not be started: {exc.public_message}"
+    undone = _undo_reservation(order["id"], reason, note=("stk_push", {"accepted": False, "error": str(exc)[:500]}),
+                               result_code=result_code)
+    if undone is None:
+        raise database_unavailable(ORDER_NOT_SAVED) from None
+    changed, body = undone
+    if not changed:
+        return body  # a callback settled it while PayHero's answer was lost: that outcome stands
+    if result_code in PLAIN_REASONS:  # M-Pesa's own rule: its sentence says what to do
+        status, code = REFUSED_PROMPT.get(result_code, (502, "payment_refused"))
+        raise ApiError(status, code, PLAIN_REASONS[result_code], headers={"X-Order-Id": body["id"]})
+    raise ApiError(502, "payhero_unavailable",
+                   "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
+                   headers={"X-Order-Id": body["id"]})
 
 
 def _save_payhero_answer(order, answer):
@@ -175,7 +207,7 @@ def _lock_order(order_id):
                              .execution_options(populate_existing=True))
 
 
-def _changing_order(order_id, change):
+def changing_order(order_id, change):
     """Lock the order, `change(order)`, commit; return what `change` returned.
 
     If another writer changed the order since it was read (possible only on
@@ -191,18 +223,18 @@ def _changing_order(order_id, change):
         return result
 
 
-def fail_pending_order(order_id, reason, note=None):
+def fail_pending_order(order_id, reason, note=None, result_code=None):
     """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body).
 
-    `note`: (kind, detail) for the order's log, written in the same transaction.
-    (False, None) when there is no such order.
+    `note`: (kind, detail) for the order's log, written in the same transaction.  `result_code`:
+    M-Pesa's, when the refusal named one.  (False, None) when there is no such order.
     """
     def fail(order):
         if order is not None and note is not None:
             add_note(order_id, *note)
-        return _fail_if_pending(order, reason)
+        return _fail_if_pending(order, reason, result_code)
 
-    return _changing_order(order_id, fail)
+    return changing_order(order_id, fail)
 
 
 def add_note(order_id, kind, detail):
@@ -215,12 +247,13 @@ def save_note(order_id, kind, detail):
     db.session.commit()
 
 
-def _fail_if_pending(order, reason):
+def _fail_if_pending(order, reason, result_code=None):
     if order is None:
         return False, None
     changed = order.status == Status.PENDING
     if changed:
         order.status = Status.FAILED.value
+        order.result_code = result_code
         order.result_desc = reason
         rows.release_tickets(db.session.connection(), order.ticket_type_id, order.quantity)
         _touch(order)
@@ -228,10 +261,17 @@ def _fail_if_pending(order, reason):
 
 
 def find_order_for_payment(outcome):
-    """The order `outcome` is about, as {id, status, amount, payhero_reference}, or None."""
-    row = rows.find_for_payment(db.session.connection(), _payment_keys(outcome), lock=False)
+    """The order `outcome` is about, as {id, status, amount, payhero_reference, refund_due,
+    paid_another_order}, or None.  `paid_another_order`: the outcome's receipt or reference is
+    another order's (apply_payment_outcome refuses it)."""
+    connection = db.session.connection()
+    row = rows.find_for_payment(connection, _payment_keys(outcome), lock=False)
+    found = None
+    if row is not None:
+        found = {key: row[key] for key in ("id", "status", "amount", "payhero_reference", "refund_due")}
+        found["paid_another_order"] = rows.paid_another_order(connection, row["id"], outcome.receipt, outcome.reference)
     db.session.commit()  # ends the read: no connection held by the caller's next step
-    return {key: row[key] for key in ("id", "status", "amount", "payhero_reference")} if row else None
+    return found
 
 
 def _payment_keys(outcome, order_id=None):
@@ -257,47 +297,78 @@ def apply_payment_outcome(outcome, order_id=None, record=None):
         row = rows.find_for_payment(connection, _payment_keys(outcome, order_id), lock=True)
         if row is None:
             break
-        transition = decide(row["status"], row["amount"], outcome)
-        if transition.decision is not Decision.APPLY:
-            if transition.decision is Decision.IGNORED_FINAL:
-                log.warning("Order %s is already %s; a later %s outcome was recorded and not applied",
-                            row["id"], row["status"], outcome.status.value)
+        transition, held_again = _decide(connection, row, outcome)
+        if not transition.changes:
+            _log_unchanged(row, outcome, transition)
             body = _row_body(row, connection)
             break
-        body = _apply(connection, row, transition.status, outcome)
+        body = _apply(connection, row, transition, outcome)
         if body is not None:
             break
         # Changed since we read it (SQLite only: see rows.py): decide again on what it is now.
+        if held_again:
+            rows.release_tickets(connection, row["ticket_type_id"], row["quantity"])
     if record is not None:
         record(row["id"] if row is not None else None, transition)
     db.session.commit()
+    if transition is not None and transition.decision is Decision.REFUND_DUE:
+        metrics.payments_refund_due.inc()
     return transition, body
 
 
-def _apply(connection, row, status, outcome):
-    """Move the order read as `row` to `status`; its new body, or None if it changed since it was read."""
+def _decide(connection, row, outcome):
+    """decide_payment() for the order read as `row`; (Transition, whether its tickets were held again for it).
+
+    A late success holds the order's tickets again, if they are still free, before it is applied:
+    the guarded UPDATE runs under the ticket type's row lock, so the last tickets go to one order.
+    """
+    paid_another_order = outcome.success and rows.paid_another_order(connection, row["id"], outcome.receipt,
+                                                                     outcome.reference)
+    return decide_payment(row["status"], row["amount"], outcome, row["refund_due"], paid_another_order,
+                          lambda: rows.hold_tickets_again(connection, row["ticket_type_id"], row["quantity"]))
+
+
+def _log_unchanged(row, outcome, transition):
+    if transition.decision is Decision.IGNORED_FINAL:
+        log.warning("Order %s is already %s; a later %s outcome was recorded and not applied",
+                    row["id"], row["status"], outcome.status.value)
+    elif transition.decision is Decision.PAYMENT_REUSED:
+        log.warning("Order %s not completed: payment %s (reference %s) already paid for another order",
+                    row["id"], outcome.receipt, outcome.reference)
+
+
+def _apply(connection, row, transition, outcome):
+    """Make `transition` to the order read as `row`; its new body, or None if it changed since it was read."""
+    status = transition.status
     changes = {
-        "status": status.value,
-        "result_code": outcome.result_code,
-        "result_desc": outcome.result_desc or PLAIN_REASONS.get(outcome.result_code),
-        "receipt": outcome.receipt or None,
+        "receipt": outcome.receipt or row["receipt"],
         "payhero_reference": row["payhero_reference"] or outcome.reference,
         "checkout_request_id": row["checkout_request_id"] or outcome.checkout_request_id,
         # As _touch() does for ORM changes: the version moves and the change is published.
         "version": row["version"] + 1,
         "updated_at": utcnow(),
     }
+    if transition.decision is Decision.REFUND_DUE:
+        changes["refund_due"] = True  # the status, and why it failed, stay as they were
+    else:
+        changes.update(status=status.value, result_code=outcome.result_code,
+                       result_desc=outcome.result_desc or PLAIN_REASONS.get(outcome.result_code),
+                       receipt=outcome.receipt or None)
     if not rows.update_order(connection, row, changes):
         return None
     codes = []
-    if status is Status.COMPLETED:
+    if transition.decision is Decision.REFUND_DUE:
+        log.warning("Refund due: order %s is %s and has no tickets left to give, but M-Pesa receipt %s paid KES %s "
+                    "for it (see `flask orders unsettled`)", row["id"], row["status"], changes["receipt"], row["amount"])
+    elif status is Status.COMPLETED:
         codes = [_ticket_code() for _ in range(row["quantity"])]
         rows.add_tickets(connection, row["id"], codes)
-    else:
+    elif transition.releases_tickets:
         rows.release_tickets(connection, row["ticket_type_id"], row["quantity"])
     body = order_body({**row, **changes}, codes)
     notify_after_commit(db.session, body)
-    log.info("Order status updated: %s", status.value)
+    if transition.decision is Decision.APPLY:
+        log.info("Order status updated: %s", status.value)
     return body
 
 

@@ -22,9 +22,12 @@ class PayHeroError(Exception):
     """PayHero refused a request or did not answer.  public_message is safe to show;
     the exception's text adds the cause (PayHero's error_message, the network error) for the log."""
 
-    def __init__(self, public_message, detail=None):
+    def __init__(self, public_message, detail=None, unanswered=False):
         super().__init__(f"{public_message}: {detail}" if detail else public_message)
         self.public_message = public_message
+        # The request reached PayHero but no answer came back in time: it may have been acted on
+        # (an STK push may be on the customer's phone), so this is not a refusal.
+        self.unanswered = unanswered
 
 
 class PayHeroClient:
@@ -55,7 +58,9 @@ class PayHeroClient:
         try:
             response = self.session.send(request, timeout=timeout or self.timeout)
         except requests.Timeout as exc:
-            raise PayHeroError("PayHero did not answer in time", str(exc)) from exc
+            # A connect timeout sent nothing; a read timeout sent the whole request.
+            raise PayHeroError("PayHero did not answer in time", str(exc),
+                               unanswered=isinstance(exc, requests.ReadTimeout)) from exc
         except requests.RequestException as exc:
             raise PayHeroError("PayHero could not be reached", str(exc)) from exc
         try:

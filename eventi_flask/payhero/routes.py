@@ -32,6 +32,7 @@ def callback():
         400: BadRequest
         401: Unauthorized
         404: NotFound
+        409: Conflict
         413: TooLarge
         415: UnsupportedMediaType
         422: AmountMismatch

@@ -135,8 +135,7 @@ def _handle(record, raw_body, content_type, token):
     order_id = None
     if outcome.success and current_app.config["PAYHERO_VERIFY_CALLBACKS"]:
         found = orders.find_order_for_payment(outcome)
-        # A final order never changes, and a wrong amount is refused as it is: neither needs PayHero.
-        if found is not None and found["status"] == Status.PENDING and outcome.amount == found["amount"]:
+        if found is not None and _worth_verifying(found, outcome):
             order_id = found["id"]
             # Stored before asking PayHero: that call can take seconds, and a restart then must not lose it.
             record.save(RECEIVED, "asking PayHero to confirm", order_id)
@@ -160,19 +159,38 @@ def _handle(record, raw_body, content_type, token):
         raise ApiError(422, "amount_mismatch",
                        f"The payment amount ({outcome.amount}) does not match the order ({order['amount']}).",
                        {"amount": f"Expected {order['amount']}."})
+    if transition.decision is Decision.PAYMENT_REUSED:
+        raise ApiError(409, "payment_reused", "This payment's receipt or reference already paid for another order.",
+                       {"reference": "Already used by another order."})
     return 200, {"received": True, "order": order["id"], "status": order["status"]}
+
+
+def _worth_verifying(found, outcome):
+    """Whether this success could change its order, so PayHero must confirm it first.
+
+    A completed or refund-due order never takes another payment, a wrong amount is refused as it
+    is, and so is a payment already another order's: none of those needs PayHero.
+    """
+    if found["status"] == Status.COMPLETED or found["refund_due"] or found["paid_another_order"]:
+        return False
+    return outcome.amount == found["amount"]
 
 
 def _verified(outcome, order):
     """(outcome, None) when PayHero's transaction-status confirms this success; (None, why) otherwise.
 
-    Asked with the order's own reference, never one the callback names: a real
-    payment elsewhere must not vouch for this order.
+    Asked with the order's own reference.  An order whose STK push PayHero did not answer in
+    time has none: then the callback's reference is asked about, which no other order holds
+    (_worth_verifying), and PayHero must confirm the amount too, as the reference is not ours.
     """
-    confirmed, check = ask_payhero(order["payhero_reference"])
+    ours = order["payhero_reference"]
+    confirmed, check = ask_payhero(ours or outcome.reference)
     if confirmed is None or not confirmed.success:
         return None, unconfirmed(check)
+    if confirmed.amount is None and not ours:
+        return None, "PayHero's transaction status names no amount for the callback's reference"
     if confirmed.amount is not None and confirmed.amount != order["amount"]:
         return None, amount_doubt(confirmed.amount, order["amount"])
     # PayHero's receipt over the callback's: only the former is vouched for.
-    return dataclasses.replace(outcome, receipt=confirmed.receipt or outcome.receipt), None
+    return dataclasses.replace(outcome, receipt=confirmed.receipt or outcome.receipt,
+                               reference=ours or outcome.reference), None
