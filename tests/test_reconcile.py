@@ -63,7 +63,7 @@ def test_reconcile_settles_from_transaction_status_and_expires_the_forgotten(app
     waiting = gevent.spawn(client.get, f"/api/orders/{paid['id']}/wait", query_string={"timeout": 10})
     wait_until(lambda: hub.waiter_count == 1, message="the wait to be held")
 
-    assert reconcile(app) == "Reconciled: 6 checked, 4 settled, 1 still pending, 2 expired, 0 errors"
+    assert reconcile(app) == "Reconciled: 6 checked, 4 settled, 1 still pending, 2 expired, 0 errors, 0 refund due"
 
     answered = waiting.get(timeout=5).get_json()  # woken as by a callback
     assert answered["status"] == "completed" and answered["payment"]["receipt"] and len(answered["tickets"]) == 1
@@ -84,7 +84,7 @@ def test_reconcile_settles_from_transaction_status_and_expires_the_forgotten(app
     assert available(client) == before - 4
 
     versions = {o["id"]: order(o)["version"] for o in (paid, broke, queued, forgotten, young)}
-    assert reconcile(app) == "Reconciled: 1 checked, 0 settled, 1 still pending, 0 expired, 0 errors"
+    assert reconcile(app) == "Reconciled: 1 checked, 0 settled, 1 still pending, 0 expired, 0 errors, 0 refund due"
     assert {o["id"]: order(o)["version"] for o in (paid, broke, queued, forgotten, young)} == versions
 
 
@@ -93,7 +93,7 @@ def test_an_unreachable_payhero_never_expires_an_order_it_may_have_charged(app, 
         old = place(client, age=1000)
         db.session.remove()
     lost_callbacks.get(re.compile(r".*/api/v2/transaction-status"), exc=requests.exceptions.ConnectTimeout)
-    assert reconcile(app) == "Reconciled: 1 checked, 0 settled, 0 still pending, 0 expired, 1 errors"
+    assert reconcile(app) == "Reconciled: 1 checked, 0 settled, 0 still pending, 0 expired, 1 errors, 0 refund due"
     assert client.get(f"/api/orders/{old['id']}").get_json()["status"] == "pending"
 
 
@@ -103,7 +103,7 @@ def test_the_ages_are_configurable(app, client, lost_callbacks):
         fresh = place(client, age=1)
         queued = place(client, QUEUED_FOREVER, age=61)
         db.session.remove()
-    assert reconcile(app) == "Reconciled: 2 checked, 1 settled, 0 still pending, 1 expired, 0 errors"
+    assert reconcile(app) == "Reconciled: 2 checked, 1 settled, 0 still pending, 1 expired, 0 errors, 0 refund due"
     assert client.get(f"/api/orders/{fresh['id']}").get_json()["status"] == "completed"
     assert client.get(f"/api/orders/{queued['id']}").get_json()["status"] == "failed"
 
@@ -133,7 +133,7 @@ def test_a_status_payhero_does_not_document_leaves_that_order_pending_and_settle
         return answer
 
     lost_callbacks.get(re.compile(r".*/api/v2/transaction-status"), json=transaction_status)
-    assert reconcile(app) == "Reconciled: 4 checked, 2 settled, 1 still pending, 0 expired, 1 errors"
+    assert reconcile(app) == "Reconciled: 4 checked, 2 settled, 1 still pending, 0 expired, 1 errors, 0 refund due"
 
     def order(o):
         return client.get(f"/api/orders/{o['id']}").get_json()

@@ -125,8 +125,9 @@ def test_a_flat_callback_naming_another_paid_reference_is_checked_against_the_or
     payhero.status[paid_elsewhere["payment"]["reference"]] = "SUCCESS"
     forged = callback_body(order, shape="flat")
     forged["reference"] = paid_elsewhere["payment"]["reference"]
-    assert client.post(CALLBACK, json=forged).get_json()["status"] == "pending"
-    assert payhero.asked == [order["payment"]["reference"]]
+    refused = client.post(CALLBACK, json=forged)  # another order's payment: refused, PayHero not asked
+    assert refused.status_code == 409 and refused.get_json()["error"]["code"] == "payment_reused"
+    assert payhero.asked == []
     assert current(client, order)["status"] == "pending"
 
 
@@ -151,7 +152,7 @@ def test_unreachable_payhero_stores_the_callback_and_reconcile_completes_it(app,
     assert any(f"Payment for order {order['id']} not completed" in line for line in log_lines)
 
     payhero.status[order["payment"]["reference"]] = "SUCCESS"
-    assert reconcile(app) == "Reconciled: 1 checked, 1 settled, 0 still pending, 0 expired, 0 errors"
+    assert reconcile(app) == "Reconciled: 1 checked, 1 settled, 0 still pending, 0 expired, 0 errors, 0 refund due"
     done = current(client, order)
     assert done["status"] == "completed" and done["payment"]["receipt"] == RECEIPT and len(done["tickets"]) == 2
 
@@ -300,7 +301,7 @@ def test_payhero_unreachable_at_every_ask_leaves_the_order_to_reconcile(app, cli
     shown(app, order, "re-verify (+0.4s)", "could not ask PayHero", "connection refused", "-> left to reconcile")
 
     payhero.status[reference] = "SUCCESS"
-    assert reconcile(app) == "Reconciled: 1 checked, 1 settled, 0 still pending, 0 expired, 0 errors"
+    assert reconcile(app) == "Reconciled: 1 checked, 1 settled, 0 still pending, 0 expired, 0 errors, 0 refund due"
     assert current(client, order)["status"] == "completed"
 
 

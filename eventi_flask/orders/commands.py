@@ -1,4 +1,4 @@
-"""flask --app wsgi reconcile | orders show | orders stuck"""
+"""flask --app wsgi reconcile | orders show | orders stuck | orders unsettled | orders settle"""
 import json
 import re
 
@@ -44,6 +44,8 @@ CALLBACK_OUTCOMES = {
     "applied": "applied",
     "repeat": "repeat, nothing changed",
     "ignored_final": "ignored: the order was already final (recorded only)",
+    "refund_due": "paid, but no tickets left: refund due",
+    "payment_reused": "refused: this payment already paid for another order",
     "amount_mismatch": "amount mismatch, not applied",
     "unknown_order": "no order matched",
     "invalid": "bad input, not applied",
@@ -61,6 +63,8 @@ def _outcome(callback):
 
 
 def _payhero_answer(entry):
+    if entry["accepted"] is None:
+        return f"PayHero did not answer in time, left pending: {entry['error']}"
     if not entry["accepted"]:
         return f"PayHero refused it: {entry['error']}"
     return f"PayHero accepted it: reference {entry['reference']}, CheckoutRequestID {entry['checkout_request_id']}"
@@ -91,7 +95,8 @@ def _status(entry):
     if entry["status"] == "completed":
         return f"receipt {entry['receipt']}; tickets {', '.join(entry['tickets'])}"
     code = f"result code {entry['result_code']}: " if entry["result_code"] is not None else ""
-    return f"{code}{entry['result_desc']}"
+    refund = f"; paid later (receipt {entry['receipt']}): refund due" if entry["refund_due"] else ""
+    return f"{code}{entry['result_desc']}{refund}"
 
 
 def _describe(entry):
@@ -106,6 +111,8 @@ def _describe(entry):
         return f"callback #{entry['id']}{replay}", _callback(entry)
     if kind == "reconcile":
         return "reconcile", _reconcile_check(entry)
+    if kind == "refund":
+        return "refund", f"KES {entry['amount']} refunded for receipt {entry['receipt']}: reference {entry['reference']}"
     if kind == "reverify":  # the worker's own re-checks after a callback PayHero did not confirm
         return f"re-verify (+{entry['after_seconds']:g}s)", _reconcile_check(entry)
     return entry["status"], _status(entry)
@@ -177,6 +184,42 @@ def stuck_command(older_than, as_json):
         callbacks = f"{len(order['callbacks'])}: {', '.join(order['callbacks'])}" if order["callbacks"] else "none"
         click.echo(f"  {order['id']:<24} {_age(order['age_seconds']):>5} {'KES ' + str(order['amount']):>9}  "
                    f"{order['phone']:<13} {order['reference'] or '-':<34} {callbacks}")
+
+
+@orders_group.command("unsettled")
+@click.option("--json", "as_json", is_flag=True, help="The same, as JSON.")
+def unsettled_command(as_json):
+    """Orders owed a refund: paid after they failed or were cancelled, with no tickets left to give."""
+    from .refunds import unsettled_orders
+
+    unsettled = unsettled_orders()
+    if as_json:
+        click.echo(json.dumps(unsettled, indent=2))
+        return
+    if not unsettled:
+        click.echo("No order is owed a refund.")
+        return
+    click.echo(f"{len(unsettled)} order(s) owed a refund, oldest first (refund each, then `orders settle`):")
+    click.echo(f"  {'ID':<24} {'AMOUNT':>10}  {'RECEIPT':<12} {'PHONE':<13} {'STATUS':<10} PAID AT (UTC)")
+    for order in unsettled:
+        click.echo(f"  {order['id']:<24} {'KES ' + str(order['amount']):>10}  {order['receipt'] or '-':<12} "
+                   f"{order['phone']:<13} {order['status']:<10} {order['paid_at'][:19].replace('T', ' ')}")
+
+
+@orders_group.command("settle", context_settings={"ignore_unknown_options": True})
+@click.argument("order_id")
+@click.option("--refund-reference", required=True, metavar="REF",
+              help="The refund's own reference (the M-Pesa reversal's receipt, or PayHero's).")
+def settle_command(order_id, refund_reference):
+    """Record that ORDER_ID's payment was refunded: kept in its timeline, and off the unsettled list."""
+    from .refunds import RefundRefused, settle
+
+    try:
+        order = settle(order_id, refund_reference)
+    except RefundRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Order {order['id']}: refund of KES {order['amount']} for receipt {order['receipt']} recorded "
+               f"as {refund_reference.strip()}.")
 
 
 def init_app(app):

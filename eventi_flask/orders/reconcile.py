@@ -19,6 +19,7 @@ from ..extensions import db
 from ..payhero.client import PayHeroError, get_payhero
 from ..payhero.schemas import parse_transaction_status
 from .models import Order, as_utc, utcnow
+from .refunds import unsettled_count
 from .service import add_note, apply_payment_outcome, fail_pending_order, save_note
 from .state import Status
 
@@ -77,6 +78,8 @@ def reconcile():
                 continue
         summary["still_pending"] += 1
         save_note(order_id, "reconcile", {**check, "result": "still pending"})
+    # Money owed back to customers, until someone records the refund (`flask orders settle`).
+    summary["refund_due"] = unsettled_count()
     return summary
 
 
