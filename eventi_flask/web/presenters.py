@@ -9,7 +9,8 @@ from markupsafe import Markup
 from ..clock import as_utc, from_iso
 from ..orders import phone as phone_rules
 from ..orders.schemas import PhoneField
-from ..orders.state import PLAIN_REASONS, RESULT_SUCCESS
+from ..orders.state import (PLAIN_REASONS, RESULT_IN_PROGRESS, RESULT_NOT_PERMITTED, RESULT_PROMPT_NOT_SENT,
+                            RESULT_RULE_LIMITED, RESULT_SUCCESS, RESULT_SYSTEM_ERROR)
 from ..payhero.sandbox import SANDBOX_PHONES
 
 FALLBACK_REASON = "M-Pesa did not complete the payment."
@@ -70,10 +71,35 @@ def failure_reason(order):
     return PLAIN_REASONS.get(payment["result_code"]) or payment["result_desc"] or FALLBACK_REASON
 
 
+# M-Pesa's rules that decide what a buyer should do before trying again: the checkout repeats the
+# sentence when "Try again" brings them back (?after=<result code>).
+ADVICE_ON_RETRY = (RESULT_RULE_LIMITED, RESULT_IN_PROGRESS, RESULT_PROMPT_NOT_SENT, RESULT_SYSTEM_ERROR,
+                   RESULT_NOT_PERMITTED)
+
+
+def page_state(order):
+    """Which of the status page's states shows `order`: its status, or `refund-due` when it was paid
+    too late to be given tickets (whatever its status says, the customer's money is owed back)."""
+    return "refund-due" if order["payment"]["refund_due"] else order["status"]
+
+
+def retry_advice(result_code):
+    """What to do before paying again, after an order that M-Pesa's rule `result_code` stopped; "" if nothing."""
+    return PLAIN_REASONS[result_code] if result_code in ADVICE_ON_RETRY else ""
+
+
+def try_again_query(order):
+    """The checkout's query string for "Try again": the same tickets, and M-Pesa's rule if one stopped it."""
+    query = {"ticket_type": order["ticket_type"], "quantity": order["quantity"]}
+    if order["payment"]["result_code"] in ADVICE_ON_RETRY:
+        query["after"] = order["payment"]["result_code"]
+    return query
+
+
 def reasons_for_browser():
     """The result-code sentences the status page needs when an order changes under it."""
     plain = {str(code): text for code, text in PLAIN_REASONS.items() if code != RESULT_SUCCESS}
-    return {"codes": plain, "fallback": FALLBACK_REASON}
+    return {"codes": plain, "fallback": FALLBACK_REASON, "advice_on_retry": [str(code) for code in ADVICE_ON_RETRY]}
 
 
 def local_phone(normalised):

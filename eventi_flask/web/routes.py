@@ -47,6 +47,7 @@ def checkout(slug):
         phone_message=presenters.PHONE_MESSAGE,
         sandbox_phones=presenters.sandbox_phones() if current_app.config["PAYHERO_MODE"] == "sandbox" else None,
         sandbox_delay=current_app.config["SANDBOX_CALLBACK_DELAY"],
+        retry_advice=presenters.retry_advice(request.args.get("after", type=int)),
     )
 
 
@@ -61,6 +62,8 @@ def order_status(order_id):
         event=event,
         ticket_name=ticket_names.get(order["ticket_type"], order["ticket_type"]),
         reason=presenters.failure_reason(order),
+        state=presenters.page_state(order),
+        try_again_query=presenters.try_again_query(order),
         reasons=presenters.reasons_for_browser(),
         hold_seconds=current_app.config["WAIT_TIMEOUT_DEFAULT"],
     )

@@ -30,6 +30,8 @@ const FORM_SENTENCES = {
   other: "Something went wrong on our side. Please try again in a moment.",
 };
 
+const MPESA_RULE_CODES = new Set(["payment_in_progress", "payment_refused"]);
+
 function startCheckout(form) {
   const slug = form.dataset.event;
   const payButton = form.querySelector("[data-pay]");
@@ -126,7 +128,8 @@ function startCheckout(form) {
       focusField(form, onForm[0]);
       return;
     }
-    if (status === 409 && SALES_WINDOW_CODES.has(error.code)) showFormError(error.message);
+    // The sales window, and M-Pesa's own rules (a prompt already open on the phone, ...): the API's sentence says it.
+    if ((status === 409 && SALES_WINDOW_CODES.has(error.code)) || MPESA_RULE_CODES.has(error.code)) showFormError(error.message);
     else if (status === 409) showFormError(`${error.message || "Not enough tickets are left."} ${FORM_SENTENCES[409]}`);
     // The limiter says which limit was hit (this phone, or this connection): its words are the better ones.
     else if (status === 429) showFormError(error.message || FORM_SENTENCES[429]);
@@ -407,6 +410,16 @@ function statusView(root, reasons) {
     return reasons.codes[String(payment.result_code)] || payment.result_desc || reasons.fallback;
   }
 
+  // "Try again" brings M-Pesa's rule along, so that the checkout can repeat what to do first.
+  function pointTryAgain(payment) {
+    for (const link of root.querySelectorAll("a[data-try-again]")) {
+      const url = new URL(link.href);
+      if (reasons.advice_on_retry.includes(String(payment.result_code))) url.searchParams.set("after", payment.result_code);
+      else url.searchParams.delete("after");
+      link.href = url.href;
+    }
+  }
+
   return {
     show,
     attempt: (n) => fill("attempt", String(n)),
@@ -426,8 +439,14 @@ function statusView(root, reasons) {
             return item;
           }));
         }
+      } else if (order.payment.refund_due) {
+        fill("refund-receipt", order.payment.receipt || "");
+        fill("refund-amount", formatKes(order.amount));
+        show("refund-due");
+        return;
       } else if (order.status !== "pending") {
         fill("reason", reasonFor(order.payment));
+        pointTryAgain(order.payment);
       }
       show(order.status);
     },
