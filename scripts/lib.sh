@@ -78,3 +78,8 @@ ensure_openssl() {
 ensure_zbar() {
     ldconfig -p 2>/dev/null | grep -q 'libzbar\.so\.0' || apt_install libzbar0
 }
+
+# The alert rules (deploy/prometheus) are checked with Debian's promtool, from the prometheus package.
+ensure_promtool() {
+    command -v promtool >/dev/null || apt_install prometheus
+}

@@ -11,6 +11,7 @@ ensure_chromium
 ensure_pgbouncer
 ensure_openssl
 ensure_zbar
+ensure_promtool
 
 export PATH="$VENV/bin:$PATH"
 exec python -m pytest "$@"
