@@ -16,7 +16,7 @@ import requests
 from playwright.sync_api import expect, sync_playwright
 
 from eventi_flask.orders.state import PLAIN_REASONS
-from tests.support import DEMO, ROOT, callback_body
+from tests.support import DEMO, ROOT, callback_body, post_callback, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -253,6 +253,9 @@ def test_server_field_error_is_shown_beside_its_field_and_the_form_keeps_what_wa
      "Too many payment requests for this phone number. Please wait a few minutes and try again."),
     (502, {"code": "payhero_unavailable", "message": "upstream said no", "fields": {}},
      "We couldn't reach M-Pesa to start the payment. Nothing was charged; please try again in a moment."),
+    # M-Pesa's own rules: the API's sentence says what to do, and nothing is added to it.
+    (409, {"code": "payment_in_progress", "message": PLAIN_REASONS[1001], "fields": {}}, PLAIN_REASONS[1001]),
+    (502, {"code": "payment_refused", "message": PLAIN_REASONS[17], "fields": {}}, PLAIN_REASONS[17]),
 ])
 def test_refusals_become_sentences_and_the_customer_can_try_again(shop, page, status, error, sentence):
     # Sold out, rate-limited and PayHero-down are hard to provoke on demand; the API's answer is stood in for.
@@ -339,3 +342,57 @@ def test_unknown_order_gets_a_not_found_page(shop, page):
     response = page.goto(f"{shop.url}/orders/not-a-real-order")
     assert response.status == 404
     expect(heading(page, "We couldn't find that page")).to_be_visible()
+
+
+def settled_order(server, phone):
+    """An order the sandbox has settled (its callback came), as the API shows it."""
+    order = server.create_order(phone=phone)
+    return wait_until(lambda: (body := fetch_order(server, order["id"]))["status"] != "pending" and body,
+                      timeout=CALLBACK_DELAY + 10, message=f"the sandbox's callback for {phone}")
+
+
+def set_capacity(server, ticket_type, capacity=None):
+    """The ticket type's capacity: `capacity`, or (None) no more than what is held now."""
+    import psycopg
+
+    with psycopg.connect(server.env["DATABASE_URL"], autocommit=True) as connection:
+        connection.execute("UPDATE ticket_types SET capacity = COALESCE(%s, reserved) WHERE code = %s",
+                           (capacity, ticket_type))
+
+
+def test_a_late_success_shows_the_tickets_or_with_none_left_says_a_refund_is_due(shop, page):
+    order_id = pay(page, shop, "0708000005")  # the sandbox: phone unreachable (1037)
+    expect(heading(page, "Payment failed")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    expect(page.locator("[data-state]:not([hidden]) [data-slot=reason]")).to_have_text(PLAIN_REASONS[1037])
+    post_callback(shop, fetch_order(shop, order_id))  # M-Pesa's success, after all
+    page.reload()
+    expect(heading(page, "Payment successful")).to_be_visible()
+    expect(page.locator("[data-slot=tickets] li")).to_have_count(1)
+
+    owed = settled_order(shop, "0708000005")
+    set_capacity(shop, "early-bird")  # sold out meanwhile
+    try:
+        post_callback(shop, owed)
+    finally:
+        set_capacity(shop, "early-bird", 1_000_000)
+    receipt = fetch_order(shop, owed["id"])["payment"]["receipt"]
+    page.goto(f"{shop.url}/orders/{owed['id']}")
+    expect(heading(page, "Payment received: refund due")).to_be_visible()
+    expect(page.locator("[data-slot=refund-receipt]")).to_have_text(receipt)
+    expect(page.get_by_text("Your money will be refunded to your M-Pesa.")).to_be_visible()
+    expect(page.get_by_role("link", name="Try again")).to_be_hidden()  # they paid: no second payment
+    assert page.recorder.errors == []
+
+
+def test_m_pesa_s_rule_17_is_said_on_the_status_page_and_again_on_the_checkout(shop, page):
+    order = shop.create_order(phone="0708000004")  # the sandbox never calls back: the test does
+    with page.expect_request(is_wait):
+        page.goto(f"{shop.url}/orders/{order['id']}")
+    post_callback(shop, order, result_code=17)
+    expect(heading(page, "Payment failed")).to_be_visible(timeout=5000)  # changed under the open page
+    expect(page.locator("[data-state]:not([hidden]) [data-slot=reason]")).to_have_text(PLAIN_REASONS[17])
+    page.get_by_role("link", name="Try again").click()
+    page.wait_for_url(f"**{CHECKOUT_PATH}?*after=17*")
+    expect(page.locator("[data-retry-advice]")).to_have_text(f"Your last payment did not go through. {PLAIN_REASONS[17]}")
+    assert "wait 2 minutes" in PLAIN_REASONS[17]
+    assert page.recorder.errors == []
