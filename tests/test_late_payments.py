@@ -170,6 +170,23 @@ def test_a_prompt_already_open_on_the_phone_is_409_payment_in_progress(app, clie
     assert ticket_type(app).reserved == 0
 
 
+@pytest.mark.parametrize("error_message, status, code, result_code", [
+    ("Rule limited.", 502, "payment_refused", 17),
+    ("The transaction is not permitted", 502, "payment_refused", 2028),
+    ("Insufficient float", 502, "payhero_unavailable", None),  # the merchant's, not the customer's balance
+])
+def test_other_refusals_of_the_prompt_say_m_pesa_s_rule_when_it_names_one(client, wire, error_message, status, code,
+                                                                           result_code):
+    wire.post(f"{PUBLIC}/sandbox/payhero/api/v2/payments", status_code=400,
+              json={"error_code": "invalid_argument", "status_code": 400, "error_message": error_message})
+    response = client.post("/api/orders", json=DEMO)
+    assert (response.status_code, response.get_json()["error"]["code"]) == (status, code)
+    order = client.get(f"/api/orders/{response.headers['X-Order-Id']}").get_json()
+    assert (order["status"], order["payment"]["result_code"]) == ("failed", result_code)
+    if result_code is not None:
+        assert response.get_json()["error"]["message"] == PLAIN_REASONS[result_code]
+
+
 @pytest.mark.parametrize("code, words", [
     (17, "Please wait 2 minutes, then try again."), (1025, "could not send the payment prompt"),
     (9999, "could not send the payment prompt"), (2028, "does not permit this payment"),

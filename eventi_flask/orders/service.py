@@ -20,7 +20,9 @@ from ..payhero.client import PayHeroError, get_payhero
 from . import rows
 from .models import Order, OrderLogEntry, new_order_id, utcnow
 from .schemas import order_body, serialize_order
-from .state import PLAIN_REASONS, RESULT_IN_PROGRESS, Decision, Status, decide_payment, result_code_for_message
+from .state import (PLAIN_REASONS, RESULT_IN_PROGRESS, RESULT_NOT_PERMITTED, RESULT_PROMPT_NOT_SENT,
+                    RESULT_RULE_LIMITED, RESULT_SYSTEM_ERROR, Decision, Status, decide_payment,
+                    result_code_for_message)
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +154,12 @@ def _left_pending(order, exc):
         return order_body(order)
 
 
-# M-Pesa's refusals of the prompt itself, as PayHero passes them on, by the result code they name
-# (any other one it names is a 502 payment_refused with that code's sentence).
-REFUSED_PROMPT = {
+# M-Pesa's refusals of the prompt itself, as PayHero passes them on: the answer for each result code
+# its message names.  Only these: "Insufficient float" (the merchant's) is no customer's balance.
+PROMPT_REFUSALS = {
     RESULT_IN_PROGRESS: (409, "payment_in_progress"),
+    **{code: (502, "payment_refused")
+       for code in (RESULT_RULE_LIMITED, RESULT_PROMPT_NOT_SENT, RESULT_SYSTEM_ERROR, RESULT_NOT_PERMITTED)},
 }
 
 
@@ -163,6 +167,8 @@ def _refused(order, exc):
     """PayHero refused the STK push: the order fails, its tickets go back, and the buyer is told why."""
     log.warning("PayHero refused the payment request for order %s: %s", order["id"], exc)
     result_code = result_code_for_message(str(exc))
+    if result_code not in PROMPT_REFUSALS:
+        result_code = None
     reason = PLAIN_REASONS.get(result_code) or f"The payment could not be started: {exc.public_message}"
     undone = _undo_reservation(order["id"], reason, note=("stk_push", {"accepted": False, "error": str(exc)[:500]}),
                                result_code=result_code)
@@ -171,8 +177,8 @@ def _refused(order, exc):
     changed, body = undone
     if not changed:
         return body  # a callback settled it while PayHero's answer was lost: that outcome stands
-    if result_code in PLAIN_REASONS:  # M-Pesa's own rule: its sentence says what to do
-        status, code = REFUSED_PROMPT.get(result_code, (502, "payment_refused"))
+    if result_code is not None:  # M-Pesa's own rule: its sentence says what to do
+        status, code = PROMPT_REFUSALS[result_code]
         raise ApiError(status, code, PLAIN_REASONS[result_code], headers={"X-Order-Id": body["id"]})
     raise ApiError(502, "payhero_unavailable",
                    "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
