@@ -69,7 +69,7 @@ def cli(app):
     return lambda *args: runner.invoke(args=list(args))
 
 
-def test_a_success_after_an_unreachable_phone_completes_the_order(app, client, wire):
+def test_a_success_after_an_unreachable_phone_completes_the_order(app, client, wire, hub):
     order = client.post("/api/orders", json={**DEMO, "phone": "0708000005"}).get_json()  # sandbox: 1037
     failed = settled(client, order)
     assert (failed["status"], failed["payment"]["result_code"]) == ("failed", 1037)
@@ -83,6 +83,27 @@ def test_a_success_after_an_unreachable_phone_completes_the_order(app, client, w
     assert len(done["tickets"]) == 1
     assert ticket_type(app).reserved == 1  # held again
     assert outcomes(app)[-1] == "applied"
+    # Published like any change: what a held wait (or the cache a new one reads first) is told.
+    assert wait_until(lambda: (hub.latest(order["id"]) or {}).get("order") == done, message="the new version published")
+
+
+def test_two_late_successes_for_the_last_tickets_complete_one_order_and_owe_the_other(app, client, wire):
+    import gevent
+
+    set_capacity(app, 2)
+    first, second = (settled(client, client.post("/api/orders", json={**DEMO, "phone": "0708000005"}).get_json())
+                     for _ in range(2))
+    client.post("/api/orders", json={**DEMO, "phone": "0708000004"})  # one of the two tickets taken meanwhile
+
+    def pay(order, receipt):
+        return app.test_client().post(URL, json=late_success(order, receipt=receipt)).status_code
+
+    paying = [gevent.spawn(pay, order, f"SRACE0000{n}") for n, order in enumerate((first, second))]
+    assert [greenlet.get(timeout=20) for greenlet in paying] == [200, 200]
+    ended = sorted((current(client, order)["status"], current(client, order)["payment"]["refund_due"])
+                   for order in (first, second))
+    assert ended == [("completed", False), ("failed", True)]
+    assert ticket_type(app).reserved == 2  # never oversold
 
 
 def test_a_success_with_no_ticket_left_is_a_refund_someone_sees_until_it_is_settled(app, client, wire, cli, log_lines):
@@ -254,6 +275,18 @@ def test_live_the_callbacks_reference_vouches_only_with_the_amount_confirmed(app
     assert client.post(LIVE_CALLBACK, json=paid_flat(order, "ph-9c1d")).get_json()["status"] == "pending"
     assert current(client, order) == order
     assert outcomes(app) == ["unverified", "unverified"]
+
+
+@pytest.mark.env(**LIVE, PAYHERO_REVERIFY_AFTER="0.05,0.1,0.2,0.4")
+def test_live_a_callback_payhero_confirms_only_later_is_asked_again_with_its_reference(app, client, slow_payhero):
+    order = client.post("/api/orders", json=DEMO).get_json()
+    answers = iter(["QUEUED", "QUEUED"])
+    slow_payhero.status["ph-2b8e"] = lambda: next(answers, {"status": "SUCCESS", "amount": 300,
+                                                            "provider_reference": "SKQ96C7K7H"})
+    assert client.post(LIVE_CALLBACK, json=paid_flat(order, "ph-2b8e")).get_json()["status"] == "pending"
+    done = wait_until(lambda: (body := current(client, order))["status"] == "completed" and body,
+                      message="re-verification with the callback's reference")
+    assert done["payment"]["reference"] == "ph-2b8e" and set(slow_payhero.asked) == {"ph-2b8e"}
 
 
 @pytest.mark.env(**LIVE, PAYHERO_REVERIFY_AFTER="off")

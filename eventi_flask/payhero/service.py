@@ -139,13 +139,14 @@ def _handle(record, raw_body, content_type, token):
             order_id = found["id"]
             # Stored before asking PayHero: that call can take seconds, and a restart then must not lose it.
             record.save(RECEIVED, "asking PayHero to confirm", order_id)
-            outcome, doubt = _verified(outcome, found)
+            callback = outcome
+            outcome, doubt = _verified(callback, found)
             if doubt is not None:
                 # Answered 200 all the same: the body is kept, and PayHero is asked again shortly
                 # (reconcile settles the order should this worker stop first).
                 log.warning("Payment for order %s not completed: %s", order_id, doubt)
                 record.save("unverified", doubt, order_id)
-                reverify_later(order_id)
+                reverify_later(order_id, callback.reference)
                 return 200, {"received": True, "order": order_id, "status": found["status"]}
 
     def write_record(found_id, transition):

@@ -66,13 +66,17 @@ def init_app(app):
     app.extensions[EXTENSION] = {}  # order id -> the greenlet asking PayHero again about it
 
 
-def reverify_later(order_id):
-    """Ask PayHero about `order_id` again in the background; at most one greenlet per order in a worker."""
+def reverify_later(order_id, callback_reference=None):
+    """Ask PayHero about `order_id` again in the background; at most one greenlet per order in a worker.
+
+    `callback_reference`: the callback's reference, asked about when the order has none of its own
+    (PayHero did not answer its STK push in time); then only a confirmed amount completes it.
+    """
     app = current_app._get_current_object()
     schedule, running = app.config["PAYHERO_REVERIFY_AFTER"], app.extensions[EXTENSION]
     if not schedule or order_id in running or len(running) >= MAX_REVERIFYING:
         return
-    running[order_id] = greenlet = gevent.spawn(_reverify, app, order_id, schedule)
+    running[order_id] = greenlet = gevent.spawn(_reverify, app, order_id, schedule, callback_reference)
     greenlet.link(lambda _: running.pop(order_id, None))
 
 
@@ -81,14 +85,14 @@ def stop(app):
     gevent.killall(list(app.extensions[EXTENSION].values()))
 
 
-def _reverify(app, order_id, schedule):
+def _reverify(app, order_id, schedule, callback_reference):
     started = time.monotonic()
     check = {}
     for after in schedule:
         gevent.sleep(max(0.0, started + after - time.monotonic()))
         with app.app_context():
             try:
-                settled, check = _settle(order_id, started)
+                settled, check = _settle(order_id, started, callback_reference)
             except SQLAlchemyError as exc:  # the database is down: ask again at the next step
                 settled, check = False, {"error": f"the database could not be reached ({type(exc).__name__})"}
             except Exception:  # a bug of ours: say so once, and leave the order to reconcile
@@ -109,16 +113,19 @@ def _reverify(app, order_id, schedule):
                 order_id, schedule[-1], unconfirmed(check))
 
 
-def _settle(order_id, started):
+def _settle(order_id, started, callback_reference=None):
     """Ask PayHero once and apply a definitive answer: (True, None) when nothing is left to ask,
     else (False, the check that settled nothing)."""
     try:
         order = orders.order_by_id(order_id)
     except ApiError:
         return True, None  # gone: nothing to settle
-    if order["status"] != Status.PENDING:
-        return True, None  # settled meanwhile: a later callback, another worker, reconcile
-    outcome, check = ask_payhero(order["payment"]["reference"])
+    if order["status"] == Status.COMPLETED or order["payment"]["refund_due"]:
+        return True, None  # paid meanwhile: a later callback, another worker, reconcile
+    ours = order["payment"]["reference"]
+    outcome, check = ask_payhero(ours or callback_reference)
+    if outcome is not None and outcome.success and not ours and outcome.amount is None:
+        outcome, check = None, {**check, "status": "SUCCESS without an amount, for the callback's reference"}
     if outcome is None:
         return False, check
     check["after_seconds"] = round(time.monotonic() - started, 1)
