@@ -148,17 +148,17 @@ def decide(current, order_amount, outcome, refund_due=False, paid_another_order=
     """
     current = Status(current)
     target = outcome.status
-    if target is Status.COMPLETED and paid_another_order:
+    if target is not Status.COMPLETED:  # a failure moves a pending order only
+        if current.final:
+            return Transition(Decision.REPEAT if target is current else Decision.IGNORED_FINAL, current)
+        return Transition(Decision.APPLY, target)
+    if paid_another_order:
         return Transition(Decision.PAYMENT_REUSED, current)
-    if current is Status.COMPLETED or target is not Status.COMPLETED or (current.final and refund_due):
-        if not current.final:
-            return Transition(Decision.APPLY, target)
-        same = target is current or (target is Status.COMPLETED and refund_due)
-        return Transition(Decision.REPEAT if same else Decision.IGNORED_FINAL, current)
-    # A success, for a pending order or one a failure (perhaps a premature one) made final.
+    if current is Status.COMPLETED or refund_due:  # already paid for: with tickets, or owed back
+        return Transition(Decision.REPEAT, current)
     if outcome.amount is not None and outcome.amount != order_amount:
         return Transition(Decision.AMOUNT_MISMATCH, current)
-    if current.final:
+    if current.final:  # a failure (perhaps premature: 1037, a timeout) made it final; money says otherwise
         return Transition(Decision.LATE_SUCCESS, Status.COMPLETED)
     return Transition(Decision.APPLY, Status.COMPLETED)
 
