@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from eventi_flask import metrics
 from eventi_flask.extensions import db
-from eventi_flask.orders.models import TicketType
+from eventi_flask.events.models import TicketType
 from eventi_flask.orders.state import PLAIN_REASONS
 from eventi_flask.payhero.models import PayheroCallback
 from tests.conftest import PUBLIC
