@@ -15,7 +15,7 @@ A row is a mapping of the orders table's columns plus `ticket_type_code` and
 `event_slug`: what schemas.order_body() needs to answer.
 """
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from .. import metrics
@@ -35,14 +35,16 @@ _FIND_BY = {
     column.key: _ORDER_ROW.where(column == bindparam("key"))
     for column in (ORDERS.c.id, ORDERS.c.checkout_request_id, ORDERS.c.payhero_reference)
 }
-_LOCK_BY = {key: statement.with_for_update(of=ORDERS) for key, statement in _FIND_BY.items()}
-# One PayHero payment never completes two orders: another order already holding a payment's
-# receipt or reference.  (The unique indexes on both catch a race past this check.)
-_PAID_ANOTHER_ORDER = (select(ORDERS.c.id)
-                       .where(ORDERS.c.id != bindparam("order_id"),
-                              (ORDERS.c.receipt == bindparam("receipt")) |
-                              (ORDERS.c.payhero_reference == bindparam("reference")))
-                       .limit(1))
+# A payment result's order, with whether another order already holds the payment's receipt or
+# reference (one payment never completes two orders), in the same round trip.  The unique indexes
+# on both catch a race past this check.
+_OTHER = ORDERS.alias("other")
+_PAID_ANOTHER_ORDER = exists().where(
+    _OTHER.c.id != ORDERS.c.id,
+    (_OTHER.c.receipt == bindparam("receipt")) | (_OTHER.c.payhero_reference == bindparam("reference")),
+).label("paid_another_order")
+_PAYMENT_BY = {key: statement.add_columns(_PAID_ANOTHER_ORDER) for key, statement in _FIND_BY.items()}
+_LOCK_BY = {key: statement.with_for_update(of=ORDERS) for key, statement in _PAYMENT_BY.items()}
 _TICKET_CODES = select(TICKETS.c.code).where(TICKETS.c.order_id == bindparam("order_id")).order_by(TICKETS.c.id)
 # Compare-and-set on the version: PostgreSQL's row lock already makes it hold; SQLite has no
 # row locks (and pysqlite reads outside any transaction), so there a writer that got there
@@ -164,12 +166,16 @@ def read(connection, order_id):
     return connection.execute(_FIND_BY["id"], {"key": order_id}).mappings().first()
 
 
-def find_for_payment(connection, keys, lock):
-    """The first order matching one of `keys`, (column name, value) pairs tried in order; locked if `lock`."""
-    statements = _LOCK_BY if lock else _FIND_BY
+def find_for_payment(connection, keys, lock, receipt=None, reference=None):
+    """The first order matching one of `keys`, (column name, value) pairs tried in order; locked if `lock`.
+
+    Its row has `paid_another_order`: whether an order other than it holds `receipt` or `reference`.
+    """
+    statements = _LOCK_BY if lock else _PAYMENT_BY
     for column, value in keys:
         if value:
-            row = connection.execute(statements[column], {"key": value}).mappings().first()
+            row = connection.execute(statements[column],
+                                     {"key": value, "receipt": receipt, "reference": reference}).mappings().first()
             if row is not None:
                 return row
     return None
@@ -196,14 +202,6 @@ def release_tickets(connection, ticket_type_id, quantity):
 def hold_tickets_again(connection, ticket_type_id, quantity):
     """Take `quantity` tickets of the type back for an order that had let them go; False if too few are free."""
     return connection.execute(_HOLD_AGAIN, {"ticket_type_id": ticket_type_id, "quantity": quantity}).rowcount == 1
-
-
-def paid_another_order(connection, order_id, receipt, reference):
-    """True when an order other than `order_id` already holds this payment's receipt or reference."""
-    if not receipt and not reference:
-        return False
-    found = connection.execute(_PAID_ANOTHER_ORDER, {"order_id": order_id, "receipt": receipt, "reference": reference})
-    return found.first() is not None
 
 
 def create_order(bind, order, event_slug, ticket_type_code):

@@ -270,14 +270,11 @@ def find_order_for_payment(outcome):
     """The order `outcome` is about, as {id, status, amount, payhero_reference, refund_due,
     paid_another_order}, or None.  `paid_another_order`: the outcome's receipt or reference is
     another order's (apply_payment_outcome refuses it)."""
-    connection = db.session.connection()
-    row = rows.find_for_payment(connection, _payment_keys(outcome), lock=False)
-    found = None
-    if row is not None:
-        found = {key: row[key] for key in ("id", "status", "amount", "payhero_reference", "refund_due")}
-        found["paid_another_order"] = rows.paid_another_order(connection, row["id"], outcome.receipt, outcome.reference)
+    row = rows.find_for_payment(db.session.connection(), _payment_keys(outcome), lock=False,
+                                receipt=outcome.receipt, reference=outcome.reference)
     db.session.commit()  # ends the read: no connection held by the caller's next step
-    return found
+    keys = ("id", "status", "amount", "payhero_reference", "refund_due", "paid_another_order")
+    return {key: row[key] for key in keys} if row else None
 
 
 def _payment_keys(outcome, order_id=None):
@@ -300,7 +297,8 @@ def apply_payment_outcome(outcome, order_id=None, record=None):
     connection = db.session.connection()
     transition = body = None
     while True:
-        row = rows.find_for_payment(connection, _payment_keys(outcome, order_id), lock=True)
+        row = rows.find_for_payment(connection, _payment_keys(outcome, order_id), lock=True,
+                                    receipt=outcome.receipt, reference=outcome.reference)
         if row is None:
             break
         transition, held_again = _decide(connection, row, outcome)
@@ -328,9 +326,7 @@ def _decide(connection, row, outcome):
     A late success holds the order's tickets again, if they are still free, before it is applied:
     the guarded UPDATE runs under the ticket type's row lock, so the last tickets go to one order.
     """
-    paid_another_order = outcome.success and rows.paid_another_order(connection, row["id"], outcome.receipt,
-                                                                     outcome.reference)
-    return decide_payment(row["status"], row["amount"], outcome, row["refund_due"], paid_another_order,
+    return decide_payment(row["status"], row["amount"], outcome, row["refund_due"], bool(row["paid_another_order"]),
                           lambda: rows.hold_tickets_again(connection, row["ticket_type_id"], row["quantity"]))
 
 
