@@ -8,6 +8,7 @@ completes two orders; M-Pesa's own refusals say what to do.  The sandbox runs
 in-process over the `wire`; live mode talks to a PayHero stand-in (requests-mock).
 """
 import json
+from datetime import timedelta
 
 import pytest
 import requests
@@ -16,6 +17,8 @@ from sqlalchemy import select, update
 from eventi_flask import metrics
 from eventi_flask.extensions import db
 from eventi_flask.events.models import TicketType
+from eventi_flask.orders.models import Order, utcnow
+from eventi_flask.orders.reconcile import EXPIRED_REASON
 from eventi_flask.orders.state import PLAIN_REASONS
 from eventi_flask.payhero.models import PayheroCallback
 from tests.conftest import PUBLIC
@@ -296,3 +299,74 @@ def test_live_a_connect_timeout_sent_nothing_so_the_order_fails(app, client, wir
     response = client.post("/api/orders", json=DEMO)
     assert response.status_code == 502
     assert client.get(f"/api/orders/{response.headers['X-Order-Id']}").get_json()["status"] == "failed"
+
+
+# -- live mode: reconcile, for an order PayHero gave no reference, asks with its callback's --
+
+UNCONFIRMED = "success claimed but not confirmed: check before refunding"
+
+
+def claimed_then_reconciled(app, client, slow_payhero, cli, answer_at_reconcile):
+    """Slow STK push -> pending; a success callback PayHero confirms with no amount (unverified);
+    then, past RECONCILE_EXPIRE_AFTER, reconcile with PayHero saying `answer_at_reconcile`.
+    The order as it is then, and reconcile's summary."""
+    order = client.post("/api/orders", json=DEMO).get_json()
+    assert order["status"] == "pending" and order["payment"]["reference"] is None
+    slow_payhero.status["ph-5e0a"] = "SUCCESS"  # PayHero's documented answer: no amount
+    assert client.post(LIVE_CALLBACK, json=paid_flat(order, "ph-5e0a", receipt="SCLAIM0001")).get_json()["status"] \
+        == "pending"
+    with app.app_context():
+        db.session.execute(update(Order).where(Order.id == order["id"])
+                           .values(created_at=utcnow() - timedelta(seconds=1000)))  # past the expiry age (900 s)
+        db.session.commit()
+    slow_payhero.status["ph-5e0a"] = answer_at_reconcile
+    reconciled = cli("reconcile")
+    assert reconciled.exit_code == 0, reconciled.output
+    assert slow_payhero.asked == ["ph-5e0a", "ph-5e0a"]  # at the callback, then reconcile with its reference
+    return current(client, order), reconciled.output
+
+
+@pytest.mark.env(**LIVE, PAYHERO_REVERIFY_AFTER="off")
+@pytest.mark.parametrize("answer, asked", [
+    ("SUCCESS", "transaction-status SUCCESS"),  # still no amount
+    ("QUEUED", "transaction-status QUEUED"),
+    (requests.exceptions.ConnectTimeout("connect timed out"), "could not ask PayHero"),
+])
+def test_live_an_unconfirmed_success_never_expires_out_of_sight(app, client, slow_payhero, cli, log_lines, answer,
+                                                                 asked):
+    counted = refunds_counted()
+    order, summary = claimed_then_reconciled(app, client, slow_payhero, cli, answer)
+    assert (order["status"], order["payment"]["refund_due"], order["payment"]["receipt"]) == \
+        ("failed", True, "SCLAIM0001")
+    assert "tickets" not in order and ticket_type(app).reserved == 0  # given back, as any expiry
+    assert "1 expired" in summary and "1 refund due" in summary
+    assert refunds_counted() == counted + 1
+    [warning] = [line for line in log_lines if line.startswith("Refund due")]
+    assert order["id"] in warning and "SCLAIM0001" in warning and "check before refunding" in warning
+
+    listed = cli("orders", "unsettled")
+    assert order["id"] in listed.output and "SCLAIM0001" in listed.output
+    shown = cli("orders", "show", order["id"]).output
+    assert asked in shown and f"-> expired, refund due: {UNCONFIRMED}" in shown
+    assert "0 expired" in cli("reconcile").output  # once: the order is final now
+
+
+@pytest.mark.env(**LIVE, PAYHERO_REVERIFY_AFTER="off")
+def test_live_reconcile_completes_an_order_by_its_callbacks_reference_once_payhero_confirms_the_amount(
+        app, client, slow_payhero, cli):
+    order, summary = claimed_then_reconciled(app, client, slow_payhero, cli, {
+        "status": "SUCCESS", "amount": 300, "provider_reference": "SKQ96C7K7H", "reference": "ph-5e0a"})
+    assert order["status"] == "completed" and len(order["tickets"]) == 1 and not order["payment"]["refund_due"]
+    assert (order["payment"]["reference"], order["payment"]["receipt"]) == ("ph-5e0a", "SKQ96C7K7H")  # PayHero's
+    assert "1 settled" in summary and "0 expired" in summary and "0 refund due" in summary
+    assert ticket_type(app).reserved == 1
+    assert "transaction-status SUCCESS -> settled: completed" in cli("orders", "show", order["id"]).output
+
+
+@pytest.mark.env(**LIVE, PAYHERO_REVERIFY_AFTER="off")
+def test_live_a_claimed_success_payhero_says_failed_just_expires(app, client, slow_payhero, cli):
+    order, summary = claimed_then_reconciled(app, client, slow_payhero, cli, "FAILED")
+    assert (order["status"], order["payment"]["refund_due"], order["payment"]["receipt"]) == ("failed", False, None)
+    assert order["payment"]["result_desc"] == EXPIRED_REASON
+    assert "1 expired" in summary and "0 refund due" in summary
+    assert cli("orders", "unsettled").output.strip() == "No order is owed a refund."

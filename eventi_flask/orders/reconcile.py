@@ -4,13 +4,20 @@ Pending orders older than RECONCILE_AFTER that have a PayHero reference are
 looked up with transaction-status, and the answer goes through the same
 state machine as a callback (apply_payment_outcome), so held waits are woken
 as usual.  A status other than SUCCESS or FAILED means PayHero has not
-processed the payment yet: that order waits for the next run.  Orders still pending after RECONCILE_EXPIRE_AFTER become `failed`
-with a plain reason and give their tickets back.  Safe to run as often as
+processed the payment yet: that order waits for the next run.  An order with
+no reference (PayHero did not answer its STK push in time) is asked about with
+the reference of its stored success callback, verified and applied as that
+callback was (payhero.service.verify_claimed_success).  Orders still pending
+after RECONCILE_EXPIRE_AFTER become `failed` with a plain reason and give
+their tickets back; one whose success callback PayHero neither confirmed nor
+said FAILED is also left refund_due with the receipt it claimed, so that
+someone checks it in PayHero's dashboard (`flask orders unsettled`).  Safe to run as often as
 you like, from several places at once: every change is made under the
 order's row lock and only ever moves an order forward.
 """
 import logging
 from datetime import timedelta
+from functools import partial
 
 from flask import current_app
 from sqlalchemy import select
@@ -18,6 +25,7 @@ from sqlalchemy import select
 from ..extensions import db
 from ..payhero.client import PayHeroError, get_payhero
 from ..payhero.schemas import parse_transaction_status
+from ..payhero.service import verify_claimed_success
 from .models import Order, as_utc, utcnow
 from .refunds import unsettled_count
 from .service import add_note, apply_payment_outcome, fail_pending_order, save_note
@@ -25,6 +33,8 @@ from .state import Status
 
 log = logging.getLogger(__name__)
 
+# In the order's timeline (`orders show`) when it expires with a success claimed for it (refund_due).
+UNCONFIRMED_RESULT = "expired, refund due: success claimed but not confirmed: check before refunding"
 EXPIRED_REASON = "No answer came from M-Pesa in time, so this order has expired. Please try again."
 
 
@@ -50,7 +60,21 @@ def reconcile():
     summary = {"checked": 0, "settled": 0, "still_pending": 0, "expired": 0, "errors": 0}
     for order_id, reference, created_at in _pending_older_than(config["RECONCILE_AFTER"]):
         check = {"reference": reference}
-        if reference:
+        claim = None  # a success callback PayHero has not confirmed, when the order has no reference to ask with
+        if not reference:
+            claim, transition, asked = verify_claimed_success(order_id, partial(_noted_if_settled, order_id))
+            if claim is not None:
+                summary["checked"] += 1
+                check = asked
+                if transition is not None and transition.changes:
+                    log.info("Reconcile: order %s settled as %s from PayHero's transaction status for its "
+                             "callback's reference", order_id, transition.status.value)
+                    summary["settled"] += 1
+                    continue
+                summary["errors"] += "error" in check
+                if transition is not None or check.get("status") == "FAILED":
+                    claim = None  # answered by PayHero or by the state machine: no doubt left to flag
+        else:
             summary["checked"] += 1
             try:
                 answer = get_payhero().transaction_status(reference)
@@ -70,11 +94,11 @@ def reconcile():
                     summary["settled"] += 1
                     continue
         if as_utc(created_at) < expire_cutoff:
-            expired, _ = fail_pending_order(order_id, EXPIRED_REASON)
+            expired, _ = fail_pending_order(order_id, EXPIRED_REASON, unconfirmed_success=claim)
             if expired:
                 log.info("Reconcile: order %s expired after %gs pending", order_id, expire_after)
                 summary["expired"] += 1
-                save_note(order_id, "reconcile", {**check, "result": "expired"})
+                save_note(order_id, "reconcile", {**check, "result": UNCONFIRMED_RESULT if claim else "expired"})
                 continue
         summary["still_pending"] += 1
         save_note(order_id, "reconcile", {**check, "result": "still pending"})

@@ -229,18 +229,29 @@ def changing_order(order_id, change):
         return result
 
 
-def fail_pending_order(order_id, reason, note=None, result_code=None):
+def fail_pending_order(order_id, reason, note=None, result_code=None, unconfirmed_success=None):
     """Fail an order still pending (PayHero refused it, or it expired); return (changed, order body).
 
     `note`: (kind, detail) for the order's log, written in the same transaction.  `result_code`:
-    M-Pesa's, when the refusal named one.  (False, None) when there is no such order.
+    M-Pesa's, when the refusal named one.  `unconfirmed_success`: a success callback for it
+    (PaymentOutcome) that PayHero neither confirmed nor denied: the customer may have paid, so the
+    order is also left refund_due with the receipt it claimed, for someone to check before
+    refunding.  (False, None) when there is no such order.
     """
     def fail(order):
         if order is not None and note is not None:
             add_note(order_id, *note)
+        if order is not None and unconfirmed_success is not None and order.status == Status.PENDING:
+            order.refund_due, order.receipt = True, unconfirmed_success.receipt  # published with the failure
         return _fail_if_pending(order, reason, result_code)
 
-    return changing_order(order_id, fail)
+    changed, body = changing_order(order_id, fail)
+    if changed and unconfirmed_success is not None:
+        metrics.payments_refund_due.inc()
+        log.warning("Refund due: order %s expired, but a success callback claimed M-Pesa receipt %s paid KES %s "
+                    "for it, which PayHero did not confirm: check before refunding (see `flask orders unsettled`)",
+                    order_id, unconfirmed_success.receipt, body["amount"])
+    return changed, body
 
 
 def add_note(order_id, kind, detail):

@@ -7,7 +7,7 @@ import time
 
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -140,7 +140,7 @@ def _handle(record, raw_body, content_type, token):
             # Stored before asking PayHero: that call can take seconds, and a restart then must not lose it.
             record.save(RECEIVED, "asking PayHero to confirm", order_id)
             callback = outcome
-            outcome, doubt = _verified(callback, found)
+            outcome, doubt, _ = _verified(callback, found)
             if doubt is not None:
                 # Answered 200 all the same: the body is kept, and PayHero is asked again shortly
                 # (reconcile settles the order should this worker stop first).
@@ -178,7 +178,8 @@ def _worth_verifying(found, outcome):
 
 
 def _verified(outcome, order):
-    """(outcome, None) when PayHero's transaction-status confirms this success; (None, why) otherwise.
+    """(outcome, None, check) when PayHero's transaction-status confirms this success; (None, why,
+    check) otherwise; `check` as ask_payhero gives it.
 
     Asked with the order's own reference.  An order whose STK push PayHero did not answer in
     time has none: then the callback's reference is asked about, which no other order holds
@@ -187,11 +188,49 @@ def _verified(outcome, order):
     ours = order["payhero_reference"]
     confirmed, check = ask_payhero(ours or outcome.reference)
     if confirmed is None or not confirmed.success:
-        return None, unconfirmed(check)
+        return None, unconfirmed(check), check
     if confirmed.amount is None and not ours:
-        return None, "PayHero's transaction status names no amount for the callback's reference"
+        return None, "PayHero's transaction status names no amount for the callback's reference", check
     if confirmed.amount is not None and confirmed.amount != order["amount"]:
-        return None, amount_doubt(confirmed.amount, order["amount"])
+        return None, amount_doubt(confirmed.amount, order["amount"]), check
     # PayHero's receipt over the callback's: only the former is vouched for.
     return dataclasses.replace(outcome, receipt=confirmed.receipt or outcome.receipt,
-                               reference=ours or outcome.reference), None
+                               reference=ours or outcome.reference), None, check
+
+
+def verify_claimed_success(order_id, record_for):
+    """For reconcile: the success callback stored for pending order `order_id`, which has no PayHero
+    reference of its own, and never applied (PayHero did not confirm it, or the worker stopped while
+    asking), verified again and applied as when it came (_worth_verifying, _verified).
+
+    Returns (claim, transition, check): `claim` the callback's outcome, None when there is none
+    still to answer for (none stored, or its payment already another order's); `transition` once
+    PayHero confirmed it and it was applied (apply_payment_outcome, with `record_for(check)` as its
+    `record`); `check` what PayHero was asked and said, as ask_payhero gives it.
+    """
+    claim = _claimed_success(order_id)
+    found = orders.find_order_for_payment(claim) if claim is not None else None
+    if found is None or found["id"] != order_id or not _worth_verifying(found, claim):
+        return None, None, {}
+    confirmed, _, check = _verified(claim, found)
+    if confirmed is None:
+        return claim, None, check
+    transition, _ = orders.apply_payment_outcome(confirmed, order_id, record=record_for(check))
+    return claim, transition, check
+
+
+def _claimed_success(order_id):
+    """The latest success callback stored for `order_id` and not applied, as a PaymentOutcome; or None."""
+    bodies = db.session.scalars(
+        select(CALLBACKS.c.body).where(CALLBACKS.c.order_id == order_id,
+                                       CALLBACKS.c.outcome.in_(("unverified", RECEIVED)))
+        .order_by(CALLBACKS.c.id.desc())).all()
+    db.session.commit()  # ends the read: no connection held while PayHero is asked
+    for body in bodies:
+        try:
+            outcome = parse_callback(current_app.json.loads(body))
+        except (ValueError, ValidationError):
+            continue
+        if outcome.success:
+            return outcome
+    return None
