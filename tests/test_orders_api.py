@@ -110,7 +110,8 @@ def test_payhero_timeout_is_502(client, wire):
 
 
 def test_get_order_and_404(client, wire):
-    order = client.post("/api/orders", json=DEMO).get_json()
+    # The phone that never calls back: the sandbox must not complete the order between the two reads.
+    order = client.post("/api/orders", json={**DEMO, "phone": "0708000004"}).get_json()
     response = client.get(f"/api/orders/{order['id']}")
     assert response.status_code == 200 and response.get_json() == order
     assert response.headers["Cache-Control"] == "no-store"
