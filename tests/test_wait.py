@@ -102,6 +102,18 @@ def test_wait_and_callback_started_together_200_times_none_missed(client, wire):
     assert all(a["version"] == o["version"] + 1 for a, o in zip(answers, orders))
 
 
+def test_200_waits_arriving_together_each_get_their_own_order(client, wire, hub, monkeypatch):
+    orders = [client.post("/api/orders", json=NO_CALLBACK).get_json() for _ in range(200)]
+    client.post(CALLBACK, json=callback_body(orders[0]))  # one with tickets, among them
+    monkeypatch.setattr(hub, "latest", lambda order_id: None)  # as after a deploy: the cache has expired
+    waits = [gevent.spawn(wait, client, order, since=0) for order in orders + orders[:50]]
+    gevent.joinall(waits, timeout=30, raise_error=True)
+    answers = [w.value.get_json() for w in waits]
+    assert [a["id"] for a in answers] == [o["id"] for o in orders + orders[:50]]
+    assert answers[0]["status"] == "completed" and len(answers[0]["tickets"]) == 1
+    assert all(a["status"] == "pending" and "tickets" not in a for a in answers[1:200])
+
+
 class QueriesByGreenlet:
     """Counts SQL statements executed by one greenlet: what one request costs the database."""
 

@@ -6,11 +6,16 @@ def init_app(app):
     app.register_blueprint(routes.bp)
     commands.init_app(app)
     from ..notify.service import get_hub
-    from .service import current_versions
+    from .batched_reads import BatchedReads
+    from .service import BATCHED_READS, current_versions, read_orders
 
-    def versions_in_app_context(order_ids):
-        with app.app_context():
-            return current_versions(order_ids)
+    def in_app_context(function):
+        # Run from greenlets of their own, outside any request.
+        def run(order_ids):
+            with app.app_context():
+                return function(order_ids)
+        return run
 
+    app.extensions[BATCHED_READS] = BatchedReads(in_app_context(read_orders))
     with app.app_context():
-        get_hub().set_version_source(versions_in_app_context)
+        get_hub().set_version_source(in_app_context(current_versions))

@@ -46,6 +46,10 @@ _PAID_ANOTHER_ORDER = exists().where(
 _PAYMENT_BY = {key: statement.add_columns(_PAID_ANOTHER_ORDER) for key, statement in _FIND_BY.items()}
 _LOCK_BY = {key: statement.with_for_update(of=ORDERS) for key, statement in _PAYMENT_BY.items()}
 _TICKET_CODES = select(TICKETS.c.code).where(TICKETS.c.order_id == bindparam("order_id")).order_by(TICKETS.c.id)
+# Many orders at once, for the waits arriving together (batched_reads.py).
+_READ_MANY = _ORDER_ROW.where(ORDERS.c.id.in_(bindparam("ids", expanding=True)))
+_TICKET_CODES_OF_MANY = (select(TICKETS.c.order_id, TICKETS.c.code)
+                         .where(TICKETS.c.order_id.in_(bindparam("order_ids", expanding=True))).order_by(TICKETS.c.id))
 # Compare-and-set on the version: PostgreSQL's row lock already makes it hold; SQLite has no
 # row locks (and pysqlite reads outside any transaction), so there a writer that got there
 # first is noticed here instead of overwritten.
@@ -164,6 +168,19 @@ def run_alone(engine, statement, params):
 
 def read(connection, order_id):
     return connection.execute(_FIND_BY["id"], {"key": order_id}).mappings().first()
+
+
+def read_many(connection, order_ids):
+    """The rows of those of `order_ids` that exist, in one query."""
+    return connection.execute(_READ_MANY, {"ids": list(order_ids)}).mappings().all()
+
+
+def ticket_codes_of_many(connection, order_ids):
+    """{order id: [ticket codes]} for `order_ids`, in one query."""
+    codes = {}
+    for order_id, code in connection.execute(_TICKET_CODES_OF_MANY, {"order_ids": list(order_ids)}):
+        codes.setdefault(order_id, []).append(code)
+    return codes
 
 
 def find_for_payment(connection, keys, lock, receipt=None, reference=None):

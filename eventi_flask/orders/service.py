@@ -413,6 +413,24 @@ def _settled(order, since):
     return since is not None and order["version"] > since
 
 
+BATCHED_READS = "eventi.orders.batched_reads"
+
+
+def read_orders(order_ids):
+    """{id: public body} for those of `order_ids` that exist: one query for the orders and one for
+    the tickets of the completed ones, on a connection given back at once."""
+    with db.engine.connect() as connection:
+        found = rows.read_many(connection, order_ids)
+        completed = [row["id"] for row in found if row["status"] == Status.COMPLETED]
+        codes = rows.ticket_codes_of_many(connection, completed) if completed else {}
+    return {row["id"]: order_body(row, codes.get(row["id"], ())) for row in found}
+
+
+def _read_order_for_wait(order_id):
+    """The order's public body, or None, read in one query with the orders other arriving waits need."""
+    return current_app.extensions[BATCHED_READS].read(order_id)
+
+
 def _read_order(order_id):
     """The order's public body, or None; the database connection is given back either way."""
     if not ORDER_ID.fullmatch(order_id):
@@ -451,7 +469,7 @@ def wait_for_order(order_id, timeout, since, client=None):
         cached = hub.latest(order_id)
         order = cached.get("order") if isinstance(cached, dict) else None
         if not isinstance(order, dict) or "version" not in order:
-            order = _read_order(order_id)
+            order = _read_order_for_wait(order_id)
             if order is None:
                 raise ApiError(404, "order_not_found", "No order with that id.")
         log.info("Long polling started for order: %s", order_id)
@@ -475,7 +493,7 @@ def wait_for_order(order_id, timeout, since, client=None):
                 metrics.delivery_latency.observe(max(latency_ms, 0) / 1000)
             elif recheck and not hub.shutting_down:
                 # While the database is away the wait holds on: a callback stored after the recovery wakes it.
-                fresh = database.unless_unavailable(_read_order, order_id)
+                fresh = database.unless_unavailable(_read_order_for_wait, order_id)
                 if fresh is not None and fresh["version"] > order["version"]:
                     order = fresh
         if hub.shutting_down and not _settled(order, since):
