@@ -21,7 +21,7 @@ bind = f"0.0.0.0:{port}"
 worker_class = "gevent"
 backlog = 4096
 # A held wait lasts up to WAIT_TIMEOUT_MAX (60 s); on SIGTERM they are answered
-# at once with the current state, so the graceful window only drains stragglers.
+# at once (503 shutting_down), so the graceful window only drains stragglers.
 # Heroku sends SIGKILL 30 s after SIGTERM: the workers are stopped well before that.
 graceful_timeout = 25
 timeout = 30
@@ -68,7 +68,8 @@ def post_worker_init(worker):
     collection walks them again (a full pass over the idle worker took ~55 ms).
 
     SIGTERM: gunicorn's own handler stops the worker accepting (and closes connections
-    after their answer); the hub then wakes every waiter, and the clients simply ask again.
+    after their answer); the hub then wakes every waiter, each answered 503 shutting_down
+    with a short Retry-After, and the pages reconnect (to the new worker) without counting a hold.
     """
     import gc
     import signal

@@ -102,6 +102,19 @@ def test_wait_and_callback_started_together_200_times_none_missed(client, wire):
     assert all(a["version"] == o["version"] + 1 for a, o in zip(answers, orders))
 
 
+def test_a_stopping_worker_answers_held_and_new_waits_503_shutting_down(client, order, hub):
+    waiting = gevent.spawn(wait, client, order)
+    wait_until(lambda: hub.waiter_count == 1, message="the wait to be held")
+    started = time.monotonic()
+    hub.shut_down()  # what the SIGTERM handler does (gunicorn.conf.py)
+    for response in (waiting.get(timeout=5), wait(client, order)):
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == "shutting_down"
+        assert 1 <= int(response.headers["Retry-After"]) <= 5
+    assert time.monotonic() - started < 1
+    assert hub.waiter_count == 0
+
+
 def test_200_waits_arriving_together_each_get_their_own_order(client, wire, hub, monkeypatch):
     orders = [client.post("/api/orders", json=NO_CALLBACK).get_json() for _ in range(200)]
     client.post(CALLBACK, json=callback_body(orders[0]))  # one with tickets, among them

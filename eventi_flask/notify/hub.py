@@ -185,9 +185,10 @@ class Hub:
     shutting_down = False
 
     def shut_down(self):
-        """The worker is stopping (SIGTERM): every wait, held or new, answers now with the current state."""
+        """The worker is stopping (SIGTERM): every wait, held or new, answers now (503 shutting_down
+        unless its order has just changed), and the page asks again elsewhere."""
         self.shutting_down = True
-        log.info("Shutting down: answering %d held waits with the current state", self._count)
+        log.info("Shutting down: answering %d held waits at once", self._count)
         self.wake_all()
 
     def latest(self, order_id):

@@ -42,7 +42,8 @@ ERRORS = {
     "BadGateway": ("PayHero refused the payment (`payhero_unavailable`; `payment_refused` when M-Pesa's rule says "
                    "why, in the message); the order is kept, failed.",
                    {"X-Order-Id": {"description": "The failed order", "required": True, "schema": {"type": "string"}}}),
-    "ServiceUnavailable": ("The database cannot be reached or is busy (`database_unavailable`, `server_busy`); "
+    "ServiceUnavailable": ("The database cannot be reached or is busy (`database_unavailable`, `server_busy`), "
+                           "or, for a wait, the worker is stopping (`shutting_down`); "
                            "try again after Retry-After seconds.", {"Retry-After": RETRY_AFTER}),
 }
 

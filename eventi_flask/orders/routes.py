@@ -84,6 +84,8 @@ def wait(order_id):
       description: >
         Answers at once when the order is final or its version is above `since`; otherwise
         holds until it changes or `timeout` runs out, and then answers with the order as it is.
+        A stopping worker (a deploy) answers its held and new waits 503 `shutting_down` with a
+        short Retry-After: ask again, it is not a hold that ran its course.
       tags: [orders]
       parameters:
         - {in: query, schema: WaitArgsSchema}

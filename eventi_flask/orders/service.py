@@ -444,6 +444,17 @@ def _read_order(order_id):
         db.session.remove()
 
 
+# Soon enough that the page is back before the customer notices; the new worker is usually up by then.
+SHUTTING_DOWN_RETRY_AFTER = "1"
+
+
+def _shutting_down():
+    """A stopping worker's answer to a wait it cannot hold: 503 (not 200 unchanged), so the page reconnects
+    rather than counting a hold that never ran its course."""
+    return ApiError(503, "shutting_down", "This server is restarting; ask again in a moment.",
+                    headers={"Retry-After": SHUTTING_DOWN_RETRY_AFTER})
+
+
 def wait_for_order(order_id, timeout, since, client=None):
     """The long poll: (order body, how it ended).  See GET /api/orders/<id>/wait in API.md.
 
@@ -455,6 +466,8 @@ def wait_for_order(order_id, timeout, since, client=None):
     if not ORDER_ID.fullmatch(order_id):
         raise ApiError(404, "order_not_found", "No order with that id.")  # without subscribing to anything
     hub = get_hub()
+    if hub.shutting_down:
+        raise _shutting_down()
     started = time.monotonic()
     deadline = started + timeout
     result = "error"
@@ -474,7 +487,6 @@ def wait_for_order(order_id, timeout, since, client=None):
                 raise ApiError(404, "order_not_found", "No order with that id.")
         log.info("Long polling started for order: %s", order_id)
         result = "immediate"
-        # A stopping worker answers with what it knows; the client asks again, elsewhere.
         while not _settled(order, since) and not hub.shutting_down:
             result = "changed"
             waiter.seen_version = order["version"]
@@ -498,6 +510,7 @@ def wait_for_order(order_id, timeout, since, client=None):
                     order = fresh
         if hub.shutting_down and not _settled(order, since):
             result = "shutdown"
+            raise _shutting_down()
         return order, result
     finally:
         hub.unwatch(waiter)
