@@ -7,7 +7,8 @@ tests the ones that sat idle) and the pool opens new ones as soon as the databas
 import logging
 import time
 
-from sqlalchemy import event
+from flask import current_app
+from sqlalchemy import create_engine, event
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -98,10 +99,34 @@ class DatabaseWatch:
             log.info("Database available again after %.1fs", seconds)
 
 
+WAITS_ENGINE = "eventi.database.waits"
+
+
+def waits_engine():
+    """The engine of the waits' reads (orders/batched_reads.py).
+
+    On PostgreSQL, one connection of their own: one greenlet reads for every arriving wait,
+    so one connection is all it needs, and a pool busy with callbacks never makes a storm of
+    waits queue for a connection (a 503 past the pool's timeout), nor the callbacks for the waits.
+    Elsewhere (SQLite) the app's engine.
+    """
+    return current_app.extensions[WAITS_ENGINE]
+
+
+def _engine_for_waits(app):
+    if db.engine.dialect.name != "postgresql":
+        return db.engine
+    options = {**app.config["SQLALCHEMY_ENGINE_OPTIONS"], "pool_size": 1, "max_overflow": 0}
+    engine = create_engine(db.engine.url, **options)
+    ping_idle_connections(engine)
+    return engine
+
+
 def init_app(app):
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             sqlite.init_engine(db.engine)
         ping_idle_connections(db.engine)
         app.extensions[WATCH] = DatabaseWatch(db.engine)
+        app.extensions[WAITS_ENGINE] = _engine_for_waits(app)
     metrics.database_available.set(1)

@@ -13,7 +13,7 @@ import requests_mock  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from config import TestConfig  # noqa: E402
-from eventi_flask import create_app  # noqa: E402
+from eventi_flask import create_app, database  # noqa: E402
 from eventi_flask.extensions import db  # noqa: E402
 from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
@@ -78,6 +78,7 @@ def app(settings):
         get_hub().stop()
         db.session.remove()
         db.engine.dispose()
+        database.waits_engine().dispose()
 
 
 @pytest.fixture

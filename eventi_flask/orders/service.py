@@ -418,8 +418,8 @@ BATCHED_READS = "eventi.orders.batched_reads"
 
 def read_orders(order_ids):
     """{id: public body} for those of `order_ids` that exist: one query for the orders and one for
-    the tickets of the completed ones, on a connection given back at once."""
-    with db.engine.connect() as connection:
+    the tickets of the completed ones, on the waits' own connection (database.waits_engine)."""
+    with database.waits_engine().connect() as connection:
         found = rows.read_many(connection, order_ids)
         completed = [row["id"] for row in found if row["status"] == Status.COMPLETED]
         codes = rows.ticket_codes_of_many(connection, completed) if completed else {}
