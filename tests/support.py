@@ -91,12 +91,28 @@ class LiveServer:
         release = procfile_command("release")
         subprocess.run(release, cwd=ROOT, env=self.env, check=True, capture_output=True)
         subprocess.run(["flask", "--app", "wsgi", "seed-demo"], cwd=ROOT, env=self.env, check=True, capture_output=True)
+        return self.start_web(timeout)
+
+    def start_web(self, timeout=30):
+        """The web process alone (gunicorn), on this server's port; returns once it answers."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(procfile_command("web"), cwd=ROOT, env={**self.env, **self.web_env},
                                      stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._healthy, timeout, 0.1, f"gunicorn on {self.url} (log: {self.log_path})")
         return self
+
+    def stop_web(self):
+        """SIGTERM gunicorn, as a deploy does, and wait for it to exit; the database stays."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(35)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self._log.close()
 
     def _healthy(self):
         if self.proc.poll() is not None:
@@ -110,15 +126,7 @@ class LiveServer:
         return Path(self.log_path).read_text(errors="replace")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(35)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self._log.close()
+        self.stop_web()
         if self.db_name:
             drop_database(self.db_name)
 

@@ -16,7 +16,7 @@ import requests
 from playwright.sync_api import expect, sync_playwright
 
 from eventi_flask.orders.state import PLAIN_REASONS
-from tests.support import DEMO, ROOT, callback_body, post_callback, wait_until
+from tests.support import DEMO, ROOT, callback_body, held_waits, post_callback, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -296,6 +296,33 @@ def test_a_network_error_is_retried_without_counting_as_an_attempt(shop, page):
     assert dropped and len(page.recorder.waits()) == 2
     assert any(line.startswith("🔌 Could not reach the server") for line in console)
     assert console.count("⏳ Long polling attempt 1/4 - Waiting for payment...") == 2
+    assert not any("attempt 2/4" in line for line in console)
+    assert console[-1] == RESOLVED.format("completed")
+
+
+def test_a_page_waiting_through_a_restart_shows_the_payment_within_5_s_of_the_server_answering_again(
+        live_server_factory, page):
+    server = live_server_factory()  # its own: this test stops and starts it
+    wait_answers = []
+    page.on("response", lambda response: is_wait(response.request) and wait_answers.append(
+        (response.status, response.headers.get("retry-after"))))
+    order_id = pay(page, server, "0708000004")  # the sandbox never calls back: the callback below is the payment
+    wait_until(lambda: held_waits(server, 1), message="the page's wait to be held")
+
+    with page.expect_event("requestfailed", lambda request: is_wait(request), timeout=20_000):
+        server.stop_web()  # SIGTERM, as a deploy does: the held wait is answered 503 shutting_down
+    # ... and the page found the server gone (a refused connection) while it tried again.
+    server.start_web()  # on the same port, the same database
+    back_at = time.time() * 1000
+    success = callback_body(fetch_order(server, order_id))
+    assert requests.post(f"{server.url}/api/payhero/callback?token=sandbox", json=success, timeout=5).status_code == 200
+
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=10_000)
+    assert page.evaluate("window.successShownAt") - back_at < 5000
+    assert wait_answers[0] == (503, "1"), wait_answers  # the held wait, answered when the worker was stopping
+    # Reconnects, not attempts: the page never counted toward "still waiting".
+    console = page.recorder.console
+    assert any(line.startswith("🔌 Could not reach the server (HTTP 503)") for line in console)
     assert not any("attempt 2/4" in line for line in console)
     assert console[-1] == RESOLVED.format("completed")
 

@@ -7,7 +7,12 @@ const FINAL_STATUSES = new Set(["completed", "cancelled", "failed"]);
 // A held wait that has not answered this long after its hold is presumed lost
 // (a mobile network can drop a connection without telling anyone).
 const LOST_WAIT_GRACE_SECONDS = 15;
-const MAX_BACKOFF_MS = 30000;
+// Reconnecting never waits longer than this: a page waiting through a deploy must show
+// the payment within seconds of the server answering again, not half a minute later.
+const MAX_RECONNECT_MS = 3000;
+// A hold that answers unchanged this much earlier than asked did not run its course
+// (an old stopping worker, a proxy): a reconnect, not an attempt.
+const HOLD_RAN_ITS_COURSE = 0.9;
 
 const formatKes = (amount) => `KES ${Number(amount).toLocaleString("en-US")}`;
 const detailsKey = (slug) => `eventi:checkout:${slug}`;
@@ -292,31 +297,31 @@ function startStatusPage(root) {
     if (order.status === "completed") showTicketQrCodes(root);
   }
 
-  // One held request at a time. A hold that ends with no change is one attempt;
-  // a network error is retried with backoff and is not an attempt.
+  // One held request at a time. Only a hold that ran its course with no change is an
+  // attempt; a network error, a 503 (a worker stopping for a deploy, a busy database)
+  // or an early unchanged answer is a reconnect, with backoff, and is not an attempt.
   async function longPoll() {
     if (polling) return;
     polling = true;
     let attempt = 1;
-    let networkFailures = 0;
+    let reconnects = 0;
     try {
       while (attempt <= HELD_WAITS_BEFORE_GIVING_UP) {
         view.attempt(attempt);
         console.log(`⏳ Long polling attempt ${attempt}/${HELD_WAITS_BEFORE_GIVING_UP} - Waiting for payment...`);
+        const askedAt = Date.now();
         let answer;
         try {
           answer = await waitForChange(order, holdSeconds);
         } catch (error) {
           if (!error.retryable) break;
-          networkFailures += 1;
-          const delay = error.retryAfterMs || backoff(networkFailures);
+          reconnects += 1;
+          const delay = reconnectDelay(reconnects, error.retryAfterMs);
           console.warn(`🔌 Could not reach the server (${error.message}); retrying in ${Math.ceil(delay / 1000)}s`);
           view.connection(`Connection problem: trying again in ${Math.ceil(delay / 1000)} seconds…`);
           await pause(delay);
           continue;
         }
-        networkFailures = 0;
-        view.connection("");
         console.log(`📊 Order status received: ${JSON.stringify(answer)}`);
         const changed = answer.version > order.version;
         order = answer;
@@ -324,6 +329,15 @@ function startStatusPage(root) {
           resolved();
           return;
         }
+        if (!changed && Date.now() - askedAt < holdSeconds * 1000 * HOLD_RAN_ITS_COURSE) {
+          reconnects += 1;
+          const delay = reconnectDelay(reconnects, 0);
+          console.warn(`🔁 Answered before the hold ran its course; asking again in ${Math.ceil(delay / 1000)}s`);
+          await pause(delay);
+          continue;
+        }
+        reconnects = 0;
+        view.connection("");
         if (!changed) attempt += 1;
       }
       view.show("still-waiting");
@@ -360,9 +374,11 @@ async function waitForChange(order, holdSeconds) {
   }
 }
 
-function backoff(failures) {
-  const base = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** (failures - 1));
-  return Math.round(base * (0.75 + Math.random() / 2)); // jitter: reconnecting phones don't stampede
+// Doubling from 250 ms, at least the server's Retry-After, never past MAX_RECONNECT_MS;
+// jitter (up to half again) so that the pages a deploy dropped together do not come back together.
+function reconnectDelay(reconnects, retryAfterMs) {
+  const base = Math.min(MAX_RECONNECT_MS / 1.5, Math.max(250 * 2 ** (reconnects - 1), retryAfterMs));
+  return Math.round(base * (1 + Math.random() / 2));
 }
 
 // Sleep, but wake early when the browser says the network is back.
