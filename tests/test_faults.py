@@ -291,7 +291,7 @@ def test_sigkill_mid_wait_the_next_request_is_answered(live_server_factory, stop
 
 
 @pytest.mark.live
-def test_sigterm_answers_held_waits_with_the_current_state(live_server_factory, stopping):
+def test_sigterm_answers_held_waits_503_shutting_down(live_server_factory, stopping):
     server = live_server_factory(WEB_CONCURRENCY="2")
     stopping(server)
     orders = [server.create_order(phone=NO_CALLBACK["phone"]) for _ in range(3)]
@@ -304,9 +304,10 @@ def test_sigterm_answers_held_waits_with_the_current_state(live_server_factory, 
     server.proc.send_signal(signal.SIGTERM)
     responses = [waiting.get(timeout=10) for waiting in waits]
     assert time.monotonic() - stopped < 5  # far inside the graceful timeout (25 s), far before the hold (50 s)
-    assert [r.status_code for r in responses] == [200] * len(waits)
-    assert {r.json()["status"] for r in responses} == {"pending"}
-    assert all(r.json()["version"] == orders[1]["version"] for r in responses)
+    # API.md: so that the page reconnects (to the new worker) instead of counting a hold.
+    assert [r.status_code for r in responses] == [503] * len(waits)
+    assert {r.json()["error"]["code"] for r in responses} == {"shutting_down"}
+    assert all(1 <= int(r.headers["Retry-After"]) <= 5 for r in responses)
     assert server.proc.wait(10) == 0
     log = server.log()
     assert "Shutting down: answering" in log and "Worker graceful timeout" not in log
