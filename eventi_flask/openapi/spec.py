@@ -38,6 +38,7 @@ ERRORS = {
     "UnsupportedMediaType": ("The body is not sent as application/json.", {}),
     "TooManyRequests": ("Too many requests of this kind; try again after Retry-After seconds.",
                         {"Retry-After": RETRY_AFTER}),
+    "KeyReused": ("This Idempotency-Key already made an order from another body (`idempotency_key_reused`).", {}),
     "AmountMismatch": ("The amount paid does not match the order, which does not become completed.", {}),
     "BadGateway": ("PayHero refused the payment (`payhero_unavailable`; `payment_refused` when M-Pesa's rule says "
                    "why, in the message); the order is kept, failed.",

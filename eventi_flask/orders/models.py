@@ -72,3 +72,25 @@ class OrderLogEntry(db.Model):
     at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile, reverify
     detail: Mapped[dict] = mapped_column(db.JSON)
+
+
+class IdempotencyKey(db.Model):
+    """A client's Idempotency-Key on POST /api/orders, and the order its first request made.
+
+    Claimed in the statement that reserves the tickets and inserts the order (rows.py), so two
+    requests racing with one key make one order.  No foreign key to the order: a claim whose
+    order could not be made (sold out) is written, then deleted, by that one request.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # sha256 of the validated body: the same key with another body is refused, not answered.
+    body_hash: Mapped[str] = mapped_column(String(64))
+    order_id: Mapped[str] = mapped_column(String(32))
+    # The first answer's status; None while that answer is being made.  A 201 is answered again
+    # with the order as it is now; any other status with `answer`, the error as first given.
+    status_code: Mapped[int | None]
+    answer: Mapped[dict | None] = mapped_column(db.JSON)
+    # Keys are kept 24 hours (IDEMPOTENCY_KEY_TTL); reconcile deletes older ones.
+    created_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), index=True)

@@ -11,7 +11,8 @@ callback was (payhero.service.verify_claimed_success).  Orders still pending
 after RECONCILE_EXPIRE_AFTER become `failed` with a plain reason and give
 their tickets back; one whose success callback PayHero neither confirmed nor
 said FAILED is also left refund_due with the receipt it claimed, so that
-someone checks it in PayHero's dashboard (`flask orders unsettled`).  Safe to run as often as
+someone checks it in PayHero's dashboard (`flask orders unsettled`).  Idempotency-Keys older
+than 24 hours are deleted (a retry with one then makes a new order, as API.md allows).  Safe to run as often as
 you like, from several places at once: every change is made under the
 order's row lock and only ever moves an order forward.
 """
@@ -28,7 +29,7 @@ from ..payhero.schemas import parse_transaction_status
 from ..payhero.service import verify_claimed_success
 from .models import Order, as_utc, utcnow
 from .refunds import unsettled_count
-from .service import add_note, apply_payment_outcome, fail_pending_order, save_note
+from .service import add_note, apply_payment_outcome, fail_pending_order, purge_idempotency_keys, save_note
 from .state import Status
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ def reconcile():
         save_note(order_id, "reconcile", {**check, "result": "still pending"})
     # Money owed back to customers, until someone records the refund (`flask orders settle`).
     summary["refund_due"] = unsettled_count()
+    purged = purge_idempotency_keys()
+    if purged:
+        log.info("Reconcile: deleted %d Idempotency-Keys older than 24 hours", purged)
     return summary
 
 

@@ -6,7 +6,7 @@ from ..errors import ApiError
 from ..notify.departure import client_socket
 from ..security import limit_order_creation
 from . import service
-from .schemas import OrderCreateSchema, WaitArgsSchema, field_errors
+from .schemas import OrderCreateSchema, WaitArgsSchema, field_errors, idempotency_key
 
 bp = Blueprint("orders", __name__, url_prefix="/api")
 # Built once: a schema is reusable, and building one per request showed in the wait route's profile.
@@ -28,8 +28,14 @@ def create_order():
     ---
     post:
       summary: Order tickets and start the M-Pesa payment
-      description: The order is saved before PayHero is called; follow it with the wait route.
+      description: >
+        The order is saved before PayHero is called; follow it with the wait route.  With an
+        Idempotency-Key, a retry of the same body within 24 hours answers the order the key first
+        made (with `Idempotent-Replayed: true`), and makes no second one.
       tags: [orders]
+      parameters:
+        - {in: header, name: Idempotency-Key, required: false, schema: {type: string, minLength: 1, maxLength: 255},
+           description: "Any string naming this order attempt; the same one on every retry of it"}
       requestBody:
         required: true
         content: {application/json: {schema: OrderCreateSchema}}
@@ -43,18 +49,22 @@ def create_order():
         404: NotFound
         409: Conflict
         413: TooLarge
+        422: KeyReused
         429: TooManyRequests
         502: BadGateway
         503: ServiceUnavailable
     """
+    key = idempotency_key(request.headers)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "Send the order as a JSON object.")
     data = _load(order_create_schema, body, "Some details need fixing.")
-    order = service.create_order(data)
+    order, replayed = service.create_order(data, key)
     response = jsonify(order)
     response.status_code = 201
     response.headers["Location"] = f"/api/orders/{order['id']}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return response
 
 

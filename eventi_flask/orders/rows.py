@@ -15,15 +15,16 @@ A row is a mapping of the orders table's columns plus `ticket_type_code` and
 `event_slug`: what schemas.order_body() needs to answer.
 """
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from .. import metrics
 from ..events.models import Event, TicketType
-from .models import Order, OrderLogEntry, Ticket
+from .models import IdempotencyKey, Order, OrderLogEntry, Ticket
 
 ORDERS, TICKETS, TICKET_TYPES, EVENTS = Order.__table__, Ticket.__table__, TicketType.__table__, Event.__table__
-ORDER_LOG = OrderLogEntry.__table__
+ORDER_LOG, KEYS = OrderLogEntry.__table__, IdempotencyKey.__table__
 
 _ORDER_ROW = (
     select(ORDERS, TICKET_TYPES.c.code.label("ticket_type_code"), EVENTS.c.slug.label("event_slug"))
@@ -89,14 +90,37 @@ def _insert_order_for(ticket_type):
             .returning(ORDERS.c.ticket_type_id, ORDERS.c.amount))
 
 
+def _claim_key(dialect_insert):
+    """INSERT the Idempotency-Key naming the new order; nothing when the key is taken, unless its
+    claim is older than `key_expired_before` (then it is the new order's)."""
+    claim = dialect_insert(KEYS).values(key=bindparam("key_value"), body_hash=bindparam("key_body_hash"),
+                                        order_id=bindparam("new_id", type_=ORDERS.c.id.type),
+                                        created_at=bindparam("new_created_at", type_=ORDERS.c.created_at.type))
+    taken_over = {name: claim.excluded[name] for name in ("body_hash", "order_id", "created_at")}
+    return (claim.on_conflict_do_update(index_elements=[KEYS.c.key], set_={**taken_over, "status_code": None, "answer": None},
+                                        where=KEYS.c.created_at < bindparam("key_expired_before"))
+            .returning(KEYS.c.key))
+
+
+def _reserved(*guards):
+    """The guarded reservation, as a CTE returning the ticket type's (id, price) when it was orderable."""
+    return (update(TICKET_TYPES).where(*_ORDERABLE, *guards)
+            .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity"))
+            .returning(TICKET_TYPES.c.id, TICKET_TYPES.c.price)
+            .cte("reserved"))
+
+
 # PostgreSQL: the guarded reservation and the INSERT in one statement (a data-modifying CTE).
 # Run on its own (autocommit), the hot ticket type's row lock lasts the statement and its
 # commit inside the server, never a round trip back to this worker.
-_RESERVED = (update(TICKET_TYPES).where(*_ORDERABLE)
-             .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity"))
-             .returning(TICKET_TYPES.c.id, TICKET_TYPES.c.price)
-             .cte("reserved"))
+_RESERVED = _reserved()
 _RESERVE_AND_INSERT = _insert_order_for(_RESERVED).add_cte(_RESERVED)
+# With an Idempotency-Key, claimed in the same statement, and the tickets reserved only if it was:
+# a second request with the key waits on the first one's claim (ON CONFLICT), then finds it taken.
+_CLAIMED = _claim_key(postgresql.insert).cte("claimed")
+_RESERVED_IF_CLAIMED = _reserved(select(_CLAIMED.c.key).exists())
+_CLAIM_RESERVE_AND_INSERT = _insert_order_for(_RESERVED_IF_CLAIMED).add_cte(_CLAIMED).add_cte(_RESERVED_IF_CLAIMED)
+_CLAIM = _claim_key(sqlite.insert)  # SQLite: one writer at a time, so a statement before the order's, in its transaction
 # SQLite allows no UPDATE in a CTE; it has one writer at a time, so an INSERT that checks the
 # room and then the UPDATE, in one transaction, cannot be overtaken.
 _INSERT_IF_ROOM = _insert_order_for(select(TICKET_TYPES.c.id, TICKET_TYPES.c.price)
@@ -117,6 +141,15 @@ _NOTE_PAYHERO_ANSWER = insert(ORDER_LOG).values(order_id=bindparam("order_id"), 
                                                 detail=bindparam("note", type_=ORDER_LOG.c.detail.type))
 # PostgreSQL: both in one statement, so that the order's second write is one commit too.
 _SAVE_AND_NOTE = _SAVE_PAYHERO_ANSWER.add_cte(_NOTE_PAYHERO_ANSWER.cte("noted"))
+
+# -- Idempotency-Key: the first answer, then what a retry reads --
+_KEY_OF_ORDER = (KEYS.c.key == bindparam("key_value"), KEYS.c.order_id == bindparam("key_order_id"))
+_ANSWER_KEY = update(KEYS).where(*_KEY_OF_ORDER).values(status_code=bindparam("status_code"),
+                                                        answer=bindparam("answer", type_=KEYS.c.answer.type))
+_SAVE_NOTE_AND_ANSWER = _SAVE_AND_NOTE.add_cte(_ANSWER_KEY.cte("answered"))
+_READ_KEY = select(KEYS).where(KEYS.c.key == bindparam("key_value"))
+_RELEASE_KEY = delete(KEYS).where(*_KEY_OF_ORDER)
+_PURGE_KEYS = delete(KEYS).where(KEYS.c.created_at < bindparam("before"))
 
 
 _COMPILED = {}  # statement -> (SQL, default parameters, bind processors), for PostgreSQL
@@ -221,34 +254,66 @@ def hold_tickets_again(connection, ticket_type_id, quantity):
     return connection.execute(_HOLD_AGAIN, {"ticket_type_id": ticket_type_id, "quantity": quantity}).rowcount == 1
 
 
-def create_order(bind, order, event_slug, ticket_type_code):
+def create_order(bind, order, event_slug, ticket_type_code, key=None):
     """Reserve `order["quantity"]` tickets and insert `order` (the columns of _NEW_ORDER).
 
     Returns {"ticket_type_id", "amount"}, or None when the ticket type is unknown, not on sale at
     the order's created_at, allows fewer in one order, or has too few tickets left (nothing is
     written then).  `bind`: on PostgreSQL the engine (the statement is its own transaction,
     run_alone); on SQLite a connection, and the caller commits.
+    `key`: {"value", "body_hash", "expired_before"}, an Idempotency-Key claimed for the order
+    first; None too when the key is taken (nothing is written), or was claimed and no order was
+    made (the claim stays on PostgreSQL: read_key tells which, release_key undoes it).
     """
     params = {"event_slug": event_slug, "ticket_type_code": ticket_type_code, "quantity": order["quantity"],
               "now": order["created_at"],
               **{"new_" + name: order[name] for name in _NEW_ORDER}}
+    if key is not None:
+        params.update(key_value=key["value"], key_body_hash=key["body_hash"], key_expired_before=key["expired_before"])
     if bind.dialect.name == "postgresql":
-        return run_alone(bind, _RESERVE_AND_INSERT, params)
+        return run_alone(bind, _RESERVE_AND_INSERT if key is None else _CLAIM_RESERVE_AND_INSERT, params)
+    if key is not None and bind.execute(_CLAIM, params).first() is None:
+        return None
     created = bind.execute(_INSERT_IF_ROOM, params).mappings().first()
     if created is not None:
         bind.execute(_RESERVE, {"ticket_type_id": created["ticket_type_id"], "quantity": order["quantity"]})
     return created
 
 
-def save_payhero_answer(bind, order_id, reference, checkout_request_id, now):
-    """Store PayHero's references on the order (version + 1) and note the answer in its log.
+def save_payhero_answer(bind, order_id, reference, checkout_request_id, now, key=None):
+    """Store PayHero's references on the order (version + 1) and note the answer in its log;
+    with the order's Idempotency-Key (its value), record that its first answer is a 201.
 
     Returns the order's new row, or None if it already had them.  `bind` as for create_order:
     on PostgreSQL one statement, its own transaction; on SQLite the caller commits.
     """
     params = {"order_id": order_id, "reference": reference, "checkout_request_id": checkout_request_id, "now": now,
-              "note": {"accepted": True, "reference": reference, "checkout_request_id": checkout_request_id}}
+              "note": {"accepted": True, "reference": reference, "checkout_request_id": checkout_request_id},
+              "key_value": key, "key_order_id": order_id, "status_code": 201, "answer": None}
     if bind.dialect.name == "postgresql":
-        return run_alone(bind, _SAVE_AND_NOTE, params)
+        return run_alone(bind, _SAVE_AND_NOTE if key is None else _SAVE_NOTE_AND_ANSWER, params)
     bind.execute(_NOTE_PAYHERO_ANSWER, params)
+    if key is not None:
+        bind.execute(_ANSWER_KEY, params)
     return bind.execute(_SAVE_PAYHERO_ANSWER, params).mappings().first()
+
+
+def answer_key(connection, key, order_id, status_code, answer=None):
+    """Record the first answer given for the Idempotency-Key `key` that made the order `order_id`."""
+    connection.execute(_ANSWER_KEY, {"key_value": key, "key_order_id": order_id, "status_code": status_code,
+                                     "answer": answer})
+
+
+def read_key(connection, key):
+    """The Idempotency-Key's row (key, body_hash, order_id, status_code, answer, created_at), or None."""
+    return connection.execute(_READ_KEY, {"key_value": key}).mappings().first()
+
+
+def release_key(connection, key, order_id):
+    """Forget the key's claim for `order_id` (no order was made, or the buyer was told to try again)."""
+    connection.execute(_RELEASE_KEY, {"key_value": key, "key_order_id": order_id})
+
+
+def purge_keys(connection, before):
+    """Delete the Idempotency-Keys claimed before `before`; how many."""
+    return connection.execute(_PURGE_KEYS, {"before": before}).rowcount

@@ -2,6 +2,7 @@
 from flask import current_app
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
 
+from ..errors import ApiError
 from .models import as_utc
 from .phone import PHONE_WITH_SEPARATORS, mask_phone, normalize_phone
 from .state import Status
@@ -68,6 +69,25 @@ class OrderCreateSchema(Schema):
     def _name_not_blank(self, value, **kwargs):
         if not value.strip():
             raise ValidationError("Enter your name.")
+
+
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def idempotency_key(headers):
+    """The request's Idempotency-Key: any string of 1 to 255 characters, or None without one."""
+    key = headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is None:
+        return None
+    try:  # WSGI hands a header over as latin-1; a client that sent UTF-8 meant its characters
+        key = key.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise ApiError(400, "invalid_idempotency_key", f"The Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.",
+                       {IDEMPOTENCY_KEY_HEADER: f"Between 1 and {IDEMPOTENCY_KEY_MAX} characters, got {len(key)}."})
+    return key
 
 
 class UpToSetting(validate.Range):

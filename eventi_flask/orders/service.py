@@ -1,8 +1,11 @@
 """The orders service layer: each public function owns its transaction."""
+import hashlib
+import json
 import logging
 import re
 import secrets
 import time
+from datetime import timedelta
 
 from flask import current_app
 from sqlalchemy import select
@@ -52,37 +55,59 @@ def _touch(order):
     notify_after_commit(db.session, serialize_order(order))
 
 
-def create_order(data):
+def create_order(data, key=None):
     """Reserve tickets and save a pending order, then ask PayHero for the STK push.
 
     The reservation and the order are one statement (rows.create_order), committed on
     its own on PostgreSQL: the ticket type's row is what every buyer of a ticket drop
     queues on, and its lock lasts no longer than that statement inside the server.
+
+    `key`: the request's Idempotency-Key, or None.  It is claimed in that same statement;
+    when an earlier request made an order with it, that order is answered instead.
+    Returns (order body, replayed); an earlier request's error is raised again, as it was.
     """
+    claim = None if key is None else {"value": key, "body_hash": body_hash(data),
+                                      "expired_before": utcnow() - IDEMPOTENCY_KEY_TTL}
+    for _ in range(CLAIM_ATTEMPTS):
+        order = _new_order(data)
+        created = _reserve(order, data, claim)
+        if created is not None:
+            order.update(created, event_slug=data["event"], ticket_type_code=data["ticket_type"], payhero_reference=None,
+                         checkout_request_id=None, receipt=None, result_code=None, result_desc=None, refund_due=False)
+            # Saved before PayHero is called: its callback may arrive before its answer does.
+            return _request_payment(order, key), False
+        if claim is None:
+            _refuse_order(data, order["created_at"])
+        first = _first_answer_for(claim, order, data)
+        if first is not None:
+            return first, True
+    # The key's claim kept vanishing under us: its first request is giving up too.
+    raise database_unavailable(ORDER_NOT_SAVED)
+
+
+def _new_order(data):
     now = utcnow()
-    order = {"id": new_order_id(), "status": Status.PENDING.value, "version": 1, "quantity": data["quantity"],
-             "name": data["name"].strip(), "email": data["email"], "phone": data["phone"],
-             "created_at": now, "updated_at": now}
+    return {"id": new_order_id(), "status": Status.PENDING.value, "version": 1, "quantity": data["quantity"],
+            "name": data["name"].strip(), "email": data["email"], "phone": data["phone"],
+            "created_at": now, "updated_at": now}
+
+
+def _reserve(order, data, claim):
+    """rows.create_order, committed; None when nothing was written.  A database failure is a 503
+    that leaves no tickets held and no key claimed."""
     try:
-        created = rows.create_order(_single_statement_bind(), order, data["event"], data["ticket_type"])
+        created = rows.create_order(_single_statement_bind(), order, data["event"], data["ticket_type"], claim)
         db.session.commit()
     except DBAPIError:
         db.session.rollback()
         # The statement may have committed before the connection failed: a buyer who is told
-        # "try again" must not be left holding tickets.
+        # "try again" must not be left holding tickets, nor a key that answers with this order.
         _undo_reservation(order["id"], "The order could not be saved.")
+        _forget_key(claim and claim["value"], order["id"])
         raise database_unavailable(ORDER_NOT_SAVED) from None
     if created is None:
         db.session.rollback()
-        try:
-            _refuse_order(data, now)
-        except DBAPIError:
-            db.session.rollback()
-            raise database_unavailable(ORDER_NOT_SAVED) from None  # nothing was reserved
-    order.update(created, event_slug=data["event"], ticket_type_code=data["ticket_type"], payhero_reference=None,
-                 checkout_request_id=None, receipt=None, result_code=None, result_desc=None, refund_due=False)
-    # Saved before PayHero is called: its callback may arrive before its answer does.
-    return _request_payment(order)
+    return created
 
 
 def _single_statement_bind():
@@ -95,8 +120,12 @@ def _single_statement_bind():
 def _refuse_order(data, now):
     """404 for an unknown event or ticket type, 400 above its max_per_order, else 409: outside the
     sales window, or not enough tickets left."""
-    refusal = events.order_refusal(data["event"], data["ticket_type"], data["quantity"], now)
-    db.session.rollback()
+    try:
+        refusal = events.order_refusal(data["event"], data["ticket_type"], data["quantity"], now)
+    except DBAPIError:
+        raise database_unavailable(ORDER_NOT_SAVED) from None  # nothing was reserved
+    finally:
+        db.session.rollback()
     raise refusal
 
 
@@ -124,8 +153,10 @@ def _callback_url():
     return f"{config['PUBLIC_BASE_URL']}/api/payhero/callback?token={config['PAYHERO_CALLBACK_TOKEN']}"
 
 
-def _request_payment(order):
-    """Ask PayHero for the STK push for `order` (a row); the order's body after PayHero's answer."""
+def _request_payment(order, key=None):
+    """Ask PayHero for the STK push for `order` (a row); the order's body after PayHero's answer.
+
+    `key`: the Idempotency-Key that made the order; the answer given is recorded with it."""
     try:
         answer = get_payhero().start_payment(
             amount=order["amount"],
@@ -136,9 +167,11 @@ def _request_payment(order):
         )
     except PayHeroError as exc:
         if exc.unanswered:
-            return _left_pending(order, exc)
-        return _refused(order, exc)
-    return _save_payhero_answer(order, answer)
+            body = _left_pending(order, exc)
+            _remember_answer(key, order["id"], 201)
+            return body
+        return _refused(order, exc, key)
+    return _save_payhero_answer(order, answer, key)
 
 
 def _left_pending(order, exc):
@@ -163,7 +196,7 @@ PROMPT_REFUSALS = {
 }
 
 
-def _refused(order, exc):
+def _refused(order, exc, key):
     """PayHero refused the STK push: the order fails, its tickets go back, and the buyer is told why."""
     log.warning("PayHero refused the payment request for order %s: %s", order["id"], exc)
     result_code = result_code_for_message(str(exc))
@@ -173,22 +206,28 @@ def _refused(order, exc):
     undone = _undo_reservation(order["id"], reason, note=("stk_push", {"accepted": False, "error": str(exc)[:500]}),
                                result_code=result_code)
     if undone is None:
+        _forget_key(key, order["id"])
         raise database_unavailable(ORDER_NOT_SAVED) from None
     changed, body = undone
     if not changed:
+        _remember_answer(key, order["id"], 201)
         return body  # a callback settled it while PayHero's answer was lost: that outcome stands
     if result_code is not None:  # M-Pesa's own rule: its sentence says what to do
         status, code = PROMPT_REFUSALS[result_code]
-        raise ApiError(status, code, PLAIN_REASONS[result_code], headers={"X-Order-Id": body["id"]})
-    raise ApiError(502, "payhero_unavailable",
-                   "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
-                   headers={"X-Order-Id": body["id"]})
+        refusal = ApiError(status, code, PLAIN_REASONS[result_code], headers={"X-Order-Id": body["id"]})
+    else:
+        refusal = ApiError(502, "payhero_unavailable",
+                           "We could not reach M-Pesa to start the payment. Nothing was charged; please try again.",
+                           headers={"X-Order-Id": body["id"]})
+    _remember_answer(key, order["id"], refusal.status, {"code": refusal.code, "message": refusal.message,
+                                                        "headers": refusal.headers})
+    raise refusal
 
 
-def _save_payhero_answer(order, answer):
+def _save_payhero_answer(order, answer, key):
     try:
         row = rows.save_payhero_answer(_single_statement_bind(), order["id"], answer["reference"],
-                                       answer["checkout_request_id"], utcnow())
+                                       answer["checkout_request_id"], utcnow(), key)
         if row is None:  # a callback got here first and said it already: that order stands
             db.session.commit()
             return order_by_id(order["id"])
@@ -204,6 +243,96 @@ def _save_payhero_answer(order, answer):
         log.warning("PayHero's answer for order %s was not saved: the database failed: %s",
                     order["id"], exc.__class__.__name__)
         return order_body(order)
+
+
+# -- Idempotency-Key (API.md, POST /api/orders) --
+IDEMPOTENCY_KEY_TTL = timedelta(hours=24)
+CLAIM_ATTEMPTS = 3
+# A retry that finds its key's first request still making its answer asks again after these
+# seconds (doubling), until that request has had PayHero's time (PAYHERO_*_TIMEOUT) to answer.
+FIRST_ANSWER_POLL = (0.02, 0.25)
+
+
+def body_hash(data):
+    """What "the same body" means: the validated order (a phone in any of its forms is one phone)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _first_answer_for(claim, own_order, data):
+    """The order an earlier request made with the key `claim` names: its body, or its error raised as
+    first given (422 for another body).  None when no request holds the key any more.
+
+    The key may be ours: on PostgreSQL it was claimed and no order was made (too few tickets),
+    so it is let go and the buyer told why.  A first request still on its way is waited for;
+    one that never finished (its worker stopped) is answered with its order as it is now.
+    """
+    config = current_app.config
+    deadline = time.monotonic() + config["PAYHERO_CONNECT_TIMEOUT"] + config["PAYHERO_READ_TIMEOUT"] + 2
+    pause, longest_pause = FIRST_ANSWER_POLL
+    while True:
+        row = _read_key(claim["value"])
+        if row is None:
+            return None
+        if row["order_id"] == own_order["id"]:
+            _forget_key(claim["value"], own_order["id"])
+            _refuse_order(data, own_order["created_at"])
+        if row["body_hash"] != claim["body_hash"]:
+            raise ApiError(422, "idempotency_key_reused",
+                           "This Idempotency-Key was already used for a different order; use a new key for a new order.",
+                           {"Idempotency-Key": "Already used with another body."})
+        if row["status_code"] is not None and row["status_code"] != 201:
+            answer = row["answer"]
+            raise ApiError(row["status_code"], answer["code"], answer["message"], headers=answer.get("headers"))
+        order = _read_order(row["order_id"])
+        if row["status_code"] == 201 and order is not None:
+            return order
+        if time.monotonic() > deadline:
+            if order is not None:
+                return order
+            _forget_key(claim["value"], row["order_id"])  # a claim whose order was never made
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, longest_pause)
+
+
+def _read_key(key):
+    try:
+        return rows.read_key(db.session.connection(), key)
+    except DBAPIError:
+        raise database_unavailable(ORDER_NOT_SAVED) from None
+    finally:
+        db.session.remove()  # no connection held while waiting for the first request
+
+
+def _remember_answer(key, order_id, status_code, answer=None):
+    """Record the first answer for `key` (when there is one); a retry meanwhile waits for it."""
+    if key is None:
+        return
+    try:
+        rows.answer_key(db.session.connection(), key, order_id, status_code, answer)
+        db.session.commit()
+    except (DBAPIError, PoolTimeout):
+        # A retry then answers with the order as it is, once the first request's time is up.
+        db.session.rollback()
+        log.warning("The first answer for order %s's Idempotency-Key was not saved: the database failed", order_id)
+
+
+def _forget_key(key, order_id):
+    """Let go of `key`'s claim for `order_id` (no order was made, or the buyer was told to try again)."""
+    if key is None:
+        return
+    try:
+        rows.release_key(db.session.connection(), key, order_id)
+        db.session.commit()
+    except (DBAPIError, PoolTimeout):
+        db.session.rollback()  # a retry with it waits out the first request's time, then takes it over
+
+
+def purge_idempotency_keys():
+    """Delete Idempotency-Keys older than IDEMPOTENCY_KEY_TTL (reconcile); how many."""
+    purged = rows.purge_keys(db.session.connection(), utcnow() - IDEMPOTENCY_KEY_TTL)
+    db.session.commit()
+    return purged
 
 
 def _lock_order(order_id):

@@ -1,0 +1,121 @@
+"""Retrying an order safely: the Idempotency-Key."""
+import uuid
+
+import gevent.pool
+import psycopg
+import pytest
+import requests
+from sqlalchemy import func, select
+
+from eventi_flask.extensions import db
+from eventi_flask.orders.models import Order
+from tests.support import DEMO
+
+PAYMENTS_URL = "http://eventi.test/sandbox/payhero/api/v2/payments"
+
+
+def tickets_left(client, ticket_type="early-bird"):
+    event = client.get("/api/events/test-this-end-to-end").get_json()
+    return next(t["available"] for t in event["ticket_types"] if t["id"] == ticket_type)
+
+
+def order_count(app):
+    with app.app_context():
+        count = db.session.scalar(select(func.count()).select_from(Order))
+        db.session.remove()
+    return count
+
+
+def post_order(client, body=DEMO, key=None):
+    return client.post("/api/orders", json=body, headers={"Idempotency-Key": key} if key is not None else {})
+
+
+def test_a_retry_with_the_same_key_answers_the_first_order_and_makes_no_second(app, client, wire):
+    key = str(uuid.uuid4())
+    first = post_order(client, key=key)
+    left = tickets_left(client)
+    # Sent again as a phone on a bad network would: the same body, another spelling of the phone.
+    again = post_order(client, {**DEMO, "phone": "+254712345678"}, key=key)
+
+    assert first.status_code == again.status_code == 201
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.headers["Location"] == first.headers["Location"]
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert tickets_left(client) == left and order_count(app) == 1
+    assert sum(r.url == PAYMENTS_URL for r in wire.request_history) == 1  # one STK push on the phone
+
+
+def test_the_same_key_with_another_body_is_422_and_makes_nothing(app, client, wire):
+    key = str(uuid.uuid4())
+    assert post_order(client, key=key).status_code == 201
+    left = tickets_left(client)
+
+    response = post_order(client, {**DEMO, "quantity": 2}, key=key)
+
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] == "idempotency_key_reused"
+    assert tickets_left(client) == left and order_count(app) == 1
+
+
+def test_other_keys_make_other_orders(app, client, wire):
+    assert post_order(client, key="one").get_json()["id"] != post_order(client, key="two").get_json()["id"]
+    assert order_count(app) == 2
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256])
+def test_a_key_that_is_empty_or_over_255_characters_is_400(app, client, wire, key):
+    response = post_order(client, key=key)
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_idempotency_key" and "Idempotency-Key" in error["fields"]
+    assert order_count(app) == 0 and wire.call_count == 0
+
+
+def test_a_key_of_255_characters_is_accepted(client, wire):
+    key = "é" * 255
+    first = post_order(client, key=key.encode().decode("latin-1"))  # HTTP carries a header's bytes as latin-1
+    assert first.status_code == 201
+    assert post_order(client, key=key.encode().decode("latin-1")).get_json()["id"] == first.get_json()["id"]
+
+
+def test_a_payhero_refusal_is_answered_again_as_it_was(app, client, wire):
+    wire.post(PAYMENTS_URL, status_code=500, json={"error_message": "down"})
+    key = str(uuid.uuid4())
+    first = post_order(client, key=key)
+    again = post_order(client, key=key)
+    assert first.status_code == again.status_code == 502
+    assert again.get_json() == first.get_json()
+    assert again.headers["X-Order-Id"] == first.headers["X-Order-Id"]
+    assert order_count(app) == 1 and wire.call_count == 1  # the refused STK push is not sent again
+
+
+def test_a_sold_out_key_is_let_go_so_a_retry_can_buy_once_tickets_are_back(app, client, wire):
+    from eventi_flask.orders.models import TicketType
+
+    with app.app_context():
+        db.session.execute(db.update(TicketType).values(capacity=TicketType.reserved))
+        db.session.commit()
+    key = str(uuid.uuid4())
+    assert post_order(client, key=key).status_code == 409
+    with app.app_context():
+        db.session.execute(db.update(TicketType).values(capacity=TicketType.reserved + 1))
+        db.session.commit()
+    assert post_order(client, key=key).status_code == 201
+
+
+def test_identical_keyed_orders_racing_on_two_workers_make_one_order(live_server_factory):
+    server = live_server_factory(WEB_CONCURRENCY="2", LOG_LEVEL="warning", DB_POOL_SIZE="4", DB_MAX_OVERFLOW="4")
+    key = str(uuid.uuid4())
+
+    def buy(_):
+        response = requests.post(server.url + "/api/orders", json=DEMO, headers={"Idempotency-Key": key}, timeout=60)
+        return response.status_code, response.json()
+
+    answers = gevent.pool.Pool(20).map(buy, range(20))
+
+    assert {status for status, _ in answers} == {201}
+    assert len({body["id"] for _, body in answers}) == 1
+    with psycopg.connect(server.env["DATABASE_URL"]) as conn:
+        [(orders, reserved)] = conn.execute(
+            "SELECT count(*), (SELECT reserved FROM ticket_types WHERE code = 'early-bird') FROM orders")
+    assert (orders, reserved) == (1, 1)
