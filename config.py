@@ -192,6 +192,12 @@ class Config:
 
         self.ORDER_LIMIT_PER_PHONE = _rate_limit(env, "ORDER_LIMIT_PER_PHONE", "3 per 5 minutes")
         self.ORDER_LIMIT_PER_CLIENT = _rate_limit(env, "ORDER_LIMIT_PER_CLIENT", "30 per minute")
+        # Seconds the event loop runs late: from the first, a growing share of new orders is
+        # answered 503 busy; from the second, all of them (orders/admission.py).  `off`: none.
+        self.ORDER_SHED_LAG = _seconds_list(env, "ORDER_SHED_LAG", "0.05,0.25")
+        if len(self.ORDER_SHED_LAG) not in (0, 2):
+            raise ConfigError(f"ORDER_SHED_LAG must be two ascending seconds such as '0.05,0.25' or 'off', "
+                              f"got {env.get('ORDER_SHED_LAG')!r}")
         self.PROXY_HOPS = read_number(env, "PROXY_HOPS", 0, minimum=0, maximum=10)
 
         self.RECONCILE_AFTER = read_number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)

@@ -35,6 +35,10 @@ database_transitions = Counter("eventi_database_transitions_total", "Database ou
 db_queries = Counter("eventi_db_queries_total", "SQL statements executed by this process", registry=registry)
 waits_departed = Counter("eventi_waits_departed_total",
                          "Held waits let go because their client closed the connection", registry=registry)
+orders_shed = Counter("eventi_orders_shed_total", "Orders answered 503 busy before anything was saved",
+                      registry=registry)
+loop_lag = Gauge("eventi_event_loop_lag_seconds", "Moving average of how late this worker's event loop runs, "
+                 "as arriving orders measure it (ORDER_SHED_LAG)", registry=registry)
 wait_rejected = Counter("eventi_wait_rejected_total", "Wait requests refused by a limit", ["limit"], registry=registry)
 # A collection stops every greenlet of the worker at once: with thousands of waits held,
 # a full one shows as a latency spike for everyone, so its pauses are worth seeing.

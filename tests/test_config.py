@@ -80,6 +80,8 @@ def test_an_unconfirmed_success_is_asked_about_again_within_a_minute_with_a_shor
     ({"DATABASE_URL": "postgres://u@h/d", "DB_PREPARED_STATEMENTS": "perhaps"}, "DB_PREPARED_STATEMENTS"),
     ({"DATABASE_URL": "postgres://u@h/d", "DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT"),
     ({"REDIS_SSL_CERT_REQS": "off"}, "REDIS_SSL_CERT_REQS"),
+    ({"ORDER_SHED_LAG": "0.1"}, "ORDER_SHED_LAG"),  # two figures: where shedding starts, where it is total
+    ({"ORDER_SHED_LAG": "0.3,0.1"}, "ORDER_SHED_LAG"),
 ])
 def test_a_mistake_names_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):

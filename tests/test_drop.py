@@ -4,6 +4,9 @@ and a buyer who got an error holds no tickets.
 Speed is not checked here (`python -m bench drop` and BENCHMARKS.md measure it).
 """
 import collections
+import random
+import time
+import uuid
 
 import gevent.pool
 import psycopg
@@ -44,10 +47,16 @@ def drop_server(live_server_factory):
 
 
 def buy_all_at_once(server, buyers):
-    """[(status, body)] of `buyers` orders sent at once, each on its own connection (as browsers are)."""
+    """[(status, body)] of `buyers` orders sent at once, each on its own connection (as browsers are);
+    a buyer answered 503 busy asks again after Retry-After with its Idempotency-Key, as the page does."""
     def buy(_):
-        response = requests.post(server.url + "/api/orders", json=NO_CALLBACK, timeout=120)
-        return response.status_code, response.json()
+        key = str(uuid.uuid4())
+        while True:
+            response = requests.post(server.url + "/api/orders", json=NO_CALLBACK, headers={"Idempotency-Key": key},
+                                     timeout=120)
+            if response.status_code != 503 or response.json()["error"]["code"] != "busy":
+                return response.status_code, response.json()
+            time.sleep(float(response.headers["Retry-After"]) * random.uniform(1, 1.5))
 
     return gevent.pool.Pool(buyers).map(buy, range(buyers))
 

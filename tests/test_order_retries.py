@@ -1,4 +1,4 @@
-"""Retrying an order safely: the Idempotency-Key."""
+"""Retrying an order safely (Idempotency-Key) and shedding orders past what a worker can answer quickly."""
 import uuid
 
 import gevent.pool
@@ -24,6 +24,11 @@ def order_count(app):
         count = db.session.scalar(select(func.count()).select_from(Order))
         db.session.remove()
     return count
+
+
+def orders_shed(client):
+    metrics = client.get("/metrics").get_data(as_text=True)
+    return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("eventi_orders_shed_total ")))
 
 
 def post_order(client, body=DEMO, key=None):
@@ -119,3 +124,22 @@ def test_identical_keyed_orders_racing_on_two_workers_make_one_order(live_server
         [(orders, reserved)] = conn.execute(
             "SELECT count(*), (SELECT reserved FROM ticket_types WHERE code = 'early-bird') FROM orders")
     assert (orders, reserved) == (1, 1)
+
+
+@pytest.mark.env(ORDER_SHED_LAG="0,0")  # every order shed: the limit forced down
+def test_a_shed_order_is_503_busy_with_a_spread_retry_after_and_reserves_nothing(app, client, wire):
+    left, shed_before = tickets_left(client), orders_shed(client)
+
+    answers = [post_order(client, key=str(uuid.uuid4())) for _ in range(20)]
+
+    assert {response.status_code for response in answers} == {503}
+    assert {response.get_json()["error"]["code"] for response in answers} == {"busy"}
+    retry_after = [int(response.headers["Retry-After"]) for response in answers]
+    assert all(1 <= seconds <= 5 for seconds in retry_after) and len(set(retry_after)) > 1
+    assert tickets_left(client) == left and order_count(app) == 0 and wire.call_count == 0
+    assert orders_shed(client) == shed_before + 20
+
+
+@pytest.mark.env(ORDER_SHED_LAG="off")
+def test_shedding_off_admits_every_order(client, wire):
+    assert post_order(client).status_code == 201

@@ -44,7 +44,8 @@ ERRORS = {
                    "why, in the message); the order is kept, failed.",
                    {"X-Order-Id": {"description": "The failed order", "required": True, "schema": {"type": "string"}}}),
     "ServiceUnavailable": ("The database cannot be reached or is busy (`database_unavailable`, `server_busy`), "
-                           "or, for a wait, the worker is stopping (`shutting_down`); "
+                           "or, for a wait, the worker is stopping (`shutting_down`), or, for an order, this worker "
+                           "has more buyers than it can answer quickly (`busy`: nothing was saved); "
                            "try again after Retry-After seconds.", {"Retry-After": RETRY_AFTER}),
 }
 

@@ -1,9 +1,10 @@
 """Orders: the order state machine and the long poll."""
-from . import commands, routes
+from . import admission, commands, routes
 
 
 def init_app(app):
     app.register_blueprint(routes.bp)
+    admission.init_app(app)
     commands.init_app(app)
     from ..notify.service import get_hub
     from .batched_reads import BatchedReads

@@ -6,6 +6,7 @@ from ..errors import ApiError
 from ..notify.departure import client_socket
 from ..security import limit_order_creation
 from . import service
+from .admission import shed_when_busy
 from .schemas import OrderCreateSchema, WaitArgsSchema, field_errors, idempotency_key
 
 bp = Blueprint("orders", __name__, url_prefix="/api")
@@ -22,6 +23,7 @@ def _load(schema, data, message):
 
 
 @bp.post("/orders")
+@shed_when_busy
 @limit_order_creation
 def create_order():
     """Save a pending order, then ask PayHero to send the STK push.

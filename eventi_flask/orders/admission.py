@@ -1,0 +1,91 @@
+"""Shedding order creations this worker cannot answer quickly: 503 `busy` before anything is saved.
+
+The signal is how late this worker's event loop runs.  Every request's greenlet waits its turn
+on the loop at each database query and HTTP call, so when more buyers are in flight than the
+worker's CPU can serve, every turn comes later, for everyone: a buyer's wait is a few turns
+times this lag.  An arriving order measures it (one turn of the loop: gevent.sleep(0)) and the
+worker keeps a moving average.  Below ORDER_SHED_LAG's first figure every order is admitted;
+above its second every one is shed; in between a share that grows in proportion, so admission
+eases off rather than flapping between all and nothing.  A shed buyer is told to come back
+after 1-5 s, spread at random so that the retries do not arrive together.
+
+Measured rather than counted: a cap on orders in flight would also count orders waiting on a
+slow PayHero, which cost this worker nothing meanwhile.
+"""
+import functools
+import logging
+import random
+import time
+
+import gevent
+from flask import current_app
+
+from .. import metrics
+from ..errors import ApiError
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "eventi.order_admission"
+RETRY_AFTER_SECONDS = (1, 5)
+# gevent.sleep(0) comes back after the other ready greenlets but before the loop polls for I/O
+# (at most gevent's switch interval later): it missed a loop that was seconds behind.  A timer does not.
+PROBE_SECONDS = 0.001
+# Weight of the newest measurement: at a few hundred orders a second, the average follows
+# the loop within tens of milliseconds, and one slow turn alone does not shed anyone.
+SMOOTHING = 0.1
+
+
+class Admission:
+    def __init__(self, shed_from, shed_all_at):
+        self.shed_from, self.shed_all_at = shed_from, shed_all_at
+        self.lag = 0.0
+        self.shedding = False
+
+    def admit(self):
+        """True to go on with an arriving order; False to shed it."""
+        started = time.perf_counter()
+        gevent.sleep(PROBE_SECONDS)  # a timer: it fires after a whole turn of the loop, I/O included
+        self.lag += (max(time.perf_counter() - started - PROBE_SECONDS, 0) - self.lag) * SMOOTHING
+        if self.lag >= self.shed_all_at:
+            admitted = False
+        elif self.lag <= self.shed_from:
+            admitted = True
+        else:
+            admitted = random.random() >= (self.lag - self.shed_from) / (self.shed_all_at - self.shed_from)
+        self._note(admitted)
+        return admitted
+
+    def _note(self, admitted):
+        metrics.loop_lag.set(self.lag)
+        if not admitted:
+            metrics.orders_shed.inc()
+        # One line when shedding starts and one when every order is admitted again, not one per order.
+        if not admitted and not self.shedding:
+            self.shedding = True
+            log.warning("Shedding new orders: this worker's event loop runs %.0f ms late", self.lag * 1000)
+        elif admitted and self.shedding and self.lag <= self.shed_from:
+            self.shedding = False
+            log.info("Admitting every new order again: the event loop runs %.0f ms late", self.lag * 1000)
+
+
+def busy():
+    return ApiError(503, "busy", "Many people are buying right now; please try again in a few seconds.",
+                    headers={"Retry-After": str(random.randint(*RETRY_AFTER_SECONDS))})
+
+
+def shed_when_busy(view):
+    """Decorate POST /api/orders: 503 `busy` when this worker is past what it can answer quickly."""
+    @functools.wraps(view)
+    def admitted_only(*args, **kwargs):
+        admission = current_app.extensions.get(EXTENSION)
+        if admission is not None and not admission.admit():
+            raise busy()
+        return view(*args, **kwargs)
+
+    return admitted_only
+
+
+def init_app(app):
+    lag = app.config["ORDER_SHED_LAG"]
+    if lag:  # "off": every order admitted (none measured)
+        app.extensions[EXTENSION] = Admission(*lag)
