@@ -18,6 +18,20 @@ EXTENSION = "eventi.payhero"
 POOL_SIZE = 200  # kept-alive connections to PayHero per process
 
 
+def pooled_session(base_url, size=POOL_SIZE):
+    """A requests Session keeping `size` connections alive (urllib3 keeps 10 and opens, then drops,
+    one for each extra caller), with the environment's proxy and CA settings for `base_url` read
+    once here rather than on every request (scanning os.environ was a tenth of the client's CPU per order)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=size)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.proxies = requests.utils.get_environ_proxies(base_url)
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    session.trust_env = False
+    return session
+
+
 class PayHeroError(Exception):
     """PayHero refused a request or did not answer.  public_message is safe to show;
     the exception's text adds the cause (PayHero's error_message, the network error) for the log."""
@@ -35,19 +49,10 @@ class PayHeroClient:
         self.base_url = base_url.rstrip("/")
         self.channel_id = channel_id
         self.timeout = (connect_timeout, read_timeout)
-        self.session = requests.Session()
+        # Every order calls PayHero, from as many greenlets as there are buyers at once.
+        self.session = pooled_session(self.base_url)
         self.session.auth = (username, password)
         self.session.headers["Accept"] = "application/json"
-        # Every order calls PayHero, from as many greenlets as there are buyers at once: keep that
-        # many connections alive (urllib3 keeps 10 and opens, then drops, one for each extra caller).
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE)
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", adapter)
-        # The environment's proxy and CA settings, read once here rather than on every request
-        # (scanning os.environ was a tenth of the client's CPU per order).
-        self.session.proxies = requests.utils.get_environ_proxies(self.base_url)
-        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-        self.session.trust_env = False
         # The payment POST, every order's: prepared once (URL, auth, headers) and copied with each
         # body, rather than Session.request merging the session's settings again per call (a
         # quarter of the client's CPU per order).  A cookie PayHero may set still goes back.
