@@ -26,6 +26,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 ARTIFACTS = ROOT / "test-artifacts"
 CHECKOUT_PATH = f"/events/{DEMO['event']}/checkout"
 CALLBACK_DELAY = 3
+FORM_SENTENCES_NETWORK = "We couldn't reach Eventi. Check your internet connection and try again."
 PAGE_BUDGET_BYTES = 100 * 1024
 # Ends a page's initial state, one per status; CSP violations and failed loads show up as errors.
 RESOLVED = "✅ Payment status resolved! Final status: {}"
@@ -265,6 +266,50 @@ def test_refusals_become_sentences_and_the_customer_can_try_again(shop, page, st
     expect(page.get_by_role("alert")).to_have_text(sentence)
     expect(page.get_by_role("button", name="Pay KES 300 with M-Pesa")).to_be_enabled()
     expect(page.get_by_label("M-Pesa phone number")).to_have_value("0712345678")
+
+
+def test_a_busy_server_is_asked_again_by_the_page_with_the_same_key_until_the_order_is_made(shop, page):
+    turned_away = []
+
+    def busy_once(route):
+        if turned_away:
+            route.continue_()
+            return
+        turned_away.append(route.request.header_value("Idempotency-Key"))
+        route.fulfill(status=503, headers={"Retry-After": "1"}, json={"error": {
+            "code": "busy", "message": "Many people are buying right now; please try again in a few seconds.", "fields": {}}})
+
+    page.route("**/api/orders", busy_once)
+    fill_checkout(page, shop, "0712345673")
+    page.get_by_role("button", name="Pay KES 300 with M-Pesa").click()
+
+    expect(page.get_by_role("status").filter(has_text="Busy, still trying")).to_be_visible()
+    expect(page.get_by_role("button", name="Busy, still trying…")).to_be_disabled()
+    page.wait_for_url("**/orders/*")
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    keys = [post.header_value("Idempotency-Key") for post in page.recorder.order_posts()]
+    assert len(keys) == 2 and keys[0] == keys[1] == turned_away[0] and len(keys[0]) >= 32
+    assert [error for error in page.recorder.errors if "status of 503" not in error] == []  # the browser logs the 503 itself
+
+
+def test_an_order_sent_again_after_a_lost_answer_keeps_its_key(shop, page):
+    lost = []
+
+    def lose_the_first_answer(route):
+        if lost:
+            route.continue_()
+        else:
+            lost.append(route.request.header_value("Idempotency-Key"))
+            route.abort("connectionreset")
+
+    page.route("**/api/orders", lose_the_first_answer)
+    fill_checkout(page, shop, "0712345674")
+    pay_button = page.get_by_role("button", name="Pay KES 300 with M-Pesa")
+    pay_button.click()
+    expect(page.get_by_role("alert")).to_have_text(FORM_SENTENCES_NETWORK)
+    pay_button.click()
+    page.wait_for_url("**/orders/*")
+    assert [post.header_value("Idempotency-Key") for post in page.recorder.order_posts()] == lost * 2
 
 
 def test_reload_in_the_middle_of_a_wait_resumes_it_and_ends_on_success(shop, page):

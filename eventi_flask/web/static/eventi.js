@@ -14,6 +14,12 @@ const MAX_RECONNECT_MS = 3000;
 // (an old stopping worker, a proxy): a reconnect, not an attempt.
 const HOLD_RAN_ITS_COURSE = 0.9;
 
+// A 503 busy or 429 asking us to come back within this long is sent again by the page itself,
+// with the same Idempotency-Key, for up to AUTO_RETRY_FOR_MS; a longer wait is the buyer's to choose.
+const AUTO_RETRY_MAX_SECONDS = 30;
+const AUTO_RETRY_FOR_MS = 120000;
+const BUSY_SENTENCE = "Busy, still trying: many people are buying right now. Please keep this page open.";
+
 const formatKes = (amount) => `KES ${Number(amount).toLocaleString("en-US")}`;
 const detailsKey = (slug) => `eventi:checkout:${slug}`;
 const REMEMBERED_FIELDS = ["name", "email", "phone"];
@@ -42,7 +48,11 @@ function startCheckout(form) {
   const payButton = form.querySelector("[data-pay]");
   const totalOutput = form.querySelector("[data-total]");
   const formError = form.querySelector("[data-form-error]");
+  const formStatus = form.querySelector("[data-form-status]");
   const rules = checkoutRules(form.dataset);
+  // The order attempt sent and not yet answered (a network error): pressing Pay again with the
+  // same details sends it again with its Idempotency-Key, so that it cannot make a second order.
+  let unanswered = null;
   // Fields are checked on submit, then again as they are corrected. Not on blur: a
   // message appearing under a field moves the Pay button away from the pointer mid-click.
   const flagged = new Set();
@@ -104,22 +114,48 @@ function startCheckout(form) {
     }
     setBusy(true);
     const order = values();
+    const body = JSON.stringify({ event: slug, ...order, quantity: Number(order.quantity) });
+    if (!unanswered || unanswered.body !== body) unanswered = { body, key: newIdempotencyKey() };
     try {
-      const response = await fetch("/api/orders", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify({ event: slug, ...order, quantity: Number(order.quantity) }),
-      });
-      const body = await response.json().catch(() => ({}));
+      const response = await placeOrder(unanswered);
+      unanswered = null;
+      const answer = await response.json().catch(() => ({}));
       if (response.status === 201) {
-        window.location.assign(`/orders/${encodeURIComponent(body.id)}`);
+        window.location.assign(`/orders/${encodeURIComponent(answer.id)}`);
         return; // stay busy while the status page loads
       }
-      showRefusal(response.status, body.error || {});
+      showRefusal(response.status, answer.error || {});
     } catch {
       showFormError(FORM_SENTENCES.network);
     }
+    showStatus("");
     setBusy(false);
+  }
+
+  // POST the order; a 503 or 429 that asks us to come back soon is sent again, after Retry-After
+  // and a random part of it (buyers turned away together must not come back together).
+  async function placeOrder({ body, key }) {
+    const started = Date.now();
+    for (;;) {
+      const response = await fetch("/api/orders", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json", "Idempotency-Key": key },
+        body,
+      });
+      const retryAfter = Number(response.headers.get("Retry-After"));
+      const askedBack = (response.status === 503 || response.status === 429) && retryAfter > 0;
+      if (!askedBack || retryAfter > AUTO_RETRY_MAX_SECONDS || Date.now() - started > AUTO_RETRY_FOR_MS) return response;
+      showStatus(BUSY_SENTENCE);
+      payButton.textContent = "Busy, still trying…";
+      const delay = retryAfter * 1000 * (1 + Math.random() / 2);
+      console.log(`🔁 Busy (HTTP ${response.status}); sending the order again in ${Math.ceil(delay / 1000)}s`);
+      await pause(delay);
+    }
+  }
+
+  function showStatus(message) {
+    formStatus.textContent = message;
+    formStatus.hidden = !message;
   }
 
   function showRefusal(status, error) {
@@ -224,6 +260,12 @@ function limitQuantity(form) {
   const picker = form.elements.quantity;
   for (const option of picker.options) option.disabled = option.hidden = Number(option.value) > most;
   if (Number(picker.value) > most) picker.value = String(most);
+}
+
+function newIdempotencyKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  // randomUUID needs a secure context (HTTPS); 128 random bits will do as well.
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 // The API's own rules, checked before anything is sent (see POST /api/orders).
