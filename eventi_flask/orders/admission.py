@@ -3,8 +3,8 @@
 The signal is how late this worker's event loop runs.  Every request's greenlet waits its turn
 on the loop at each database query and HTTP call, so when more buyers are in flight than the
 worker's CPU can serve, every turn comes later, for everyone: a buyer's wait is a few turns
-times this lag.  An arriving order measures it (one turn of the loop: gevent.sleep(0)) and the
-worker keeps a moving average.  Below ORDER_SHED_LAG's first figure every order is admitted;
+times this lag.  An arriving order measures it (how late a 1 ms timer fires) and the worker
+keeps a moving average.  Below ORDER_SHED_LAG's first figure every order is admitted;
 above its second every one is shed; in between a share that grows in proportion, so admission
 eases off rather than flapping between all and nothing.  A shed buyer is told to come back
 after 1-5 s, spread at random so that the retries do not arrive together.
