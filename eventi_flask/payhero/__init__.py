@@ -12,7 +12,7 @@ def init_app(app):
     verify.init_app(app)
     app.register_blueprint(routes.bp)
     if app.config["PAYHERO_MODE"] == "sandbox":
-        app.register_blueprint(sandbox.bp)
+        sandbox.init_app(app)
     elif not app.config["PAYHERO_VERIFY_CALLBACKS"]:
         log.warning("PAYHERO_VERIFY_CALLBACKS is off in live mode: a success callback completes its order on the "
                     "callback token alone, so anyone who reads the token (router or proxy logs) can get tickets "

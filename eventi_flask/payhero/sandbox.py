@@ -12,6 +12,7 @@ import secrets
 import time
 
 import gevent
+import gevent.pool
 import requests
 from flask import Blueprint, current_app, jsonify, request
 
@@ -21,6 +22,7 @@ from .client import pooled_session
 log = logging.getLogger(__name__)
 
 bp = Blueprint("sandbox", __name__, url_prefix="/sandbox/payhero")
+EXTENSION = "eventi.sandbox_callbacks"  # the callbacks still to be sent (a gevent Group)
 
 # phone -> (ResultCode, ResultDesc); None: the customer never answers, so no callback.
 SANDBOX_PHONES = {
@@ -145,6 +147,17 @@ def _send_callback(url, order_id, body):
         log.warning("Sandbox PayHero could not deliver a callback: %s", exc)
 
 
+def init_app(app):
+    app.register_blueprint(bp)
+    app.extensions[EXTENSION] = gevent.pool.Group()
+
+
+def stop(app):
+    """Drop the callbacks not sent yet: none outlives its app (a test's stand-in PayHero)."""
+    if EXTENSION in app.extensions:
+        app.extensions[EXTENSION].kill()
+
+
 @bp.before_request
 def _require_basic_auth():
     if request.authorization is None or request.authorization.type != "basic":
@@ -172,7 +185,8 @@ def start_payment():
         order_id = body.get("external_reference")
         callback = sandbox_callback(current_app.config["SANDBOX_CALLBACK_SHAPE"], reference, checkout_request_id,
                                     order_id, amount, phone, *outcome)
-        gevent.spawn_later(current_app.config["SANDBOX_CALLBACK_DELAY"], _send_callback, url, order_id, callback)
+        current_app.extensions[EXTENSION].add(
+            gevent.spawn_later(current_app.config["SANDBOX_CALLBACK_DELAY"], _send_callback, url, order_id, callback))
     return jsonify({"success": True, "status": "QUEUED", "reference": reference, "CheckoutRequestID": checkout_request_id})
 
 
