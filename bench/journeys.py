@@ -86,6 +86,10 @@ async def journey(host, port, buyer, args, deadline):
         if answer is not None and status in (200, 201):
             break
         if answer is not None and status not in SHED:
+            # A refusal after the order was saved (502: PayHero refused) names the order it kept:
+            # it is this buyer's, not a duplicate.
+            if "x-order-id" in answer.headers:
+                buyer.order_ids.add(answer.headers["x-order-id"])
             buyer.error = f"{status} {answer.body[:120]!r}"
             conn.close()
             return
