@@ -11,6 +11,12 @@ after 1-5 s, spread at random so that the retries do not arrive together.
 
 Measured rather than counted: a cap on orders in flight would also count orders waiting on a
 slow PayHero, which cost this worker nothing meanwhile.
+
+The second signal is how long the reservation (one statement on the database) takes.  Past about
+120 buyers a second the event loop is not late at all, yet buyers queue for seconds on the
+ticket type's row lock in PostgreSQL (BENCHMARKS.md, issue 16): the loop's lag never saw them.
+Each reservation's time goes into a second moving average, which decays while nobody reserves
+(so a worker that sheds every order comes back); an order is shed by whichever signal asks more.
 """
 import functools
 import logging
@@ -33,12 +39,19 @@ PROBE_SECONDS = 0.001
 # Weight of the newest measurement: at a few hundred orders a second, the average follows
 # the loop within tens of milliseconds, and one slow turn alone does not shed anyone.
 SMOOTHING = 0.1
+# Seconds a reservation may take on average before a growing share of orders is shed, and all of
+# them: a buyer waits about one reservation, then PayHero; well inside the 2 s an answer may take.
+RESERVATION_SHED = (0.15, 0.6)
+# While nobody reserves (every order shed), the reservations' average halves every this many seconds.
+RESERVATION_HALF_LIFE = 0.5
 
 
 class Admission:
     def __init__(self, shed_from, shed_all_at):
         self.shed_from, self.shed_all_at = shed_from, shed_all_at
         self.lag = 0.0
+        self.reservation = 0.0  # moving average of a reservation's seconds
+        self._reserved_at = time.monotonic()
         self.shedding = False
 
     def admit(self):
@@ -46,14 +59,19 @@ class Admission:
         started = time.perf_counter()
         gevent.sleep(PROBE_SECONDS)  # a timer: it fires after a whole turn of the loop, I/O included
         self.lag += (max(time.perf_counter() - started - PROBE_SECONDS, 0) - self.lag) * SMOOTHING
-        if self.lag >= self.shed_all_at:
-            admitted = False
-        elif self.lag <= self.shed_from:
-            admitted = True
-        else:
-            admitted = random.random() >= (self.lag - self.shed_from) / (self.shed_all_at - self.shed_from)
+        shed_share = max(_share(self.lag, self.shed_from, self.shed_all_at),
+                         _share(self._reservation_now(), *RESERVATION_SHED))
+        admitted = shed_share <= 0 or (shed_share < 1 and random.random() >= shed_share)
         self._note(admitted)
         return admitted
+
+    def reserved(self, seconds):
+        """An admitted order's reservation took `seconds` (waiting for the database included)."""
+        self.reservation = self._reservation_now() + (seconds - self._reservation_now()) * SMOOTHING
+        self._reserved_at = time.monotonic()
+
+    def _reservation_now(self):
+        return self.reservation * 0.5 ** ((time.monotonic() - self._reserved_at) / RESERVATION_HALF_LIFE)
 
     def _note(self, admitted):
         metrics.loop_lag.set(self.lag)
@@ -62,10 +80,39 @@ class Admission:
         # One line when shedding starts and one when every order is admitted again, not one per order.
         if not admitted and not self.shedding:
             self.shedding = True
-            log.warning("Shedding new orders: this worker's event loop runs %.0f ms late", self.lag * 1000)
-        elif admitted and self.shedding and self.lag <= self.shed_from:
+            log.warning("Shedding new orders: this worker's event loop runs %.0f ms late, a reservation takes %.0f ms",
+                        self.lag * 1000, self._reservation_now() * 1000)
+        elif admitted and self.shedding and self.lag <= self.shed_from and self._reservation_now() <= RESERVATION_SHED[0]:
             self.shedding = False
             log.info("Admitting every new order again: the event loop runs %.0f ms late", self.lag * 1000)
+
+
+def _share(value, low, high):
+    """The share of orders to shed for a signal at `value`: 1 from `high`, 0 up to `low`, in proportion between."""
+    if value >= high:
+        return 1.0
+    if value <= low:
+        return 0.0
+    return (value - low) / (high - low)
+
+
+def reservation_timed():
+    """A context for the reservation's statement: its time goes to this worker's admission, if any."""
+    return _Timed(current_app.extensions.get(EXTENSION))
+
+
+class _Timed:
+    __slots__ = ("admission", "started")
+
+    def __init__(self, admission):
+        self.admission = admission
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.admission is not None:
+            self.admission.reserved(time.perf_counter() - self.started)
 
 
 def busy():

@@ -21,6 +21,7 @@ from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
 from ..payhero.client import PayHeroError, get_payhero
 from . import rows
+from .admission import reservation_timed
 from .models import Order, OrderLogEntry, new_order_id, utcnow
 from .schemas import order_body, serialize_order
 from .state import (PLAIN_REASONS, RESULT_IN_PROGRESS, RESULT_NOT_PERMITTED, RESULT_PROMPT_NOT_SENT,
@@ -96,8 +97,9 @@ def _reserve(order, data, claim):
     """rows.create_order, committed; None when nothing was written.  A database failure is a 503
     that leaves no tickets held and no key claimed."""
     try:
-        created = rows.create_order(_single_statement_bind(), order, data["event"], data["ticket_type"], claim)
-        db.session.commit()
+        with reservation_timed():  # queueing on the ticket type's row shows here, and sheds (admission.py)
+            created = rows.create_order(_single_statement_bind(), order, data["event"], data["ticket_type"], claim)
+            db.session.commit()
     except DBAPIError:
         db.session.rollback()
         # The statement may have committed before the connection failed: a buyer who is told
