@@ -18,6 +18,7 @@ ticket type's row lock in PostgreSQL (BENCHMARKS.md, issue 16): the loop's lag n
 Each reservation's time goes into a second moving average, which decays while nobody reserves
 (so a worker that sheds every order comes back); an order is shed by whichever signal asks more.
 """
+import contextlib
 import functools
 import logging
 import random
@@ -96,23 +97,16 @@ def _share(value, low, high):
     return (value - low) / (high - low)
 
 
+@contextlib.contextmanager
 def reservation_timed():
     """A context for the reservation's statement: its time goes to this worker's admission, if any."""
-    return _Timed(current_app.extensions.get(EXTENSION))
-
-
-class _Timed:
-    __slots__ = ("admission", "started")
-
-    def __init__(self, admission):
-        self.admission = admission
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.admission is not None:
-            self.admission.reserved(time.perf_counter() - self.started)
+    admission = current_app.extensions.get(EXTENSION)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if admission is not None:
+            admission.reserved(time.perf_counter() - started)
 
 
 def busy():
