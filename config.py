@@ -1,6 +1,6 @@
 """Settings, read from the environment once at start-up.
 
-Every variable is documented in ../shared/API.md and the README.  A bad or
+Every variable is documented in docs/configuration.md (the contract's own in docs/api.md).  A bad or
 missing required value raises ConfigError with one line naming the variable;
 wsgi.py and gunicorn.conf.py turn that into a clean exit, never a traceback.
 """
