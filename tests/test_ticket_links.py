@@ -3,19 +3,19 @@
 API.md "Tickets delivered": the page shows the event and each ticket's code and QR, is never
 cached, and anything but a token we signed is the same 404 as an unknown order.
 """
-import io
 import json
 import re
 
 import pytest
-from PIL import Image
+import requests
+from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect
-from pyzbar.pyzbar import decode
 
 from eventi_flask.orders.models import new_order_id
 from eventi_flask.web import ticket_links
-from tests.support import DEMO, callback_body, wait_until
-from tests.test_pages import ARTIFACTS, browser, heading, new_page, page, screenshot  # noqa: F401 (fixtures)
+from tests.support import DEMO, callback_body, post_callback, wait_until
+from tests.test_event_pages import decoded_qr_codes
+from tests.test_pages import browser, heading, new_page, page, screenshot  # noqa: F401 (fixtures)
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
 NO_CALLBACK_PHONE = "0708000004"  # the sandbox never answers this phone: the test does
@@ -160,3 +160,44 @@ def test_the_success_page_gives_the_link_and_says_where_it_was_sent(app, client,
     app.config.update(SMS_MODE="africastalking", SMTP_URL="smtp://mail.example.com:587")
     page = client.get(f"/orders/{paid['id']}").get_data(as_text=True)
     assert f"sending this link by SMS to {paid['phone']} and by email," in page
+
+
+@pytest.fixture(scope="module")
+def shop(live_server_factory):
+    return live_server_factory(SANDBOX_CALLBACK_DELAY=1)
+
+
+@pytest.mark.browser
+def test_on_a_phone_the_link_shows_qr_codes_that_scan_to_the_tickets_and_is_accessible(shop, page):
+    order = shop.create_order(quantity=3)
+    paid = wait_until(lambda: (body := requests.get(f"{shop.url}/api/orders/{order['id']}", timeout=5).json())
+                      ["status"] == "completed" and body, message="the sandbox's success")
+    codes = [ticket["code"] for ticket in paid["tickets"]]
+    page.set_viewport_size({"width": 360, "height": 740})
+    response = page.goto(paid["tickets_url"])
+    assert response.status == 200 and response.headers["cache-control"] == "private, no-store"
+    expect(heading(page, "Test This End to End")).to_be_visible()
+    tickets = page.locator("[data-slot=tickets] li")
+    expect(tickets).to_have_text(codes)
+    assert decoded_qr_codes(tickets) == [[code] for code in codes]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360, "the tickets scroll sideways"
+    accessibility = Axe().run(page)  # axe-core, as the package bundles it
+    assert accessibility.violations_count == 0, accessibility.generate_report()
+    screenshot(page, "tickets", 360)
+    assert page.recorder.errors == []
+
+
+@pytest.mark.browser
+def test_the_status_page_gives_the_link_when_the_payment_lands_under_it(shop, page):
+    order = shop.create_order(phone=NO_CALLBACK_PHONE)
+    with page.expect_request(lambda request: request.url.endswith(f"since={order['version']}")):
+        page.goto(f"{shop.url}/orders/{order['id']}")  # holding its wait
+    post_callback(shop, order)
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=5000)
+    tickets_url = requests.get(f"{shop.url}/api/orders/{order['id']}", timeout=5).json()["tickets_url"]
+    link = page.get_by_role("link", name=tickets_url)
+    expect(link).to_have_attribute("href", tickets_url)
+    expect(page.get_by_text("We're also sending this link by SMS to 2547******04")).to_be_visible()
+    link.click()
+    expect(page.locator("[data-slot=tickets] li")).to_have_count(1)
+    assert page.recorder.errors == []
