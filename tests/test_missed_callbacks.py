@@ -54,6 +54,8 @@ def test_sandbox_order_whose_callback_was_lost_is_settled_by_asking_once(app, cl
     assert note["result"] == "settled: completed"
     assert counted(metrics.callbacks_missing) == missing + 1
     assert counted(metrics.payments_asked, outcome="completed") == completed + 1
+    shown = app.test_cli_runner().invoke(args=["orders", "show", order["id"]]).output
+    assert "asked PayHero" in shown and "no callback after 0.3 s: transaction-status SUCCESS -> settled: completed" in shown
 
 
 @pytest.mark.env(PAYHERO_ASK_AFTER="0.2,0.4", RECONCILE_EXPIRE_AFTER="1.5", SANDBOX_CALLBACK_DELAY="0")
