@@ -7,6 +7,7 @@ from collections import Counter
 import gevent
 import gevent.pywsgi
 import pytest
+import requests
 from sqlalchemy import select
 
 from eventi_flask import metrics
@@ -84,6 +85,25 @@ def test_live_order_with_no_callback_is_completed_from_payhero_s_transaction_sta
     answered = waiting.get(timeout=10).get_json()
     assert answered["status"] == "completed" and answered["payment"]["receipt"] == RECEIPT
     assert payhero.asked == [reference]  # once, not once per held wait or per look
+
+
+@pytest.mark.env(**LIVE, PAYHERO_ASK_AFTER="0.2,0.4")
+def test_payhero_unreachable_or_not_done_yet_is_asked_again_and_the_page_still_learns(app, client, wire):
+    payhero = PayHeroStandIn(wire)
+    order = client.post("/api/orders", json=DEMO).get_json()
+    reference = order["payment"]["reference"]
+    answers = iter([requests.ConnectionError("Connection reset by peer"), "QUEUED", "SUCCESS"])
+    payhero.status[reference] = lambda: next(answers)
+    errors, pending = counted(metrics.payments_asked, outcome="error"), counted(metrics.payments_asked, outcome="pending")
+    waiting = held_wait(app, client, order)
+
+    assert waiting.get(timeout=15).get_json()["status"] == "completed"
+    assert payhero.asked == [reference] * 3
+    assert [note["result"] for note in asked_notes(app, order)] == [
+        "asking again in 1 s", "asking again in 1 s", "settled: completed"]
+    assert "could not be reached" in asked_notes(app, order)[0]["error"]
+    assert counted(metrics.payments_asked, outcome="error") == errors + 1
+    assert counted(metrics.payments_asked, outcome="pending") == pending + 1
 
 
 @pytest.mark.env(**LIVE, **FAST)

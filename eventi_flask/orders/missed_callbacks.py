@@ -56,6 +56,7 @@ ASK_LEASE = 30.0
 IDLE_LOOK = 15.0
 # After a look that found due orders other workers took, or a failed one: the next look.
 BUSY_LOOK = 1.0
+DATABASE_AWAY_LOOK = 5.0  # while the database cannot be reached (DatabaseWatch logs the outage once)
 CLAIM_BATCH = 100  # orders claimed per statement
 ASKING_AT_ONCE = 20  # PayHero calls in flight per worker
 
@@ -111,7 +112,7 @@ class MissedCallbacks:
         while True:
             try:
                 with self.app.app_context():
-                    pause = database.unless_unavailable(self.ask_due, default=None)
+                    pause = database.unless_unavailable(self.ask_due, default=DATABASE_AWAY_LOOK)
                 failing = False
             except Exception:  # a bug of ours: say so once while it lasts, and look again later
                 if not failing:
@@ -163,17 +164,19 @@ class MissedCallbacks:
             summary = f"ask {asks}, {(utcnow() - created_at).total_seconds():.0f} s after the order"
         transition, check = ask_and_apply(order_id, reference, NOTE, {"ask": asks, "summary": summary})
         said = check.get("status") or f"could not ask ({check.get('error')})"
-        if transition is not None:
-            outcome = transition.status.value if transition.changes else "unchanged"
-            metrics.payments_asked.labels(outcome).inc()
-            log.info("Order %s: %s: asked PayHero: %s: %s (%.1fs)", order_id, summary, said,
-                     f"settled {outcome}" if transition.changes else "nothing to change", time.monotonic() - started)
+        if transition is not None and transition.changes:
+            metrics.payments_asked.labels(transition.status.value).inc()
+            log.info("Order %s: %s: asked PayHero: %s: settled %s (%.1fs)", order_id, summary, said,
+                     transition.status.value, time.monotonic() - started)
             return
-        metrics.payments_asked.labels("error" if "error" in check else "pending").inc()
+        # No outcome yet (QUEUED, PayHero not reached), or one that changes nothing (an amount that
+        # does not match): asked again later while the order is pending.
+        outcome = "unchanged" if transition is not None else "error" if "error" in check else "pending"
+        metrics.payments_asked.labels(outcome).inc()
         next_at = self._next_ask(asks, created_at)
         result = f"asking again in {(next_at - utcnow()).total_seconds():.0f} s" if next_at else "left to reconcile"
-        db.session.execute(_RESCHEDULE, {"order_id": order_id, "claimed_asks": asks, "next_at": next_at})
-        add_note(order_id, NOTE, {**check, "result": result})
+        if db.session.execute(_RESCHEDULE, {"order_id": order_id, "claimed_asks": asks, "next_at": next_at}).rowcount:
+            add_note(order_id, NOTE, {**check, "result": result})
         db.session.commit()
         log.info("Order %s: %s: asked PayHero: %s: %s", order_id, summary, said, result)
 
