@@ -3,12 +3,13 @@ process: the held page learns the outcome.  Short PAYHERO_ASK_AFTER values stand
 import json
 import threading
 from collections import Counter
+from datetime import timedelta
 
 import gevent
 import gevent.pywsgi
 import pytest
 import requests
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from eventi_flask import metrics
 from eventi_flask.extensions import db
@@ -18,7 +19,7 @@ from eventi_flask.orders.history import timeline
 from eventi_flask.orders.models import Order, as_utc, utcnow
 from tests.support import DEMO, callback_body, free_port, get_wait, wait_until
 from tests.test_reconcile import QUEUED_FOREVER, lost_callbacks  # noqa: F401 (a fixture)
-from tests.test_verification import CALLBACK, LIVE, RECEIPT, PayHeroStandIn
+from tests.test_verification import CALLBACK, LIVE, RECEIPT, PayHeroStandIn, other_worker  # noqa: F401 (a fixture)
 
 FAST = {"PAYHERO_ASK_AFTER": "0.3,0.6"}
 
@@ -119,6 +120,31 @@ def test_no_ask_when_the_callback_came(app, client, wire):
     with app.app_context():
         app.extensions[missed_callbacks.EXTENSION].ask_due()  # a look once it is due: nothing pending to ask about
     assert payhero.asked == []
+
+
+# Several processes on one database: PostgreSQL's (SQLite serves one worker process).
+@pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
+@pytest.mark.env(**LIVE, PAYHERO_ASK_AFTER="60")  # the loops stay asleep: the test makes the looks
+def test_two_workers_looking_at_once_ask_once_per_order(app, other_worker, client, wire):  # noqa: F811
+    payhero = PayHeroStandIn(wire)
+    orders = [client.post("/api/orders", json=DEMO).get_json() for _ in range(30)]
+    for number, order in enumerate(orders):  # each paid, with its own receipt
+        reference = order["payment"]["reference"]
+        payhero.status[reference] = {"status": "SUCCESS", "reference": reference, "success": True,
+                                     "provider_reference": f"SKQ{number:04d}XYZ", "third_party_reference": ""}
+    with app.app_context():  # all due now
+        db.session.execute(update(Order).values(ask_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+        db.session.remove()
+
+    def look(worker):
+        with worker.app_context():
+            return worker.extensions[missed_callbacks.EXTENSION].ask_due()
+
+    looks = [gevent.spawn(look, worker) for worker in (app, other_worker, app, other_worker)]
+    gevent.joinall(looks, raise_error=True)
+    assert sorted(payhero.asked) == sorted(order["payment"]["reference"] for order in orders)  # each once
+    assert {client.get(f"/api/orders/{order['id']}").get_json()["status"] for order in orders} == {"completed"}
 
 
 class CountingPayHero:
