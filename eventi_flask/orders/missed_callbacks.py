@@ -31,9 +31,7 @@ import time
 from datetime import timedelta
 
 import gevent
-import gevent.event
 import gevent.pool
-from flask import current_app
 from gevent import monkey
 from sqlalchemy import bindparam, exists, func, select, update
 from sqlalchemy.exc import SQLAlchemyError

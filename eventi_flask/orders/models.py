@@ -76,7 +76,7 @@ class OrderLogEntry(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
     at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile, reverify
+    kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile, reverify, asked
     detail: Mapped[dict] = mapped_column(db.JSON)
 
 
