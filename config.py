@@ -179,6 +179,10 @@ class Config:
                                                   float, minimum=0.1, maximum=self.PAYHERO_READ_TIMEOUT)
         # Seconds after an unconfirmed success at which its worker asks PayHero again (reconcile is the backstop).
         self.PAYHERO_REVERIFY_AFTER = _seconds_list(env, "PAYHERO_REVERIFY_AFTER", "2,5,10,20,40")
+        # Seconds after PayHero took an STK push at which a pending order with no callback is asked
+        # about with transaction-status, once across workers; past the last, every last gap, until
+        # RECONCILE_EXPIRE_AFTER (orders/missed_callbacks.py).  The M-Pesa prompt lasts about 60 s.
+        self.PAYHERO_ASK_AFTER = _seconds_list(env, "PAYHERO_ASK_AFTER", "75,105,165,285,525")
         self.SANDBOX_CALLBACK_DELAY = read_number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
         # classic: the shape of PayHero's v2 docs; flat: its current webhook reference (no result code).
         self.SANDBOX_CALLBACK_SHAPE = _choice(env, "SANDBOX_CALLBACK_SHAPE", "classic", ("classic", "flat"))

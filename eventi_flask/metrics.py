@@ -25,6 +25,12 @@ payments_refund_due = Counter(
     "Payments confirmed for a failed or cancelled order with no tickets left to give it: each one is owed back",
     registry=registry)
 callbacks = Counter("eventi_callbacks_total", "PayHero callbacks by outcome", ["outcome"], registry=registry)
+callbacks_missing = Counter("eventi_callbacks_missing_total",
+                            "Pending orders PayHero was asked about because no callback came within PAYHERO_ASK_AFTER",
+                            registry=registry)
+payments_asked = Counter("eventi_payments_asked_total", "Asks to PayHero's transaction-status about an order whose "
+                         "callback never came, by what came of it: completed, failed, cancelled (settled), unchanged, "
+                         "pending (not processed yet), error (PayHero not reached)", ["outcome"], registry=registry)
 listener_connected = Gauge("eventi_redis_listener_connected", "1 while the subscriber connection to this Redis node is up",
                            ["node"], registry=registry)
 redis_transitions = Counter("eventi_redis_transitions_total", "Redis subscriber connects and disconnects", ["state"], registry=registry)

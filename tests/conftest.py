@@ -17,6 +17,7 @@ from eventi_flask import create_app, database  # noqa: E402
 from eventi_flask.extensions import db  # noqa: E402
 from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
+from eventi_flask.orders import missed_callbacks  # noqa: E402
 from eventi_flask.payhero import sandbox, verify  # noqa: E402
 from tests.support import REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
 
@@ -74,6 +75,7 @@ def app(settings):
         db.session.remove()
     yield app
     verify.stop(app)  # no re-verification outlives its test (and its PayHero stand-in)
+    missed_callbacks.stop(app)  # nor a worker's asking about orders with no callback
     sandbox.stop(app)  # nor a sandbox callback: it would land in the next test's `wire`
     with app.app_context():
         get_hub().stop()

@@ -18,6 +18,7 @@ import config
 from eventi_flask import create_app
 from eventi_flask.extensions import db
 from eventi_flask.notify.service import HUB, get_hub
+from eventi_flask.orders import missed_callbacks
 from eventi_flask.orders import service as orders
 from eventi_flask.orders.models import Ticket
 from eventi_flask.payhero import verify
@@ -326,6 +327,7 @@ def other_worker(settings, app):
     worker = create_app(config.TestConfig(settings))
     yield worker
     verify.stop(worker)
+    missed_callbacks.stop(worker)
     with worker.app_context():
         get_hub().stop()
         db.engine.dispose()

@@ -115,6 +115,8 @@ def _describe(entry):
         return "refund", f"KES {entry['amount']} refunded for receipt {entry['receipt']}: reference {entry['reference']}"
     if kind == "reverify":  # the worker's own re-checks after a callback PayHero did not confirm
         return f"re-verify (+{entry['after_seconds']:g}s)", _reconcile_check(entry)
+    if kind == "asked":  # a worker's ask when no callback came in time (missed_callbacks.py)
+        return "asked PayHero", f"{entry['summary']}: {_reconcile_check(entry)}"
     return entry["status"], _status(entry)
 
 

@@ -232,8 +232,9 @@ def _refused(order, exc, key):
 
 def _save_payhero_answer(order, answer, key):
     try:
+        now = utcnow()
         row = rows.save_payhero_answer(_single_statement_bind(), order["id"], answer["reference"],
-                                       answer["checkout_request_id"], utcnow(), key)
+                                       answer["checkout_request_id"], now, key, _first_ask_at(now))
         if row is None:  # a callback got here first and said it already: that order stands
             db.session.commit()
             return order_by_id(order["id"])
@@ -249,6 +250,13 @@ def _save_payhero_answer(order, answer, key):
         log.warning("PayHero's answer for order %s was not saved: the database failed: %s",
                     order["id"], exc.__class__.__name__)
         return order_body(order)
+
+
+def _first_ask_at(now):
+    """When PayHero is to be asked about a push it took at `now`, should no callback come; None: never
+    (PAYHERO_ASK_AFTER, missed_callbacks.py)."""
+    schedule = current_app.config["PAYHERO_ASK_AFTER"]
+    return now + timedelta(seconds=schedule[0]) if schedule else None
 
 
 # -- Idempotency-Key (API.md, POST /api/orders) --
