@@ -43,7 +43,7 @@ def test_a_certificate_requirement_is_added_to_a_tls_redis_url_that_does_not_say
 
 
 LIVE = {"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1",
-        "PAYHERO_CALLBACK_TOKEN": "t"}
+        "PAYHERO_CALLBACK_TOKEN": "t", "SECRET_KEY": "s"}
 
 
 def test_callbacks_are_verified_by_default_in_live_mode_only():
@@ -85,6 +85,7 @@ def test_an_order_with_no_callback_is_asked_about_after_the_prompt_had_its_time_
     ({"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1"},
      "PAYHERO_CALLBACK_TOKEN"),
     ({"PAYHERO_MODE": "live", "PAYHERO_CALLBACK_TOKEN": "t"}, "PAYHERO_API_USERNAME"),
+    ({k: v for k, v in LIVE.items() if k != "SECRET_KEY"}, "SECRET_KEY"),  # it signs the ticket links
     ({"DATABASE_URL": "postgres://u@h/d", "DB_PREPARED_STATEMENTS": "perhaps"}, "DB_PREPARED_STATEMENTS"),
     ({"DATABASE_URL": "postgres://u@h/d", "DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT"),
     ({"REDIS_SSL_CERT_REQS": "off"}, "REDIS_SSL_CERT_REQS"),

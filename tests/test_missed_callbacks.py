@@ -191,7 +191,7 @@ def counting_payhero():
 @pytest.mark.live
 def test_two_gunicorn_workers_ask_once_per_order(live_server_factory, counting_payhero):
     server = live_server_factory(
-        WEB_CONCURRENCY="2", PAYHERO_MODE="live", PAYHERO_BASE_URL=counting_payhero.url,
+        WEB_CONCURRENCY="2", PAYHERO_MODE="live", SECRET_KEY="s", PAYHERO_BASE_URL=counting_payhero.url,
         PAYHERO_API_USERNAME="user", PAYHERO_API_PASSWORD="secret", PAYHERO_CHANNEL_ID="911",
         PAYHERO_CALLBACK_TOKEN="t0ken", PAYHERO_ASK_AFTER="1,2")
     orders = [server.create_order() for _ in range(20)]

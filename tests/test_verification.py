@@ -29,7 +29,7 @@ PAYHERO = "https://payhero.test"
 TOKEN, PREVIOUS = "current-token-5b1e", "previous-token-77c0"
 CALLBACK = f"/api/payhero/callback?token={TOKEN}"
 RECEIPT = "SKQ96C7K7H"
-LIVE = {"PAYHERO_MODE": "live", "PAYHERO_BASE_URL": PAYHERO, "PAYHERO_API_USERNAME": "user",
+LIVE = {"PAYHERO_MODE": "live", "SECRET_KEY": "s", "PAYHERO_BASE_URL": PAYHERO, "PAYHERO_API_USERNAME": "user",
         "PAYHERO_API_PASSWORD": "secret", "PAYHERO_CHANNEL_ID": "911", "PAYHERO_CALLBACK_TOKEN": TOKEN}
 
 # The callback alone, and reconcile as the backstop: re-verification's own tests turn it on.
