@@ -41,7 +41,8 @@ MAIL_FROM = "Eventi Tickets <tickets@eventi.test>"
 REFUSED_PHONE = "0799000403"  # the stand-in answers statusCode 403 InvalidPhoneNumber for it
 AT_STATUS = {100: "Processed", 101: "Success", 102: "Queued", 401: "RiskHold", 402: "InvalidSenderId",
              403: "InvalidPhoneNumber", 404: "UnsupportedNumberType", 405: "InsufficientBalance",
-             406: "UserInBlacklist", 407: "CouldNotRoute", 409: "DoNotDisturbRejection", 500: "InternalServerError"}
+             406: "UserInBlacklist", 407: "CouldNotRoute", 409: "DoNotDisturbRejection", 500: "InternalServerError",
+             501: "GatewayError", 502: "RejectedByGateway"}
 
 
 class SmtpServer:
@@ -246,6 +247,32 @@ def test_the_web_workers_send_within_5_seconds_under_gunicorn(live_server_factor
     assert time.monotonic() - completed_at < 5
     assert_email_is_the_tickets(smtp.to(DEMO["email"])[0], paid)
     assert link_in(sms_provider.to(phone(DEMO["phone"]))[0]["message"]).startswith(f"{server.url}/t/")
+
+
+@pytest.mark.parametrize("code, outcome", [(100, "sent"), (101, "sent"), (102, "sent"), *[(code, "failed for good") for code in
+    (401, 402, 403, 404, 406, 407)], *[(code, "tried again") for code in (405, 409, 500, 501, 502)]])
+def test_africas_talking_status_codes_are_read_as_its_documentation_says(sms_provider, code, outcome):
+    from eventi_flask.messages.delivery import SendFailed
+    from eventi_flask.messages.sms import AfricasTalking
+
+    def africas_talking(base_url):
+        return AfricasTalking(vars(Config({"SMS_MODE": "africastalking", "AFRICASTALKING_USERNAME": "eventi",
+                                           "AFRICASTALKING_API_KEY": "k", "AFRICASTALKING_BASE_URL": base_url})))
+
+    sms = africas_talking(sms_provider.url)
+    sms_provider.codes["+254712345678"] = code
+    try:
+        said = "sent" if sms.send("254712345678", "hello").startswith("ATXid_") else "no id"
+    except SendFailed as exc:
+        said = "failed for good" if exc.permanent else "tried again"
+    assert said == outcome
+    sms_provider.http_status = 500  # any HTTP error, and no answer at all: tried again
+    with pytest.raises(SendFailed, match="HTTP 500") as refused:
+        sms.send("254712345678", "hello")
+    assert not refused.value.permanent
+    with pytest.raises(SendFailed, match="unreachable") as unreachable:
+        africas_talking(f"http://127.0.0.1:{free_port()}").send("254712345678", "hello")
+    assert not unreachable.value.permanent
 
 
 def test_sms_text_is_one_gsm_sms_whatever_the_event_is_called():

@@ -23,6 +23,7 @@ class SmtpMailer:
         self.username = unquote(url.username) if url.username else None
         self.password = unquote(url.password or "")
         self.sender = config["MAIL_FROM"]
+        self.tls = ssl.create_default_context()  # made once: loading the CA certificates costs milliseconds
 
     def message(self, recipient, ticket, link):
         """The email for `ticket`: a plain-text and an HTML part, each ticket's QR code inline in the HTML."""
@@ -43,7 +44,10 @@ class SmtpMailer:
 
     def send(self, recipient, ticket, link):
         """Send the email; its Message-ID, or SendFailed (permanent for a 5xx refusal of the recipient)."""
-        message = self.message(recipient, ticket, link)
+        try:
+            message = self.message(recipient, ticket, link)
+        except ValueError as exc:  # an address no header can carry
+            raise SendFailed(f"not an address an email can be sent to: {exc}"[:500], permanent=True) from None
         try:
             with self._connect() as smtp:
                 smtp.send_message(message)
@@ -61,13 +65,13 @@ class SmtpMailer:
 
     def _connect(self):
         if self.implicit_tls:
-            smtp = smtplib.SMTP_SSL(self.host, self.port, timeout=TIMEOUT, context=ssl.create_default_context())
+            smtp = smtplib.SMTP_SSL(self.host, self.port, timeout=TIMEOUT, context=self.tls)
         else:
             smtp = smtplib.SMTP(self.host, self.port, timeout=TIMEOUT)
             try:
                 smtp.ehlo()
                 if smtp.has_extn("starttls"):
-                    smtp.starttls(context=ssl.create_default_context())
+                    smtp.starttls(context=self.tls)
                     smtp.ehlo()
             except BaseException:
                 smtp.close()
