@@ -4,6 +4,8 @@ Every variable is documented in ../shared/API.md and the README.  A bad or
 missing required value raises ConfigError with one line naming the variable;
 wsgi.py and gunicorn.conf.py turn that into a clean exit, never a traceback.
 """
+import hashlib
+import hmac
 import math
 import os
 import re
@@ -148,6 +150,11 @@ def messages_settings(env):
     }
 
 
+def _derived_secret(secret, purpose="eventi ticket links"):
+    """A key for `purpose` from another secret: knowing it tells nothing of `secret`, nor the reverse."""
+    return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
+
+
 class Config:
     """Production settings.  Instantiate to read (and validate) the environment."""
 
@@ -249,6 +256,18 @@ class Config:
         self.RECONCILE_EXPIRE_AFTER = read_number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)
 
         self.__dict__.update(messages_settings(env))
+        # Signs the ticket links /t/<token> (web/ticket_links.py).  Every worker and instance must agree on it,
+        # and a link sent by SMS must still open after a restart: never a random default.  Without TICKET_LINK_SECRET
+        # or SECRET_KEY it is derived from the callback token (a secret in live mode, "sandbox" in the sandbox),
+        # and its previous one from the previous callback token, so rotating that keeps the links sent working.
+        self.SECRET_KEY = _text(env, "SECRET_KEY")
+        self.TICKET_LINK_SECRET = _text(env, "TICKET_LINK_SECRET") or self.SECRET_KEY
+        # Accepted beside the current secret while it is rotated; never signs a new link.
+        self.TICKET_LINK_SECRET_PREVIOUS = _text(env, "TICKET_LINK_SECRET_PREVIOUS")
+        if self.TICKET_LINK_SECRET is None:
+            self.TICKET_LINK_SECRET = _derived_secret(self.PAYHERO_CALLBACK_TOKEN)
+            if self.TICKET_LINK_SECRET_PREVIOUS is None and self.PAYHERO_CALLBACK_TOKEN_PREVIOUS:
+                self.TICKET_LINK_SECRET_PREVIOUS = _derived_secret(self.PAYHERO_CALLBACK_TOKEN_PREVIOUS)
 
         self.LOG_LEVEL = _choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
         self.LOG_FORMAT = _choice(env, "LOG_FORMAT", "text", ("text", "json"))

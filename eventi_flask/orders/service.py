@@ -36,10 +36,14 @@ log = logging.getLogger(__name__)
 ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
+def order_not_found():
+    return ApiError(404, "order_not_found", "No order with that id.")
+
+
 def order_by_id(order_id):
     order = _read_order(order_id)
     if order is None:
-        raise ApiError(404, "order_not_found", "No order with that id.")
+        raise order_not_found()
     return order
 
 

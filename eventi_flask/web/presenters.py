@@ -63,6 +63,11 @@ def ticket_qr_code(code):
                                 lineclass=None))
 
 
+def ticket_delivery(config):
+    """How a paid order's tickets reach the buyer besides the page: {"sms": bool, "email": bool}."""
+    return {"sms": config.get("SMS_MODE", "sandbox") != "off", "email": bool(config.get("SMTP_URL"))}
+
+
 def failure_reason(order):
     """Why a cancelled or failed order did not go through, in one plain sentence; "" otherwise."""
     if order["status"] not in UNSUCCESSFUL_STATUSES:
