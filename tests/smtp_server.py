@@ -1,14 +1,18 @@
-"""A real SMTP server for the tests (aiosmtpd), in a process of its own: python tests/smtp_server.py PORT DIR.
+"""A real SMTP server for the tests (aiosmtpd), in a process of its own:
+python tests/smtp_server.py PORT DIR [CERT KEY USER PASSWORD].
 
 Every message accepted is written to DIR as one .eml file (written whole, then renamed).  A recipient
 whose address starts with `refused` is refused for good (550), as a server refuses an unknown mailbox.
+With a certificate, its key and a login, it offers STARTTLS and requires it, then that login.
 """
 import os
+import ssl
 import sys
 import time
 import uuid
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 
 class Store:
@@ -32,7 +36,18 @@ class Store:
 
 if __name__ == "__main__":
     port, directory = int(sys.argv[1]), sys.argv[2]
-    controller = Controller(Store(directory), hostname="127.0.0.1", port=port)
+    secured = {}
+    if len(sys.argv) > 3:
+        cert, key, user, password = sys.argv[3:7]
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
+
+        def authenticate(server, session, envelope, mechanism, login):
+            granted = (login.login, login.password) == (user.encode(), password.encode())
+            return AuthResult(success=granted, handled=False)  # handled=False: aiosmtpd answers 235 or 535
+
+        secured = dict(tls_context=tls, require_starttls=True, auth_required=True, authenticator=authenticate)
+    controller = Controller(Store(directory), hostname="127.0.0.1", port=port, **secured)
     controller.start()
     print("ready", flush=True)
     try:

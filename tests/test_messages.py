@@ -48,16 +48,18 @@ AT_STATUS = {100: "Processed", 101: "Success", 102: "Queued", 401: "RiskHold", 4
 class SmtpServer:
     """tests/smtp_server.py on a spare port; stopped and started again on the same port."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, secured=()):
         self.port = free_port()
         self.url = f"smtp://127.0.0.1:{self.port}"
         self.directory = directory
         directory.mkdir(exist_ok=True)
+        self.secured = [str(arg) for arg in secured]  # certificate, key, user, password: STARTTLS and a login
         self.proc = None
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "smtp_server.py"), str(self.port),
-                                      str(self.directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                      str(self.directory), *self.secured],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.proc.stdout.readline().strip() == b"ready"
         return self
 
@@ -273,6 +275,36 @@ def test_africas_talking_status_codes_are_read_as_its_documentation_says(sms_pro
     with pytest.raises(SendFailed, match="unreachable") as unreachable:
         africas_talking(f"http://127.0.0.1:{free_port()}").send("254712345678", "hello")
     assert not unreachable.value.permanent
+
+
+def test_email_goes_over_starttls_with_the_urls_login(tmp_path, monkeypatch):
+    from datetime import datetime, timezone
+
+    from eventi_flask.messages.delivery import SendFailed
+    from eventi_flask.messages.email import SmtpMailer
+    from eventi_flask.messages.service import TicketMessage
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the server's certificate is the one this client trusts
+    server = SmtpServer(tmp_path / "mail", secured=(cert, key, "eventi", "p@ss word")).start()
+    ticket = TicketMessage("order-1", "Wanjiku", 1, "SKQ96C7K7H", "Sauti Live", "Uhuru Gardens",
+                           datetime(2027, 2, 14, 16, tzinfo=timezone.utc), "VIP", ["AB12-CD34-EF56"])
+    try:
+        def mailer(password):
+            return SmtpMailer({"SMTP_URL": f"smtp://eventi:{password}@127.0.0.1:{server.port}", "MAIL_FROM": MAIL_FROM})
+
+        with pytest.raises(SendFailed, match="SMTPAuthenticationError") as refused:
+            mailer("wrong").send("wanjiku@example.com", ticket, "https://e.co/t/x")
+        assert not refused.value.permanent
+        mailer("p%40ss%20word").send("wanjiku@example.com", ticket, "https://e.co/t/x")  # the URL's quoting undone
+        mail, = server.messages()
+        assert mail["Subject"] == "Your tickets for Sauti Live" and "Sun 14 February 2027, 7:00 pm EAT" in mail.get_body(
+            ("plain",)).get_content()
+    finally:
+        server.stop()
 
 
 def test_sms_text_is_one_gsm_sms_whatever_the_event_is_called():
