@@ -7,7 +7,7 @@ def init_app(app):
     from .sender import Sender
 
     # Started in each web worker by gunicorn.conf.py (post_worker_init), never in a CLI process.
-    app.extensions[SENDER] = Sender(app, sending=app.config["MESSAGES_SENDER"] == "web")
+    app.extensions[SENDER] = Sender(app, sending=app.config["MESSAGES_SENDER"] == "web", in_web_worker=True)
     commands.init_app(app)
 
 

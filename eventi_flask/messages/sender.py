@@ -19,7 +19,7 @@ from datetime import timedelta
 import gevent
 import gevent.event
 import gevent.pool
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Integer, bindparam, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import metrics
@@ -35,7 +35,12 @@ from .sms import AfricasTalking
 
 log = logging.getLogger(__name__)
 
-CONCURRENCY = 20  # messages sent at once by one sender: each waits on its provider, not on CPU
+CONCURRENCY = 20  # messages sent at once by one sender: each waits on its provider most of its time
+# In a web worker, fewer at once, and none while its event loop runs late: an email is ~5 ms of CPU (its QR
+# codes, MIME), and 20 of them back to back held the loop 100 ms, long enough for admission to shed buyers.
+WEB_CONCURRENCY = 4
+LOOP_LATE = 0.02  # seconds: as ORDER_SHED_LAG's first step
+BUYERS_FIRST_FOR = 30.0  # seconds a web worker's sender waits for its loop to catch up before it sends anyway
 # A claimed message is another sender's to take after this long: more than one send can take (SMTP's
 # and Africa's Talking's timeouts), so a slow send is not sent twice.
 LEASE = timedelta(seconds=300)
@@ -45,7 +50,7 @@ _DUE = (MESSAGES.c.state == PENDING, MESSAGES.c.next_attempt_at <= bindparam("no
 
 
 def _claim_statement(*where):
-    picked = (select(MESSAGES.c.id).where(*_DUE, *where).order_by(MESSAGES.c.next_attempt_at).limit(CONCURRENCY)
+    picked = (select(MESSAGES.c.id).where(*_DUE, *where).order_by(MESSAGES.c.next_attempt_at).limit(bindparam("batch", type_=Integer))
               .with_for_update(skip_locked=True))  # SQLite has one writer at a time and no FOR UPDATE
     return (update(MESSAGES).where(MESSAGES.c.id.in_(picked.scalar_subquery()), *_DUE)
             .values(next_attempt_at=bindparam("lease_until"), attempts=MESSAGES.c.attempts + 1)
@@ -65,9 +70,11 @@ class Sender:
     """One per process.  `sending`: False in web workers when a `worker:` process sends (MESSAGES_SENDER=process);
     they then only keep the pending gauges up to date."""
 
-    def __init__(self, app, sending):
+    def __init__(self, app, sending, in_web_worker=False):
         self.app = app
         self.sending = sending
+        self.in_web_worker = in_web_worker
+        self.batch = WEB_CONCURRENCY if in_web_worker else CONCURRENCY
         config = app.config
         self.retry_first, self.retry_longest = config["MESSAGES_RETRY"]
         self.retry_for = timedelta(seconds=config["MESSAGES_RETRY_FOR"])
@@ -76,7 +83,7 @@ class Sender:
         self.mailer = SmtpMailer(config) if config["SMTP_URL"] else None
         self._woken = gevent.event.Event()
         self._greenlet = None
-        self._sending = gevent.pool.Pool(CONCURRENCY)
+        self._sending = gevent.pool.Pool(self.batch)
         self._database_down = False
 
     # -- running --
@@ -107,12 +114,11 @@ class Sender:
                         self.refresh_gauges()
                         next_gauges = time.monotonic() + self.interval
                     self._database_is(up=True)
-                except SQLAlchemyError as exc:
-                    if not is_unavailable(exc):
-                        raise
-                    self._database_is(up=False, reason=cause(exc))
-                except Exception:  # a bug of ours: said once a round, and the next round tries again
-                    log.exception("Messages: sending failed")
+                except Exception as exc:
+                    if isinstance(exc, SQLAlchemyError) and is_unavailable(exc):
+                        self._database_is(up=False, reason=cause(exc))
+                    else:  # a bug of ours: said, and the next round tries again
+                        log.exception("Messages: sending failed")
                 finally:
                     db.session.remove()
             self._woken.wait(self.interval)
@@ -129,19 +135,32 @@ class Sender:
         """Claim and send every due message (only `order_id`'s when given), CONCURRENCY at a time; how many."""
         sent = 0
         while True:
+            if self.in_web_worker:
+                self._after_the_buyers()
             claimed = self._claim(order_id)
             for message in claimed:
                 self._sending.spawn(self._deliver, message)
             self._sending.join()
             sent += len(claimed)
-            if len(claimed) < CONCURRENCY:
+            if len(claimed) < self.batch:
                 return sent
+
+    def _after_the_buyers(self):
+        """Wait while this worker's event loop runs late (a sale opening), up to BUYERS_FIRST_FOR: the buyers'
+        orders and callbacks come first, the messages a few seconds later."""
+        deadline = time.monotonic() + BUYERS_FIRST_FOR
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            gevent.sleep(0.001)
+            if time.perf_counter() - started - 0.001 < LOOP_LATE:
+                return
+            gevent.sleep(0.25)
 
     def _claim(self, order_id):
         now = utcnow()
         try:
             # Only the statement's own parameters: another column's name would be SET (UPDATE's extra values).
-            params = {"now": now, "lease_until": now + LEASE}
+            params = {"now": now, "lease_until": now + LEASE, "batch": self.batch}
             if order_id is not None:
                 params["for_order"] = order_id
             claimed = db.session.execute(_CLAIM if order_id is None else _CLAIM_FOR_ORDER, params).mappings().all()
