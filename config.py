@@ -127,11 +127,13 @@ def messages_settings(env):
     sms_mode = _choice(env, "SMS_MODE", "sandbox", ("sandbox", "africastalking", "off"))
     live_sms = sms_mode == "africastalking"
     username = _text(env, "AFRICASTALKING_USERNAME", "sandbox", required=live_sms)
-    default_base = "https://api.sandbox.africastalking.com" if username == "sandbox" else "https://api.africastalking.com"
+    default_base = ("https://api.sandbox.africastalking.com" if username == "sandbox"
+                    else "https://api.africastalking.com")
     url = smtp_url(_text(env, "SMTP_URL"))
     retry = _seconds_list(env, "MESSAGES_RETRY", "30,1800")
     if len(retry) != 2:
-        raise ConfigError(f"MESSAGES_RETRY must be two ascending seconds such as '30,1800', got {env.get('MESSAGES_RETRY')!r}")
+        raise ConfigError(f"MESSAGES_RETRY must be two ascending seconds such as '30,1800', "
+                          f"got {env.get('MESSAGES_RETRY')!r}")
     return {
         "SMS_MODE": sms_mode,
         "AFRICASTALKING_USERNAME": username,

@@ -91,7 +91,8 @@ class AfricasTalkingStandIn:
     def __call__(self, environ, start_response):
         body = environ["wsgi.input"].read().decode()
         form = {key: values[0] for key, values in parse_qs(body).items()}
-        headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
+        headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
+                   if key.startswith("HTTP_")}
         if environ["PATH_INFO"] != "/version1/messaging" or environ["REQUEST_METHOD"] != "POST":
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found"]
@@ -210,7 +211,8 @@ def assert_email_is_the_tickets(message, order, app=None):
     assert len(images) == len(codes)
     for image in images:
         assert f"cid:{image['Content-ID'].strip('<>')}" in html  # shown inline, where the HTML puts it
-        assert [found.data.decode() for found in decode(Image.open(io.BytesIO(image.get_content())))] in [[c] for c in codes]
+        scanned = [found.data.decode() for found in decode(Image.open(io.BytesIO(image.get_content())))]
+        assert scanned in [[code] for code in codes]
 
 
 # -- what the buyer receives --
@@ -251,8 +253,10 @@ def test_the_web_workers_send_within_5_seconds_under_gunicorn(live_server_factor
     assert link_in(sms_provider.to(phone(DEMO["phone"]))[0]["message"]).startswith(f"{server.url}/t/")
 
 
-@pytest.mark.parametrize("code, outcome", [(100, "sent"), (101, "sent"), (102, "sent"), *[(code, "failed for good") for code in
-    (401, 402, 403, 404, 406, 407)], *[(code, "tried again") for code in (405, 409, 500, 501, 502)]])
+@pytest.mark.parametrize("code, outcome", [
+    (100, "sent"), (101, "sent"), (102, "sent"),
+    *[(code, "failed for good") for code in (401, 402, 403, 404, 406, 407)],
+    *[(code, "tried again") for code in (405, 409, 500, 501, 502)]])
 def test_africas_talking_status_codes_are_read_as_its_documentation_says(sms_provider, code, outcome):
     from eventi_flask.messages.delivery import SendFailed
     from eventi_flask.messages.sms import AfricasTalking
@@ -301,8 +305,8 @@ def test_email_goes_over_starttls_with_the_urls_login(tmp_path, monkeypatch):
         assert not refused.value.permanent
         mailer("p%40ss%20word").send("wanjiku@example.com", ticket, "https://e.co/t/x")  # the URL's quoting undone
         mail, = server.messages()
-        assert mail["Subject"] == "Your tickets for Sauti Live" and "Sun 14 February 2027, 7:00 pm EAT" in mail.get_body(
-            ("plain",)).get_content()
+        assert mail["Subject"] == "Your tickets for Sauti Live"
+        assert "Sun 14 February 2027, 7:00 pm EAT" in mail.get_body(("plain",)).get_content()
     finally:
         server.stop()
 
@@ -395,9 +399,7 @@ def test_two_senders_racing_send_each_message_once(app, settings, client, wire, 
     assert len(outbox(app)) == 2 * len(orders)
     assert all(m.attempts == 1 for m in outbox(app).values())  # each claimed once, by one of them
     assert len(smtp.messages()) == len(orders) and len(sms_provider.received) == len(orders)
-    assert sorted(message["To"] for message in smtp.messages()) == sorted(o["email"] for o in
-                                                                         [{"email": f"racer{n}@example.com"}
-                                                                          for n in range(12)])
+    assert sorted(message["To"] for message in smtp.messages()) == sorted(f"racer{n}@example.com" for n in range(12))
 
 
 # -- refused for good --
@@ -474,4 +476,5 @@ def test_resend_refuses_what_it_cannot_send_in_one_line(app, client, wire, smtp,
     assert refused.output == f"Error: Order {pending['id']} is pending: only a completed order has tickets to send.\n"
     paid = pay(client, phone=REFUSED_PHONE)
     failed = cli("messages", "resend", paid["id"])
-    assert failed.exit_code == 1 and f"Order {paid['id']}: sms failed: Africa's Talking: statusCode 403" in failed.output
+    assert failed.exit_code == 1
+    assert f"Order {paid['id']}: sms failed: Africa's Talking: statusCode 403" in failed.output

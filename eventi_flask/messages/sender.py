@@ -50,7 +50,8 @@ _DUE = (MESSAGES.c.state == PENDING, MESSAGES.c.next_attempt_at <= bindparam("no
 
 
 def _claim_statement(*where):
-    picked = (select(MESSAGES.c.id).where(*_DUE, *where).order_by(MESSAGES.c.next_attempt_at).limit(bindparam("batch", type_=Integer))
+    picked = (select(MESSAGES.c.id).where(*_DUE, *where).order_by(MESSAGES.c.next_attempt_at)
+              .limit(bindparam("batch", type_=Integer))
               .with_for_update(skip_locked=True))  # SQLite has one writer at a time and no FOR UPDATE
     return (update(MESSAGES).where(MESSAGES.c.id.in_(picked.scalar_subquery()), *_DUE)
             .values(next_attempt_at=bindparam("lease_until"), attempts=MESSAGES.c.attempts + 1)
