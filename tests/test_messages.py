@@ -240,6 +240,7 @@ def test_a_paid_orders_sms_and_email_leave_within_5_seconds(app, client, wire, s
     assert messages[order["id"], "sms"].provider_message_id.startswith("ATXid_")
 
 
+@pytest.mark.live
 def test_the_web_workers_send_within_5_seconds_under_gunicorn(live_server_factory, smtp, sms_provider):
     server = live_server_factory(**messaging_env(smtp, sms_provider), SANDBOX_CALLBACK_DELAY="0.2", WEB_CONCURRENCY="2")
     order = server.create_order()
@@ -362,6 +363,7 @@ def test_messages_committed_by_a_worker_that_died_before_sending_are_sent_by_the
     assert len(smtp.messages()) == 1 and len(sms_provider.received) == 1
 
 
+@pytest.mark.live
 def test_the_procfile_worker_process_sends_what_the_web_workers_committed(live_server_factory, smtp, sms_provider):
     """MESSAGES_SENDER=process: gunicorn's workers do not send; the Procfile's worker: does, when it starts."""
     env = {**messaging_env(smtp, sms_provider), "MESSAGES_SENDER": "process", "SANDBOX_CALLBACK_DELAY": "0.2"}
