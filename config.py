@@ -106,6 +106,50 @@ def redis_url(raw, cert_reqs):
     return urlunsplit(parts._replace(query=query))
 
 
+def smtp_url(raw):
+    """SMTP_URL checked: smtp://[user:password@]host[:port] (STARTTLS when offered) or smtps://...; None if unset."""
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"SMTP_URL has a bad port: {parts.netloc.rpartition('@')[2]!r}") from None
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        raise ConfigError("SMTP_URL must look like smtp://user:password@host:587 or smtps://user:password@host:465")
+    return raw
+
+
+def messages_settings(env):
+    """The tickets' SMS and email (eventi_flask/messages): providers, and when and where they are sent."""
+    sms_mode = _choice(env, "SMS_MODE", "sandbox", ("sandbox", "africastalking", "off"))
+    live_sms = sms_mode == "africastalking"
+    username = _text(env, "AFRICASTALKING_USERNAME", "sandbox", required=live_sms)
+    default_base = ("https://api.sandbox.africastalking.com" if username == "sandbox"
+                    else "https://api.africastalking.com")
+    url = smtp_url(_text(env, "SMTP_URL"))
+    retry = _seconds_list(env, "MESSAGES_RETRY", "30,1800")
+    if len(retry) != 2:
+        raise ConfigError(f"MESSAGES_RETRY must be two ascending seconds such as '30,1800', "
+                          f"got {env.get('MESSAGES_RETRY')!r}")
+    return {
+        "SMS_MODE": sms_mode,
+        "AFRICASTALKING_USERNAME": username,
+        "AFRICASTALKING_API_KEY": _text(env, "AFRICASTALKING_API_KEY", required=live_sms),
+        "AFRICASTALKING_SENDER_ID": _text(env, "AFRICASTALKING_SENDER_ID"),
+        "AFRICASTALKING_BASE_URL": (_text(env, "AFRICASTALKING_BASE_URL") or default_base).rstrip("/"),
+        "SMTP_URL": url,
+        "MAIL_FROM": _text(env, "MAIL_FROM", required=url is not None),
+        # web: each web worker sends from its own event loop; process: only `flask messages send --forever` does.
+        "MESSAGES_SENDER": _choice(env, "MESSAGES_SENDER", "web", ("web", "process")),
+        # A failed send is tried again after the first delay, doubling up to the second, for MESSAGES_RETRY_FOR.
+        "MESSAGES_RETRY": retry,
+        "MESSAGES_RETRY_FOR": read_number(env, "MESSAGES_RETRY_FOR", 26 * 3600.0, float, minimum=0),
+        # How often due retries are looked for (a completed order's messages leave at once, without waiting for it).
+        "MESSAGES_SWEEP_INTERVAL": read_number(env, "MESSAGES_SWEEP_INTERVAL", 5.0, float, minimum=0.05, maximum=3600),
+    }
+
+
 class Config:
     """Production settings.  Instantiate to read (and validate) the environment."""
 
@@ -210,6 +254,7 @@ class Config:
         self.RECONCILE_AFTER = read_number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)
         self.RECONCILE_EXPIRE_AFTER = read_number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)
 
+        self.__dict__.update(messages_settings(env))
         # Signs the ticket links /t/<token> (web/ticket_links.py).  Every worker and instance must agree on it,
         # and a link sent by SMS must still open after a restart: never a random default.  Live mode does not
         # start without one (a forged link would show someone's tickets); the sandbox signs with a public key.

@@ -103,6 +103,9 @@ def post_worker_init(worker):
     gc.collect()  # garbage of the start-up is freed, not frozen
     gc.freeze()
 
+    from eventi_flask.messages import start_sender
+
+    start_sender(worker.wsgi)  # the tickets' SMS and email, from this worker's event loop (MESSAGES_SENDER)
     hub = worker.wsgi.extensions[HUB]
     stop_accepting = worker.handle_exit
 

@@ -64,3 +64,11 @@ def _time_gc(phase, info):
 
 
 gc.callbacks.append(_time_gc)
+# The tickets' SMS and email (eventi_flask/messages).  The gauges are refreshed by each process's sender
+# every MESSAGES_SWEEP_INTERVAL (one query), not per scrape.
+messages = Counter("eventi_messages_total", "Tickets' messages: sent, failed for good, or to be tried again",
+                   ["channel", "outcome"], registry=registry)
+outbox_pending = Gauge("eventi_outbox_pending", "Messages waiting in the outbox to be sent (all processes)",
+                       registry=registry)
+outbox_oldest_pending = Gauge("eventi_outbox_oldest_pending_seconds",
+                              "Age of the oldest message waiting in the outbox; 0 when none waits", registry=registry)

@@ -17,6 +17,7 @@ from .. import database, metrics
 from ..errors import ApiError, database_unavailable
 from ..events import service as events
 from ..extensions import db
+from ..messages import service as messages
 from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
 from ..payhero.client import PayHeroError, get_payhero
@@ -519,6 +520,7 @@ def _apply(connection, row, transition, outcome):
     elif status is Status.COMPLETED:
         codes = [_ticket_code() for _ in range(row["quantity"])]
         rows.add_tickets(connection, row["id"], codes)
+        messages.queue_for_completed_order(connection, db.session, row)  # its SMS and email, sent after the commit
     elif transition.releases_tickets:
         rows.release_tickets(connection, row["ticket_type_id"], row["quantity"])
     body = order_body({**row, **changes}, codes)
