@@ -1,7 +1,7 @@
 """outbox messages: each completed order's SMS and email, sent after the commit
 
 Revision ID: 8e4f2a6c1b93
-Revises: 3c1d7e9a2b4f
+Revises: 8f4b2d6c1a35
 Create Date: 2026-12-06 20:30:00.000000
 
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = '8e4f2a6c1b93'
-down_revision = '3c1d7e9a2b4f'
+down_revision = '8f4b2d6c1a35'
 branch_labels = None
 depends_on = None
 
