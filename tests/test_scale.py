@@ -6,7 +6,6 @@ BENCHMARKS.md measure them.  This checks that a larger load is fully and correct
 """
 import json
 import os
-import secrets
 import socket
 import time
 from pathlib import Path
@@ -14,13 +13,12 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.pool
-import psycopg
 import pytest
 import redis
 import requests
 
 from eventi_flask.payhero.sandbox import classic_callback
-from tests.support import REDIS_URL, wait_until
+from tests.support import REDIS_URL, pending_orders_made_a_while_ago, wait_until
 from tests.test_faults import RedisServer
 
 N = 500
@@ -123,23 +121,6 @@ STORM = 2000
 PAID_ONE_IN = 10
 
 
-def pending_orders_made_a_while_ago(server, count):
-    """`count` pending orders written straight to the database, as orders made minutes before a deploy
-    are: nothing of them is cached in Redis any more, so every wait reads the database."""
-    ids = [secrets.token_urlsafe(16) for _ in range(count)]
-    with psycopg.connect(server.env["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute("""
-            INSERT INTO orders (id, status, version, quantity, name, email, phone, created_at, updated_at,
-                                ticket_type_id, amount, payhero_reference, checkout_request_id)
-            SELECT new.id, 'pending', 2, 1, 'Wanjiku Kamau', 'wanjiku@example.com', '254708000004',
-                   now() - interval '5 minutes', now() - interval '5 minutes', tt.id, tt.price,
-                   'REF-' || new.id, 'ws_CO_' || new.id
-            FROM unnest(%s::text[]) AS new(id), ticket_types tt WHERE tt.code = 'early-bird'""", [ids])
-        conn.execute("UPDATE ticket_types SET reserved = reserved + %s WHERE code = 'early-bird'", [count])
-    return [{"id": order_id, "version": 2, "amount": 300,
-             "payment": {"reference": f"REF-{order_id}", "checkout_request_id": f"ws_CO_{order_id}"}} for order_id in ids]
-
-
 def raw_get(host, port, path, timeout):
     """GET on a connection of its own (a phone's), read to the end: (status, JSON body)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
@@ -166,7 +147,7 @@ def storm_of_waits(server, orders):
 
 def test_a_storm_of_2000_waits_arriving_at_once_is_all_held_then_each_hears_its_outcome(live_server_factory):
     server = live_server_factory(WEB_CONCURRENCY="1", LOG_LEVEL="warning")
-    orders = pending_orders_made_a_while_ago(server, STORM)
+    orders = pending_orders_made_a_while_ago(server.env["DATABASE_URL"], STORM)
     waits, answers, answered_at = storm_of_waits(server, orders)
     try:
         wait_until(lambda: answers or metric(server, "eventi_waiters") == STORM, timeout=30, interval=0.2,
@@ -225,7 +206,7 @@ def test_a_redis_restart_under_5000_held_waits_with_descriptors_past_1023(live_s
         address = urlsplit(server.url)
         idle = [socket.create_connection((address.hostname, address.port)) for _ in range(IDLE)]
         wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) > IDLE, message=f"{IDLE} connections accepted")
-        orders = pending_orders_made_a_while_ago(server, HELD)
+        orders = pending_orders_made_a_while_ago(server.env["DATABASE_URL"], HELD)
         waits, answers, answered_at = storm_of_waits(server, orders)
         wait_until(lambda: answers or metric(server, "eventi_waiters") == HELD, timeout=60, interval=0.5,
                    message=f"{HELD} waits held by the worker")
