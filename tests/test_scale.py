@@ -227,6 +227,7 @@ def test_a_redis_restart_under_5000_held_waits_with_descriptors_past_1023(live_s
         assert metric(server, "eventi_subscribed_channels") == HELD - len(paid)
         assert subscriber_descriptor(redis_server, pid) > 1023
         log = server.log()
+        assert log.count("Redis subscriber disconnected") == 1  # the log is the worker's, at WARNING
         assert "Traceback" not in log and "out of range" not in log, log[-3000:]
     finally:
         gevent.killall(waits)
