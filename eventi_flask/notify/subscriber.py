@@ -174,7 +174,7 @@ class Subscriber:
                 self._serve(conn)
             except Exception as exc:  # the listener must outlive anything, or the worker goes deaf
                 if time.monotonic() - started >= STEADY_AFTER:
-                    backoff = 0.25  # it served a while: reconnect at once; one failing at once waits longer
+                    backoff = 0.25  # it served a while: reconnect soon; one failing at once waits longer
                     self._failures.over()
                 first = self._failures.failed(exc)
                 if first and not isinstance(exc, (redis.RedisError, OSError)):
@@ -236,7 +236,11 @@ class Subscriber:
         try:
             self._stirred.set()  # a first pass: the hub may have asked before we were connected
             ping_sent = None
+            steady_at = time.monotonic() + STEADY_AFTER
             while True:
+                if steady_at is not None and time.monotonic() >= steady_at:
+                    self._failures.over()  # say how often it failed before this connection held
+                    steady_at = None
                 timeout = self.ping_interval if ping_sent is None else max(0, ping_sent + self.ping_interval - time.monotonic())
                 # A busy loop may run the timer and the socket's watcher in one turn: a reply already
                 # in hand is no timeout (and no reconnect of thousands of channels).
@@ -345,15 +349,16 @@ class Subscriber:
 
 class RepeatedFailures:
     """The log of a listener that fails the same way over and over: the first failure in full,
-    then one ERROR a minute with how many times it happened again, not a line (or traceback) each time."""
+    then one ERROR a minute with how many times it failed, not a line (or traceback) each time."""
 
     REPORT_EVERY = 60.0
 
     def __init__(self, where):
         self.where = where
         self._kind = None  # (exception type, message) of the failure being counted
-        self._count = 0  # repeats since the last line
+        self._count = 0  # failures not yet counted in a line (the first one included, until the first line)
         self._since = 0.0
+        self._reported = False
 
     def failed(self, exc):
         """Count a failure; True if it is a new one, to be logged in full by the caller."""
@@ -361,7 +366,7 @@ class RepeatedFailures:
         kind = (type(exc), str(exc))
         if kind != self._kind:
             self.over()
-            self._kind, self._since = kind, now
+            self._kind, self._since, self._count, self._reported = kind, now, 1, False
             return True
         self._count += 1
         if now - self._since >= self.REPORT_EVERY:
@@ -369,12 +374,12 @@ class RepeatedFailures:
         return False
 
     def over(self):
-        """The listener served a while since the last failure: the next one is news again."""
-        if self._count:
+        """The listener served a while since the last failure: count what was not yet; the next one is news."""
+        if self._kind is not None and self._count > (0 if self._reported else 1):
             self._report(time.monotonic())
         self._kind = None
 
     def _report(self, now):
         log.error("Redis subscriber%s failing: %s: %s (%d times in the last %.0f s)", self.where,
                   self._kind[0].__name__, self._kind[1], self._count, now - self._since)
-        self._count, self._since = 0, now
+        self._count, self._since, self._reported = 0, now, True
