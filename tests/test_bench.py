@@ -32,7 +32,8 @@ def run_mode(tmp_path, mode, *args):
 
 def test_storm_holds_every_wait_and_answers_each_callback(tmp_path):
     line, run = run_mode(tmp_path, "storm", "-n", "60", "--rate", "60", "--timeout", "20")
-    assert "held 60" in line and "60 notified" in line
+    assert "held 60" in line and ", refused 0;" in line and "60 notified" in line
+    assert "subscriber disconnects 0" in line and run["subscriber_disconnects"] == 0
     assert run["refused"] == 0 and run["held_all"] and run["wrong_status"] == 0
     assert run["latency_ms"]["n"] == 60 and run["latency_ms"]["max"] >= run["latency_ms"]["p99"] > 0
 
