@@ -22,6 +22,7 @@ The owner (a hub) provides:
   _held_by(subscriber) -> ids             what to subscribe on a fresh connection
   _on_message(order_id, data)             a message arrived
   _on_subscriber_down(subscriber, exc)    the connection is lost (it reconnects by itself)
+  _on_subscriber_up(subscriber)           connected again: that Redis answers
   _on_subscriptions_lost(subscriber, ids, reason)   the server dropped or refused channels
   _count_channels()                       the subscribed channel counts changed
   _recheck_now                            an Event: set it to re-check every waiter
@@ -213,6 +214,7 @@ class Subscriber:
         metrics.listener_connected.labels(self.node).set(1)
         metrics.redis_transitions.labels("connected").inc()
         self.owner._count_channels()
+        self.owner._on_subscriber_up(self)
         log.info("Redis subscriber connected%s", self.where)
         return conn
 
