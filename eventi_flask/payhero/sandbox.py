@@ -169,8 +169,11 @@ def _send_callback(url, order_id, body, retry_for):
         response = None
         try:
             response = _callback_session(url).post(url, json=body, timeout=(5, 10))
-        except requests.RequestException as exc:
-            error = exc
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            error = exc  # it may or may not have landed: send again
+        except requests.RequestException as exc:  # a bad URL, say: sending again would not help
+            log.error("Sandbox PayHero could not send the callback for %s: %s", order_id, exc)
+            return
         else:
             if response.status_code < 500 and response.status_code != AGAIN:
                 log.info("Sandbox PayHero callback for %s answered %s", order_id, response.status_code)
