@@ -223,6 +223,9 @@ class Config:
         self.SANDBOX_CALLBACK_DELAY = read_number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
         # classic: the shape of PayHero's v2 docs; flat: its current webhook reference (no result code).
         self.SANDBOX_CALLBACK_SHAPE = _choice(env, "SANDBOX_CALLBACK_SHAPE", "classic", ("classic", "flat"))
+        # How long the sandbox keeps sending a callback that failed (connection, timeout, 5xx), backing off.
+        self.SANDBOX_CALLBACK_RETRY_FOR = read_number(env, "SANDBOX_CALLBACK_RETRY_FOR", 300.0, float, minimum=0,
+                                                      maximum=86400)
 
         # Heroku's router (a dyno has DYNO set) cuts a request with no answer at 30 s (H12): hold less there.
         on_dyno = bool(env.get("DYNO", "").strip())

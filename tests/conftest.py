@@ -94,9 +94,8 @@ def client(app):
     return app.test_client()
 
 
-@pytest.fixture
-def wire(app):
-    """Outbound HTTP to PayHero (the sandbox) and back to our callback URL, carried in-process."""
+def forward_to(app):
+    """A requests-mock callback carrying a request to `app` in-process."""
     client = app.test_client()
 
     def forward(request, context):
@@ -106,8 +105,14 @@ def wire(app):
         context.headers["Content-Type"] = response.headers.get("Content-Type", "")
         return response.get_data()
 
+    return forward
+
+
+@pytest.fixture
+def wire(app):
+    """Outbound HTTP to PayHero (the sandbox) and back to our callback URL, carried in-process."""
     with requests_mock.Mocker() as mocker:
-        mocker.register_uri(requests_mock.ANY, re.compile("^" + re.escape(PUBLIC) + "/"), content=forward)
+        mocker.register_uri(requests_mock.ANY, re.compile("^" + re.escape(PUBLIC) + "/"), content=forward_to(app))
         yield mocker
 
 

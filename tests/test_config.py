@@ -78,6 +78,7 @@ def test_an_order_with_no_callback_is_asked_about_after_the_prompt_had_its_time_
     ({"ORDER_LIMIT_PER_PHONE": "lots"}, "ORDER_LIMIT_PER_PHONE"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     ({"SANDBOX_CALLBACK_SHAPE": "round"}, "SANDBOX_CALLBACK_SHAPE"),
+    ({"SANDBOX_CALLBACK_RETRY_FOR": "-1"}, "SANDBOX_CALLBACK_RETRY_FOR"),
     ({"PAYHERO_VERIFY_TIMEOUT": "30"}, "PAYHERO_VERIFY_TIMEOUT"),  # longer than the STK push's own
     ({"PAYHERO_REVERIFY_AFTER": "10,5"}, "PAYHERO_REVERIFY_AFTER"),
     ({"PAYHERO_REVERIFY_AFTER": "soon"}, "PAYHERO_REVERIFY_AFTER"),

@@ -360,6 +360,9 @@ class ClusterHub(Hub):
         self._recheck_now.set()
         self._request_refresh()  # a replica may be promoted in its place
 
+    def _on_subscriber_up(self, subscriber):
+        self._node(subscriber.node).publisher.resume()
+
     def _on_subscriptions_lost(self, subscriber, order_ids, reason):
         if not self._lost:
             log.info("Redis Cluster node %s dropped subscriptions (%s); reading the slot map again",

@@ -75,6 +75,14 @@ class Publisher:
         done.wait(ANSWER_TIMEOUT)
         return replies
 
+    def resume(self):
+        """Redis answers again (this process's subscriber just connected): publish at once, not after the pause.
+
+        A message dropped in the pause would reach its waiters only at their next re-check (15 s);
+        the re-check after resubscribing covers only what was committed before it.
+        """
+        self._paused_until = 0.0
+
     def stop(self):
         self._filling.set()  # nobody waits on a publisher that is gone
         if self._greenlet is not None:

@@ -127,6 +127,9 @@ class RedisHub(Hub):
     def _on_subscriber_down(self, subscriber, exc):
         self._recheck_now.set()
 
+    def _on_subscriber_up(self, subscriber):
+        self._publisher.resume()
+
     def _on_subscriptions_lost(self, subscriber, order_ids, reason):
         log.warning("Redis dropped %d subscriptions (%s); re-checking the database", len(order_ids), reason)
         self._recheck_now.set()
