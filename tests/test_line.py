@@ -228,3 +228,36 @@ def test_two_gunicorn_workers_admit_every_buyer_of_a_forced_line_exactly_once(li
         [(orders, reserved)] = conn.execute(
             "SELECT count(*), (SELECT reserved FROM ticket_types WHERE code = 'early-bird') FROM orders")
     assert (orders, reserved) == (buyers, buyers)
+
+
+def run_cli(app, *args):
+    result = app.test_cli_runner().invoke(args=list(args))
+    return result.exit_code, result.output.splitlines()
+
+
+def test_the_event_file_sets_the_line_and_events_show_tells_it(app, tmp_path):
+    path = tmp_path / "event.toml"
+    path.write_text(toml(event_file()) + "\n[event.line]\nenabled = false\nmax_rate = 40\npre_queue_minutes = 5\n")
+    assert run_cli(app, "events", "import", str(path))[0] == 0
+    assert "nothing changed" in run_cli(app, "events", "import", str(path))[1][0]
+    code, lines = run_cli(app, "events", "show", "sauti-live")
+    assert code == 0 and lines[-1] == "line: off (past capacity, orders are answered 503 busy)"
+
+    path.write_text(toml(event_file()) + "\n[event.line]\nmax_rate = 40\n")
+    code, lines = run_cli(app, "events", "import", str(path))
+    assert code == 0 and "line_enabled" in lines[0] and "line_pre_queue_minutes" in lines[0]
+    code, lines = run_cli(app, "events", "show", "sauti-live")
+    assert lines[-1] == "line: 0 waiting, serving 0/s, about 0 s to the last (pre-queue 15 min before sales open, at most 40/s)"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("max_rate = 0", "event.line.max_rate: Must be 1 or more orders a second."),
+    ('enabled = "yes"', "event.line.enabled: Not a valid boolean."),
+    ("pre_queue_minutes = -1", "event.line.pre_queue_minutes: Must be 0 to 1440 minutes."),
+    ("rate = 5", "event.line.rate: Unknown field."),
+])
+def test_a_bad_line_section_is_refused_in_one_line(app, tmp_path, line, problem):
+    path = tmp_path / "event.toml"
+    path.write_text(toml(event_file()) + f"\n[event.line]\n{line}\n")
+    code, lines = run_cli(app, "events", "import", str(path))
+    assert code != 0 and len(lines) == 1 and problem in lines[0], lines
