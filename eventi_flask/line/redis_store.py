@@ -25,10 +25,11 @@ from ..notify.redis_hub import RedisHub
 from .local_store import PLACE_TTL_SECONDS, Place
 
 # Join, or answer the place the key already holds.  A place that left gives its key back.
-# KEYS: seq queue seen gone pre state place key-or-""; ARGV: id body body_hash order_key type quantity
+# KEYS: seq queue seen gone pre state place key (`line:{s}:key:` alone: no key); ARGV: id body body_hash order_key type quantity
 # now_ms pre(0/1) force(0/1) ttl.  Returns {outcome, id, fields...}: outcome 0 no line, 1 joined, 2 existing.
 _JOIN = """
-if KEYS[8] ~= '' then
+local keyed = string.sub(KEYS[8], -4) ~= 'key:'
+if keyed then
   local existing = redis.call('GET', KEYS[8])
   if existing then
     local base = string.sub(KEYS[1], 1, -4)
@@ -49,7 +50,7 @@ redis.call('EXPIRE', KEYS[7], ARGV[10])
 redis.call('ZADD', KEYS[2], ticket, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
 if ARGV[8] == '1' then redis.call('SADD', KEYS[5], ARGV[1]) end
-if KEYS[8] ~= '' then redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[10]) end
+if keyed then redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[10]) end
 return {1, ARGV[1], redis.call('HGETALL', KEYS[7])}
 """
 
@@ -212,7 +213,7 @@ class RedisLineStore:
         return f"{self.prefix}line:{{{slug}}}:{name}"
 
     def _run(self, script, slug, names, args):
-        return self._scripts[script](keys=[self._key(slug, name) if name else "" for name in names], args=args)
+        return self._scripts[script](keys=[self._key(slug, name) for name in names], args=args)
 
     @property
     def _events(self):
@@ -222,7 +223,7 @@ class RedisLineStore:
 
     def join(self, slug, place, key_hash, now_ms, pre, force):
         """Join (or find the place `key_hash` holds).  Returns (outcome, Place|None): "none", "joined", "existing"."""
-        key = f"key:{key_hash}" if key_hash else None
+        key = f"key:{key_hash or ''}"  # every key in the event's slot, even the one that says "none"
         reply = self._run("join", slug, ("seq", "queue", "seen", "gone", "pre", "state", f"place:{place['id']}", key),
                           (place["id"], place["body"], place["body_hash"], place["order_key"], place["type"],
                            place["quantity"], now_ms, int(pre), int(force), PLACE_TTL_SECONDS))
