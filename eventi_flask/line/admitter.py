@@ -113,6 +113,18 @@ class Admitter:
             self._greenlet.kill(block=False)
             self._greenlet = None
 
+    def shut_down(self):
+        """The worker is stopping (SIGTERM): no more ticks here, and its leases go now, so another
+        worker admits from its next tick.  Orders being made finish if the worker lives long enough;
+        one cut short is made again (once, by its key) when the next admitter finds it stalled."""
+        self.stop()
+        for slug in list(self.outflows):
+            try:
+                self.line.store.release(slug, self.owner)
+            except self.line.store_errors:
+                pass  # it expires within LEASE_TICKS ticks anyway
+        self.outflows.clear()
+
     def _run_forever(self):
         failing = False
         while True:
@@ -144,7 +156,7 @@ class Admitter:
         outflow = self.outflows.get(slug)
         if outflow is None:
             outflow = self.outflows[slug] = Outflow(self.start_rate, settings.max_rate)
-        now_ms = service._now_ms()
+        now_ms = service.now_ms()
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
         if left:
             metrics.line_left.labels(slug).inc(left)
@@ -190,7 +202,7 @@ class Admitter:
     def _retry_stalled(self, slug, outflow, now_ms):
         for place in self.line.store.stalled(slug, now_ms - self.stalled_ms):
             if place.id not in outflow.in_flight:
-                log.warning("Place %s's order was begun %.0f s ago and not finished; making it again (once)",
+                log.warning("Place %s (joined %.0f s ago) has an order begun and never finished; making it again (once)",
                             place.id, (now_ms - place.joined_ms) / 1000)
                 outflow.in_flight.add(place.id)
                 gevent.spawn(self._admit, slug, place, outflow)

@@ -78,7 +78,7 @@ def event_line(slug):
     return settings
 
 
-def _now_ms():
+def now_ms():
     return int(time.time() * 1000)
 
 
@@ -133,7 +133,7 @@ def route_order(data, key):
              "order_key": key if key is not None else f"line:{place_id}",
              "type": data["ticket_type"], "quantity": data["quantity"]}
     try:
-        outcome, found = line.store.join(settings.slug, place, _key_hash(key), _now_ms(), pre, force)
+        outcome, found = line.store.join(settings.slug, place, _key_hash(key), now_ms(), pre, force)
     except line.store_errors as exc:
         if force:
             raise store_unavailable(exc) from None
@@ -143,7 +143,7 @@ def route_order(data, key):
     line.admitter.start()
     if outcome == "existing":
         return _answer_again(found, place["body_hash"], settings)
-    view = line.store.view(settings.slug, found.id, _now_ms(), touch=False)
+    view = line.store.view(settings.slug, found.id, now_ms(), touch=False)
     answer = place_body(*view, settings) if view else place_body(found, _fresh_view(found), settings)
     return _queued_response(answer)
 
@@ -182,7 +182,7 @@ def _answer_again(place, body_hash, settings):
         response.headers["Idempotent-Replayed"] = "true"
         return response
     if place.status in WAITING:
-        view = get_line().store.view(settings.slug, place.id, _now_ms())
+        view = get_line().store.view(settings.slug, place.id, now_ms())
         return _queued_response(place_body(*view, settings), replayed=True)
     raise refusal(place.error)
 
@@ -225,7 +225,7 @@ def _read(place_id):
     settings = event_line(slug)
     line = get_line()
     try:
-        view = line.store.view(slug, place_id, _now_ms())
+        view = line.store.view(slug, place_id, now_ms())
     except line.store_errors as exc:
         raise store_unavailable(exc) from None
     if view is None or settings is None:
@@ -353,7 +353,7 @@ class Line:
             gevent.sleep(self.patience / 4)
             for slug, held in list(self._held.items()):
                 try:
-                    self.store.touch(slug, list(held), _now_ms())
+                    self.store.touch(slug, list(held), now_ms())
                 except self.store_errors as exc:
                     log.warning("Could not mark the held places of %s's line as asked for: %s", slug, exc)
 
