@@ -83,6 +83,8 @@ class Outflow:
 
     def measure(self, served, left, seconds):
         rate = served / seconds
+        if not self.measured:  # the first measurement stands alone: averaged with 0 it would be far too low
+            self.measured = rate
         smoothed = self.measured + (rate - self.measured) * RATE_SMOOTHING
         self.measured = max(smoothed, self.measured * RATE_FALL_PER_SECOND ** seconds)
         if served + left:

@@ -37,7 +37,8 @@ WAITING = ("queued", "admitting")  # admitting: its order is being made; the pag
 # REFRESH_MOST seconds far back, so 10,000 waiting cost a few hundred answers a second, not 10,000.
 REFRESH_AHEAD_PER_SECOND = 20
 REFRESH_MOST = 20.0
-EVENT_CACHE_SECONDS = 5.0  # an arriving order reads its event's line settings from this worker's memory
+EVENT_CACHE_SECONDS = 5.0
+DEGRADED_READ_SECONDS = 3.0  # an arriving order reads its event's line settings from this worker's memory
 
 
 def get_line():
@@ -287,13 +288,22 @@ def wait_for_place(place_id, timeout, since, client=None):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            message, recheck = waiter.wait(remaining)
+            # While the hub has lost Redis no tick arrives: read the place itself every few seconds.
+            degraded = hub.connected is False
+            message, _ = waiter.wait(min(remaining, DEGRADED_READ_SECONDS) if degraded else remaining)
             if waiter.client_left:
                 break
             tick = message["order"] if message is not None else None
-            if tick is None or tick["tick"] <= view["tick"]:
+            if tick is None and degraded:
+                try:
+                    place, view = _read(place_id)[2]
+                except ApiError:
+                    continue  # the store is away too: hold on, the page asks again at the timeout
+                fresh = view
+            elif tick is None or tick["tick"] <= view["tick"]:
                 continue
-            fresh = moved(view, tick, place)
+            else:
+                fresh = moved(view, tick, place)
             if fresh is None:
                 place, view = _read(place_id)[2]
             else:
