@@ -102,7 +102,7 @@ class Admitter:
         self.stalled_ms = int((app.config["PAYHERO_CONNECT_TIMEOUT"] + app.config["PAYHERO_READ_TIMEOUT"] + 5) * 1000)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.outflows = {}  # slug -> Outflow, for the events whose lease this worker holds
-        self.opened = set()  # slugs whose pre-queue was shuffled (or found shuffled)
+        self.opened = set()  # (slug, opening) whose pre-queue was shuffled (or found shuffled)
         self.changed = set()  # slugs where a place was served or refused since the last tick
         self._greenlet = None
 
@@ -166,7 +166,7 @@ class Admitter:
         self.changed.discard(slug)
         served = 0
         if settings.seconds_to_opening(utcnow()) <= 0:  # before sales_start the pre-queue only waits
-            moved |= self._open(slug)
+            moved |= self._open(slug, settings)
             self._retry_stalled(slug, outflow, now_ms)
             admission = current_app.extensions.get(ADMISSION)
             outflow.adjust(admission.shed_share() if admission is not None else 0, backlog=True)
@@ -190,13 +190,14 @@ class Admitter:
             metrics.line_length.labels(slug).set(0)
             store.forget_event(slug, now_ms - IDLE_SECONDS * 1000)
 
-    def _open(self, slug):
+    def _open(self, slug, settings):
         """At sales_start: the pre-queue in a random order, once.  True when it moved anyone."""
-        if slug in self.opened:
+        opening = (slug, settings.opening())
+        if opening in self.opened:
             return False
         randoms = [repr(random.random()) for _ in range(self.line.store.pre_queue_size(slug) + 16)]
-        shuffled = self.line.store.shuffle(slug, randoms)
-        self.opened.add(slug)
+        shuffled = self.line.store.shuffle(slug, settings.opening(), randoms)
+        self.opened.add(opening)
         if shuffled > 0:
             log.info("Sales open for %s: %d places of the pre-queue put in a random order", slug, shuffled)
         return shuffled > 0

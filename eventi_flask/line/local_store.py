@@ -50,7 +50,7 @@ class _Line:
         self.gone = []  # sorted tickets that left other than at the head
         self.admitting = {}  # id -> ms
         self.pre = set()
-        self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0, "opened": False}
+        self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0, "opened": None}
         self.lease = None  # (owner, expires at)
         self.last_join_ms = 0
 
@@ -188,9 +188,9 @@ class LocalLineStore:
             self._remove(line, place, status, error=error)
         return len(closing)
 
-    def shuffle(self, slug, randoms):
+    def shuffle(self, slug, opening, randoms):
         line = self._line(slug)
-        if line.state["opened"]:
+        if line.state["opened"] == opening:
             return -1
         ids = [place_id for place_id in line.pre if place_id in line.queue]
         tickets = sorted(line.queue[place_id] for place_id in ids)
@@ -199,7 +199,7 @@ class LocalLineStore:
             line.queue[place_id] = self._places[place_id].ticket = ticket
         line.queue = dict(sorted(line.queue.items(), key=lambda item: item[1]))
         line.pre.clear()
-        line.state["opened"] = True
+        line.state["opened"] = opening
         line.state["epoch"] += 1
         return len(ids)
 

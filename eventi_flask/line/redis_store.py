@@ -130,9 +130,9 @@ return closed
 """
 
 # At sales_start: the pre-queue in a random order (Fisher-Yates over the tickets they hold, with
-# the caller's random numbers).  KEYS: queue pre state; ARGV: random numbers in [0, 1).
+# the caller's random numbers), once per opening.  KEYS: queue pre state; ARGV: opening, then random numbers in [0, 1).
 _SHUFFLE = """
-if redis.call('HGET', KEYS[3], 'opened') == '1' then return -1 end
+if redis.call('HGET', KEYS[3], 'opened') == ARGV[1] then return -1 end
 local base = string.sub(KEYS[1], 1, -6)
 local ids, tickets = {}, {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -140,7 +140,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if ticket then table.insert(ids, id); table.insert(tickets, tonumber(ticket)) end
 end
 for i = #ids, 2, -1 do
-  local r = tonumber(ARGV[i]) or math.random()
+  local r = tonumber(ARGV[i + 1]) or math.random()
   local j = math.floor(r * i) + 1
   ids[i], ids[j] = ids[j], ids[i]
 end
@@ -150,7 +150,7 @@ for i, id in ipairs(ids) do
   redis.call('HSET', base .. 'place:' .. id, 'ticket', tickets[i])
 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[3], 'opened', '1')
+redis.call('HSET', KEYS[3], 'opened', ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'epoch', 1)
 return #ids
 """
@@ -292,8 +292,8 @@ class RedisLineStore:
         return int(self._run("close", slug, ("queue", "seen", "gone", "state"),
                              (ticket_type or "", min_quantity, status, json.dumps(error, separators=(",", ":")))))
 
-    def shuffle(self, slug, randoms):
-        return int(self._run("shuffle", slug, ("queue", "pre", "state"), randoms))
+    def shuffle(self, slug, opening, randoms):
+        return int(self._run("shuffle", slug, ("queue", "pre", "state"), [opening, *randoms]))
 
     def pre_queue_size(self, slug):
         return self._client.scard(self._key(slug, "pre"))
@@ -315,7 +315,7 @@ class RedisLineStore:
 def _state(fields):
     return {"tick": int(fields.get("tick") or 0), "rate": float(fields.get("rate") or 0),
             "share": float(fields.get("share") or 0), "epoch": int(fields.get("epoch") or 0),
-            "opened": fields.get("opened") == "1"}
+            "opened": fields.get("opened")}
 
 
 STORE_ERRORS = (redis.RedisError, OSError)

@@ -48,7 +48,7 @@ def get_line():
 class EventLine:
     """The settings of one event's line, as [event.line] and the sales window give them."""
 
-    __slots__ = ("slug", "enabled", "max_rate", "pre_queue", "sales_start", "types")
+    __slots__ = ("slug", "enabled", "max_rate", "pre_queue", "sales_start", "sales_close", "types")
 
     def __init__(self, event):
         self.slug = event.slug
@@ -56,10 +56,18 @@ class EventLine:
         self.max_rate = event.line_max_rate
         self.pre_queue = timedelta(minutes=event.line_pre_queue_minutes)
         self.sales_start = as_utc(event.sales_start) if event.sales_start else None
+        self.sales_close = as_utc(event.sales_close)
         self.types = {tt.code: tt.max_per_order for tt in event.ticket_types}
 
     def in_pre_queue(self, now):
         return self.sales_start is not None and self.sales_start - self.pre_queue <= now < self.sales_start
+
+    def on_sale(self, now):
+        return (self.sales_start is None or self.sales_start <= now) and now < self.sales_close
+
+    def opening(self):
+        """What names this sale's opening: the pre-queue is shuffled once per opening."""
+        return self.sales_start.isoformat() if self.sales_start else "at once"
 
     def seconds_to_opening(self, now):
         return max((self.sales_start - now).total_seconds(), 0) if self.sales_start else 0
@@ -123,6 +131,8 @@ def route_order(data, key):
         return None  # the order's own path answers (404, 400, or the order)
     now = utcnow()
     pre = settings.in_pre_queue(now)
+    if not pre and not settings.on_sale(now):
+        return None  # 409 sales_not_open or sales_closed, at once: nothing to wait for
     line = get_line()
     force = shed or pre or current_app.config["LINE_FORCE"]
     if force and key is not None and orders.key_used(key):
@@ -157,7 +167,7 @@ def _valid_for(settings, data):
 
 def _fresh_view(place):
     return {"head": place.ticket, "gone_ahead": 0, "length": 1, "tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0,
-            "opened": False}
+            "opened": None}
 
 
 def _queued_response(answer, replayed=False):
@@ -272,6 +282,7 @@ def wait_for_place(place_id, timeout, since, client=None):
     answer = place_body(place, view, settings)
     if since is None or answer["status"] != "queued":
         return answer
+    position = answer["position"]  # a move answers; a turn begun (its order being made) does not, until made
     hub = get_hub()
     if hub.shutting_down:
         raise orders._shutting_down()
@@ -311,7 +322,8 @@ def wait_for_place(place_id, timeout, since, client=None):
             answer = place_body(place, view, settings)
             if answer["status"] != "queued":
                 return answer
-            if answer["version"] > since and time.monotonic() - started >= refresh_after(answer["ahead"]):
+            if (answer["position"] != position and answer["version"] > since
+                    and time.monotonic() - started >= refresh_after(answer["ahead"])):
                 return answer
         if hub.shutting_down:
             raise orders._shutting_down()
