@@ -289,5 +289,5 @@ def test_the_outflow_follows_answer_times_within_its_cap():
     outflow.latencies = [0.2] * 8 + [1.5] * 2  # p90 past a second: less
     outflow.adjust(shed_share=0, backlog=True)
     assert outflow.rate == 35
-    outflow.adjust(shed_share=0.3, backlog=True)  # the worker itself says it is past capacity
+    outflow.adjust(shed_share=1, backlog=True)  # the worker itself says it is past capacity
     assert outflow.rate == pytest.approx(24.5)

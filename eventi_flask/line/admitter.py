@@ -15,8 +15,8 @@ takes over within LEASE_TICKS ticks.  Each tick it:
    rate) through the notification hub: one message per worker, whatever the number of waiters.
 
 The outflow follows what the service takes: it grows while admitted orders are answered well within
-the 2 s target and this worker's admission signals (event-loop lag, reservation time) say there is
-room, and shrinks when either says otherwise (an additive-increase, multiplicative-decrease loop on
+the 2 s target and this worker's admission signals (event-loop lag, reservation time) leave room, and
+shrinks when orders answer slowly or those signals say the worker sheds everything (an additive-increase, multiplicative-decrease loop on
 measured order latency), capped by the event's max_rate.
 """
 import json
@@ -67,9 +67,9 @@ class Outflow:
         recent = sorted(self.latencies)
         self.latencies = []
         slow = recent[int(len(recent) * 0.9)] if recent else None
-        if shed_share > 0 or (slow is not None and slow > SLOW):
+        if shed_share >= 1 or (slow is not None and slow > SLOW):
             self.rate = max(MIN_RATE, self.rate * DECREASE)
-        elif backlog and ((slow is not None and slow < FAST) or not self.in_flight):
+        elif backlog and shed_share < 0.5 and ((slow is not None and slow < FAST) or not self.in_flight):
             self.rate = self.rate * INCREASE + 1
         if self.cap:
             self.rate = min(self.rate, self.cap)

@@ -79,9 +79,9 @@ class LocalLineStore:
         line = self._line(slug)
         existing = self._places.get(self._keys.get((slug, key_hash))) if key_hash else None
         if existing is not None and existing.status != "left":
-            return "existing", existing
+            return ("existing", *self.view(slug, existing.id, now_ms, touch=False))
         if not force and not line.queue:
-            return "none", None
+            return "none", None, None
         line.seq += 1
         joined = Place(id=place["id"], ticket=line.seq, status="queued", body=place["body"],
                        body_hash=place["body_hash"], order_key=place["order_key"], type=place["type"],
@@ -94,7 +94,7 @@ class LocalLineStore:
             line.pre.add(joined.id)
         if key_hash:
             self._keys[(slug, key_hash)] = joined.id
-        return "joined", joined
+        return ("joined", *self.view(slug, joined.id, now_ms, touch=False))
 
     def view(self, slug, place_id, now_ms, touch=True):
         place = self._places.get(place_id)

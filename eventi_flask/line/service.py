@@ -135,8 +135,8 @@ def route_order(data, key):
         return None  # 409 sales_not_open or sales_closed, at once: nothing to wait for
     line = get_line()
     force = shed or pre or current_app.config["LINE_FORCE"]
-    if force and key is not None and orders.key_used(key):
-        return None  # a retry of an order made outside the line: it answers that order (201)
+    if shed and key is not None and orders.key_used(key):
+        return None  # a retry of an order made outside the line, shed this time: it answers that order (201)
     body = json.dumps(data, sort_keys=True, separators=(",", ":"))
     place_id = new_place_id(settings.slug)
     place = {"id": place_id, "body": body, "body_hash": orders.body_hash(data),
@@ -144,7 +144,7 @@ def route_order(data, key):
              "order_key": key if key is not None else f"line:{place_id}",
              "type": data["ticket_type"], "quantity": data["quantity"]}
     try:
-        outcome, found = line.store.join(settings.slug, place, _key_hash(key), now_ms(), pre, force)
+        outcome, found, view = line.store.join(settings.slug, place, _key_hash(key), now_ms(), pre, force)
     except line.store_errors as exc:
         if force:
             raise store_unavailable(exc) from None
@@ -153,21 +153,14 @@ def route_order(data, key):
         return None
     line.admitter.start()
     if outcome == "existing":
-        return _answer_again(found, place["body_hash"], settings)
-    view = line.store.view(settings.slug, found.id, now_ms(), touch=False)
-    answer = place_body(*view, settings) if view else place_body(found, _fresh_view(found), settings)
-    return _queued_response(answer)
+        return _answer_again(found, view, place["body_hash"], settings)
+    return _queued_response(place_body(found, view, settings))
 
 
 def _valid_for(settings, data):
     """Only orders the event could take wait in its line: the rest get their 404 or 400 now."""
     most = settings.types.get(data["ticket_type"])
     return most is not None and data["quantity"] <= most
-
-
-def _fresh_view(place):
-    return {"head": place.ticket, "gone_ahead": 0, "length": 1, "tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0,
-            "opened": None}
 
 
 def _queued_response(answer, replayed=False):
@@ -180,7 +173,7 @@ def _queued_response(answer, replayed=False):
     return response
 
 
-def _answer_again(place, body_hash, settings):
+def _answer_again(place, view, body_hash, settings):
     """The same Idempotency-Key again: its place as now, or the order once made, or its refusal."""
     if place.body_hash != body_hash:
         raise ApiError(422, "idempotency_key_reused",
@@ -193,8 +186,7 @@ def _answer_again(place, body_hash, settings):
         response.headers["Idempotent-Replayed"] = "true"
         return response
     if place.status in WAITING:
-        view = get_line().store.view(settings.slug, place.id, now_ms())
-        return _queued_response(place_body(*view, settings), replayed=True)
+        return _queued_response(place_body(place, view, settings), replayed=True)
     raise refusal(place.error)
 
 
