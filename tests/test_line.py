@@ -188,17 +188,20 @@ def test_the_event_shows_its_line(client):
 def test_a_line_in_redis_is_shared_by_instances_and_survives_a_restart(app, client, wire, settings):
     set_event(app, line_max_rate=1)
     other = create_app(config.TestConfig(settings))  # another instance, same Redis and prefix
+    restarted = None
     try:
         queued = [join(client).get_json()["queue"] for _ in range(3)]
         seen_elsewhere = other.test_client().get(f"/api/queue/{queued[2]['id']}").get_json()
         assert seen_elsewhere["id"] == queued[2]["id"] and seen_elsewhere["status"] in ("queued", "admitted")
         app.extensions[LINE].stop()  # this instance "restarts": its admitter stops mid-line
-        restarted = create_app(config.TestConfig(settings)).test_client()
-        outcomes = [served(restarted, q["id"]) for q in queued]
+        restarted = create_app(config.TestConfig(settings))
+        outcomes = [served(restarted.test_client(), q["id"]) for q in queued]
         assert [o["status"] for o in outcomes] == ["admitted"] * 3
         assert len({o["order"]["id"] for o in outcomes}) == 3 == len(order_rows(app))
     finally:
-        other.extensions[LINE].stop()
+        for instance in (other, restarted):
+            if instance is not None:
+                instance.extensions[LINE].stop()
 
 
 @pytest.mark.live
@@ -286,7 +289,7 @@ def test_the_outflow_follows_answer_times_within_its_cap():
         outflow.latencies = [0.1] * 10
         outflow.adjust(shed_share=0, backlog=True)
     assert outflow.rate == 50
-    outflow.latencies = [0.2] * 8 + [1.5] * 2  # p90 past a second: less
+    outflow.latencies = [0.2] * 8 + [1.5] * 2  # p90 past 1.2 s: less
     outflow.adjust(shed_share=0, backlog=True)
     assert outflow.rate == 35
     outflow.adjust(shed_share=1, backlog=True)  # the worker itself says it is past capacity
