@@ -16,7 +16,7 @@ from eventi_flask.events.models import Event, TicketType
 from eventi_flask.extensions import db
 from eventi_flask.line.service import LINE
 from eventi_flask.orders.models import Order
-from tests.support import DEMO, event_file, toml, wait_until, when
+from tests.support import DEMO, event_file, free_port, toml, wait_until, when
 
 pytestmark = pytest.mark.env(LINE_TICK="0.1")
 
@@ -294,3 +294,16 @@ def test_the_outflow_follows_answer_times_within_its_cap():
     assert outflow.rate == 35
     outflow.adjust(shed_share=1, backlog=True)  # the worker itself says it is past capacity
     assert outflow.rate == pytest.approx(24.5)
+
+
+DEAD_REDIS = f"redis://127.0.0.1:{free_port()}/0"
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"])
+@pytest.mark.env(REDIS_URL=DEAD_REDIS, LINE_FORCE="1")
+def test_a_line_whose_redis_is_away_answers_503_busy_and_saves_nothing(app, client, wire):
+    answer = join(client)
+
+    assert answer.status_code == 503 and answer.get_json()["error"]["code"] == "busy"
+    assert "Retry-After" in answer.headers and order_rows(app) == []
+    assert client.get("/api/events/test-this-end-to-end").get_json()["line"] is None
