@@ -171,8 +171,8 @@ class Admitter:
         if settings is None:
             return
         outflow = self.outflows.get(slug)
-        if outflow is None:
-            outflow = self.outflows[slug] = Outflow(self.start_rate, settings.max_rate)
+        if outflow is None:  # from the rate last measured, if higher: a new lead does not start the ramp again
+            outflow = self.outflows[slug] = Outflow(max(self.start_rate, store.summary(slug)["rate"]), settings.max_rate)
         now_ms = service.now_ms()
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
         if left:
