@@ -146,6 +146,7 @@ def post_worker_init(worker):
 
     import gevent
 
+    from eventi_flask.line.service import LINE
     from eventi_flask.notify.service import HUB
 
     serve_requests_already_sent()
@@ -156,11 +157,13 @@ def post_worker_init(worker):
 
     start_sender(worker.wsgi)  # the tickets' SMS and email, from this worker's event loop (MESSAGES_SENDER)
     hub = worker.wsgi.extensions[HUB]
+    admitter = worker.wsgi.extensions[LINE].admitter
     stop_accepting = worker.handle_exit
 
     def handle_exit(sig, frame):
         stop_accepting(sig, frame)
         gevent.spawn(hub.shut_down)  # out of the signal handler, as gunicorn does for SIGQUIT
+        gevent.spawn(admitter.shut_down)  # another worker admits the lines this one did (line/admitter.py)
 
     signal.signal(signal.SIGTERM, handle_exit)
     signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn's init_signals leaves it

@@ -16,6 +16,7 @@ from config import TestConfig  # noqa: E402
 from eventi_flask import create_app, database  # noqa: E402
 from eventi_flask.extensions import db  # noqa: E402
 from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
+from eventi_flask.line.service import LINE  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
 from eventi_flask.orders import missed_callbacks  # noqa: E402
 from eventi_flask.payhero import sandbox, verify  # noqa: E402
@@ -77,6 +78,7 @@ def app(settings):
     verify.stop(app)  # no re-verification outlives its test (and its PayHero stand-in)
     missed_callbacks.stop(app)  # nor a worker's asking about orders with no callback
     sandbox.stop(app)  # nor a sandbox callback: it would land in the next test's `wire`
+    app.extensions[LINE].stop()  # no admitter ticks on into the next test
     with app.app_context():
         get_hub().stop()
         db.session.remove()

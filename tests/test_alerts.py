@@ -23,6 +23,7 @@ REQUIRED = {  # what issue 17 asks to be alerted on, by the alert that does it
     "waits refused": "EventiWaitsRefused",
     "database unavailable": "EventiDatabaseUnavailable",
     "the outbox stalls (issue 25)": "EventiOutboxStalled",
+    "a stalled line (issue 23)": "EventiLineStalled",
 }
 
 
