@@ -43,6 +43,13 @@ def redis_connection(url, name):
     return pool.make_connection()
 
 
+
+def log_sent(replies):
+    """API.md's "Redis notification sent", once Redis has taken a message's every command."""
+    if replies and not any(isinstance(reply, Exception) for reply in replies):
+        log.info("Redis notification sent")
+
+
 class Publisher:
     """One connection, one greenlet; submit() only queues."""
 
@@ -130,9 +137,6 @@ class Publisher:
         if not self._up:
             log.info("Redis Publisher connected%s", self._where)
             self._up = True
-        for _, _, answers in batch:
-            if not any(isinstance(answer, Exception) for answer in answers):
-                log.info("Redis notification sent")
 
     def _send(self, commands):
         self._reused = self._conn is not None
