@@ -137,9 +137,13 @@ def redis_client():
     client.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_server_factory(tmp_path_factory):
-    """start(**env) -> a LiveServer running gunicorn from the Procfile; stopped at the end."""
+    """start(**env) -> a LiveServer running gunicorn from the Procfile; stopped at the end of the module.
+
+    Not kept for the whole session: each server's workers keep database connections open (their pools,
+    the line's admitter, the outbox's sender, the asks for missed callbacks), and PostgreSQL's 100 would
+    run out."""
     servers = []
 
     def start(**env):
@@ -149,5 +153,11 @@ def live_server_factory(tmp_path_factory):
         return server.start()
 
     yield start
-    for server in servers:
-        server.stop()
+    failures = []
+    for server in servers:  # every one, even when stopping another failed
+        try:
+            server.stop()
+        except Exception as exc:  # noqa: BLE001 - reported below, after the rest are stopped
+            failures.append(exc)
+    if failures:
+        raise failures[0]

@@ -170,7 +170,7 @@ def _send_callback(url, order_id, body, retry_for):
         try:
             response = _callback_session(url).post(url, json=body, timeout=(5, 10))
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            error = exc  # it may or may not have landed: send again
+            error = str(exc) or exc.__class__.__name__  # it may or may not have landed: send again
         except requests.RequestException as exc:  # a bad URL, say: sending again would not help
             log.error("Sandbox PayHero could not send the callback for %s: %s", order_id, exc)
             return
