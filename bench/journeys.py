@@ -71,20 +71,35 @@ class Buyer:
 async def journey(host, port, buyer, args, deadline):
     loop = asyncio.get_running_loop()
     conn = Conn(host, port)
+    buyer.arrived_at = loop.time()
+    answer = await post_until_answered(conn, buyer, args)
+    if answer is None:
+        return
+    order = answer.json()
+    buyer.served_at = loop.time()
+    buyer.order_ids.add(order["id"])
+    buyer.watch = Watch(order)
+    await follow(host, port, buyer.watch, args.timeout, deadline, retry_refused=True, conn=conn)
+
+
+async def post_until_answered(conn, buyer, args, accepted=(200, 201)):
+    """POST the buyer's order on its connection, with an Idempotency-Key, as the checkout page does: a 503 busy or
+    429 again after Retry-After, a lost connection after a short backoff, with the same key; the answer whose
+    status is `accepted`, or None (the connection closed) when refused or not answered within --give-up."""
+    loop = asyncio.get_running_loop()
     body = json.dumps({**ORDER_BODY, "phone": buyer.phone}).encode()
     headers = {"Idempotency-Key": uuid.uuid4().hex}
-    buyer.arrived_at = loop.time()
-    give_up = buyer.arrived_at + args.give_up
+    give_up = loop.time() + args.give_up
     failures = 0
     while True:
         if loop.time() > give_up:
             buyer.error = f"not served in {args.give_up:g} s"
             conn.close()
-            return
+            return None
         answer, status, took = await post_order(conn, body, headers, args.order_timeout)
         buyer.answers.append((status, took))
-        if answer is not None and status in (200, 201):
-            break
+        if answer is not None and status in accepted:
+            return answer
         if answer is not None and status not in SHED:
             # A refusal after the order was saved (502: PayHero refused) names the order it kept:
             # it is this buyer's, not a duplicate.
@@ -92,14 +107,9 @@ async def journey(host, port, buyer, args, deadline):
                 buyer.order_ids.add(answer.headers["x-order-id"])
             buyer.error = f"{status} {answer.body[:120]!r}"
             conn.close()
-            return
+            return None
         failures += 1
         await asyncio.sleep(answer.retry_after() if answer is not None else backoff(failures))
-    order = answer.json()
-    buyer.served_at = loop.time()
-    buyer.order_ids.add(order["id"])
-    buyer.watch = Watch(order)
-    await follow(host, port, buyer.watch, args.timeout, deadline, retry_refused=True, conn=conn)
 
 
 def callback_due_ms(order, delay):

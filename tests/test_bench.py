@@ -55,6 +55,18 @@ def test_overload_serves_every_buyer_once_and_makes_no_duplicate(tmp_path):
     assert run["order_answer_ms"]["n"] == run["order_answers"] >= 40
 
 
+def test_line_answers_every_buyer_at_once_and_serves_each_once_in_the_order_they_joined(tmp_path):
+    line, run = run_mode(tmp_path, "line", "--buyers", "40", "--rate", "40", "--timeout", "20", "--leave-share", "0.25",
+                         "--patience", "4", "--server-env", "SANDBOX_CALLBACK_DELAY=0.5", "--server-env", "LINE_PATIENCE=4")
+    assert "40 buyers at 40/s (leaving 0.25)" in line and "fairness" in line
+    assert run["order_answers_5xx"] == 0 and set(run["order_statuses"]) <= {"201", "202"}
+    assert run["order_answer_ms"]["n"] == run["order_answers"] >= 40
+    assert run["served_exactly_once"] == run["admitted"] == run["journeys"] > 0
+    assert run["duplicate_orders"] == 0 and run["wrong_outcomes"] == 0
+    assert run["tickets_held"] == run["tickets_paid"] + run["tickets_pending"]
+    assert run["fairness_s"] is not None and run["worker_cpu_ms_per_journey"] > 0
+
+
 def test_a_mistake_in_the_options_is_one_line_and_a_non_zero_exit():
     done = bench("journeys", "--rate", "-5", timeout=60)
     assert done.returncode == 2 and done.stderr == "python -m bench: error: --rate must be positive\n"

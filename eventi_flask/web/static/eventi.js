@@ -271,11 +271,13 @@ const lineKey = (slug) => `eventi:line:${slug}`;
 const ADMITTED_PAUSE_MS = 1500;
 // A screen reader hears the place again at most this often; a change of state is said at once.
 const LINE_ANNOUNCE_EVERY_MS = 30000;
-// Between two answers that moved the place, wait about a twentieth of the estimate, 1 to 5 s: a long
-// line is told of its place a dozen times, not every second, which spares a slow network and the
-// server (the next ask, since the last version, answers at once with the place as it is then).
+// Between two answers that moved the place, wait a twentieth of the estimate, 1 to 10 s: a place far
+// back is told of its moves every few seconds, not every second, which spares a slow network and the
+// server (the next ask, since the last version, answers at once with the place as it is then); near
+// the front, every second. bench/line.py waits the same.
 const LINE_ASK_MIN_MS = 1000;
-const LINE_ASK_MAX_MS = 5000;
+const LINE_ASK_MAX_MS = 10000;
+const LINE_ASK_SHARE_OF_ESTIMATE = 1 / 20;
 
 function checkoutLine(card, { slug, form, sales, send }) {
   const holdSeconds = Number(card.dataset.holdSeconds);
@@ -381,7 +383,7 @@ function checkoutLine(card, { slug, form, sales, send }) {
       onConnection: connection,
       async settled(answer) {
         if (settled(answer)) return true;
-        await pause(Math.min(LINE_ASK_MAX_MS, Math.max(LINE_ASK_MIN_MS, answer.estimated_wait_s * 50)));
+        await pause(Math.min(LINE_ASK_MAX_MS, Math.max(LINE_ASK_MIN_MS, answer.estimated_wait_s * 1000 * LINE_ASK_SHARE_OF_ESTIMATE)));
         return false;
       },
     });
