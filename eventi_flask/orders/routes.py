@@ -47,14 +47,6 @@ def create_order():
           headers:
             Location: {description: "/api/orders/<id>", required: true, schema: {type: string}}
           content: {application/json: {schema: OrderSchema}}
-        202:
-          description: >
-            A place in the event's line (more buyers than orders are served, or before sales open);
-            nothing is reserved yet.  Follow it with GET /api/queue/<id>/wait: when its turn comes the
-            order is made with this body.  The same Idempotency-Key answers the same place.
-          headers:
-            Location: {description: "/api/queue/<id>", required: true, schema: {type: string}}
-          content: {application/json: {schema: QueuedSchema}}
         400: BadRequest
         404: NotFound
         409: Conflict

@@ -2,7 +2,7 @@
 from flask import current_app
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
 
-from ..errors import ApiError, ErrorDetailSchema
+from ..errors import ApiError
 from .models import as_utc
 from .phone import PHONE_WITH_SEPARATORS, mask_phone, normalize_phone
 from .state import Status
@@ -156,38 +156,6 @@ class OrderSchema(Schema):
     updated_at = _required(fields.DateTime)
     payment = _required(fields.Nested, PaymentSchema)
     tickets = fields.List(fields.Nested(TicketSchema), metadata={"description": "Once completed: one per ticket"})
-
-
-# The event's line (API.md, "The line"): POST's 202 and the place's own routes answer these.
-PLACE_STATUSES = ("queued", "admitted", "sold_out", "refused", "left")
-
-
-class QueuePlaceSchema(Schema):
-    """A place in the line as POST's 202 gives it."""
-    id = _required(fields.String, metadata={"description": "Unguessable; GET /api/queue/<id> and its wait"})
-    position = _required(fields.Integer, validate=validate.Range(min=0), metadata={"description": "1 = next"})
-    ahead = _required(fields.Integer, validate=validate.Range(min=0), metadata={"description": "People ahead"})
-    estimated_wait_s = _required(fields.Integer, validate=validate.Range(min=0),
-                                 metadata={"description": "The people ahead over the measured serving rate"})
-    version = _required(fields.Integer, validate=validate.Range(min=0),
-                        metadata={"description": "Moves when the place moves (at most once a second) or ends"})
-
-
-class QueuedSchema(Schema):
-    """POST /api/orders's 202: a place in the line, nothing reserved yet."""
-    status = _required(fields.String, validate=validate.OneOf(["queued"]))
-    queue = _required(fields.Nested, QueuePlaceSchema)
-
-
-class QueuePlaceStateSchema(QueuePlaceSchema):
-    """A place as GET /api/queue/<id> and its wait give it: where it stands, and how it ended."""
-    status = _required(fields.String, validate=validate.OneOf(PLACE_STATUSES), metadata={
-        "description": "admitted: its order was made (as POST would have, STK push included); sold_out, refused "
-                       "(with POST's error) and left (its page stopped asking for LINE_PATIENCE) end it too"})
-    order = _required(fields.Nested, OrderSchema, allow_none=True,
-                      metadata={"description": "Once admitted: the order POST would have answered 201"})
-    error = _required(fields.Nested, ErrorDetailSchema, allow_none=True,
-                      metadata={"description": "When sold_out or refused: the error POST would have given"})
 
 
 def field_errors(err):
