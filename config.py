@@ -202,6 +202,14 @@ class Config:
             raise ConfigError(f"ORDER_SHED_LAG must be two ascending seconds such as '0.02,0.1' or 'off', "
                               f"got {env.get('ORDER_SHED_LAG')!r}")
         self.PROXY_HOPS = read_number(env, "PROXY_HOPS", 0, minimum=0, maximum=10)
+        # The line (eventi_flask/line): seconds a place is kept without its page asking (then `left`);
+        # LINE_FORCE=1 sends every order of an event whose line is on into the line (tests, demos, rehearsals);
+        # LINE_TICK: seconds between two moves of the line; LINE_START_RATE: orders a second admitted
+        # before any has been measured (the admitter then follows what the service takes).
+        self.LINE_PATIENCE = read_number(env, "LINE_PATIENCE", 60.0, float, minimum=1)
+        self.LINE_FORCE = _flag(env, "LINE_FORCE")
+        self.LINE_TICK = read_number(env, "LINE_TICK", 1.0, float, minimum=0.05, maximum=10)
+        self.LINE_START_RATE = read_number(env, "LINE_START_RATE", 20.0, float, minimum=0.1)
 
         self.RECONCILE_AFTER = read_number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)
         self.RECONCILE_EXPIRE_AFTER = read_number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)

@@ -39,6 +39,14 @@ orders_shed = Counter("eventi_orders_shed_total", "Orders answered 503 busy befo
                       registry=registry)
 loop_lag = Gauge("eventi_event_loop_lag_seconds", "Moving average of how late this worker's event loop runs, "
                  "as arriving orders measure it (ORDER_SHED_LAG)", registry=registry)
+line_length = Gauge("eventi_line_length", "Places waiting in an event's line (set by the worker admitting it)",
+                    ["event"], registry=registry)
+line_admitted = Counter("eventi_line_admitted_total", "Places whose turn came, by what their order became",
+                        ["event", "outcome"], registry=registry)
+line_left = Counter("eventi_line_left_total", "Places left: their page stopped asking (LINE_PATIENCE)", ["event"],
+                    registry=registry)
+line_wait = Histogram("eventi_line_wait_seconds", "From joining an event's line to its turn", registry=registry,
+                      buckets=(1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200))
 wait_rejected = Counter("eventi_wait_rejected_total", "Wait requests refused by a limit", ["limit"], registry=registry)
 # A collection stops every greenlet of the worker at once: with thousands of waits held,
 # a full one shows as a latency spike for everyone, so its pauses are worth seeing.

@@ -16,6 +16,7 @@ from config import TestConfig  # noqa: E402
 from eventi_flask import create_app, database  # noqa: E402
 from eventi_flask.extensions import db  # noqa: E402
 from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
+from eventi_flask.line.service import LINE  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
 from eventi_flask.payhero import sandbox, verify  # noqa: E402
 from tests.support import REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
@@ -75,6 +76,7 @@ def app(settings):
     yield app
     verify.stop(app)  # no re-verification outlives its test (and its PayHero stand-in)
     sandbox.stop(app)  # nor a sandbox callback: it would land in the next test's `wire`
+    app.extensions[LINE].stop()  # no admitter ticks on into the next test
     with app.app_context():
         get_hub().stop()
         db.session.remove()

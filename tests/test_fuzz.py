@@ -8,12 +8,16 @@ the demo event (which the sandbox then pays).  Derandomised
 (the same cases every run) and bounded per operation, so a failure
 reproduces and the run stays short.
 """
+import json
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from eventi_flask.line import service as line
+from eventi_flask.orders.service import body_hash
 from tests.support import DEMO, wait_until
 
 FUZZ = settings(max_examples=30, derandomize=True, database=None, deadline=None,
@@ -34,6 +38,16 @@ def _real_orders(client):
     return [completed["id"], pending["id"]]
 
 
+def _real_place(app):
+    """A place in the demo event's line, as a POST past capacity would have taken it."""
+    with app.test_request_context():
+        data = {**DEMO, "phone": "254712345678"}
+        place = {"id": line.new_place_id(DEMO["event"]), "body": json.dumps(data), "body_hash": body_hash(data),
+                 "order_key": "fuzz", "type": DEMO["ticket_type"], "quantity": 1}
+        _, joined = line.get_line().store.join(DEMO["event"], place, None, 0, False, True)
+    return joined.id
+
+
 def _about(order_id):
     """Point a generated callback body at a real order (still a body the document allows)."""
     def point(body):
@@ -49,9 +63,11 @@ def _for_the_demo_event(body):
         body.update(event=DEMO["event"], ticket_type=DEMO["ticket_type"])
 
 
-def _runs(operation, mode, order_ids):
+def _runs(operation, mode, order_ids, place_id):
     """(path parameters, change to the body) for each run over `operation`."""
     runs = [({}, None)]
+    if "{place_id}" in operation.path:
+        runs.append(({"place_id": place_id}, None))
     if "{slug}" in operation.path:
         runs.append(({"slug": DEMO["event"]}, None))
     if "{order_id}" in operation.path:
@@ -92,10 +108,11 @@ def test_every_operation_answers_as_documented(app, client, wire, mode):
     order_ids = _real_orders(client)
     operations = [result.ok() for result in schema.get_all_operations()]
     # All of them but GET /api/openapi.json itself, which schemathesis leaves out (test_openapi.py covers it).
-    assert len(operations) == 7
+    place_id = _real_place(app)
+    assert len(operations) == 9
     failures = []
     for operation in operations:
         query = token if operation.path == "/api/payhero/callback" else None
-        for path_parameters, change_body in _runs(operation, mode, order_ids):
+        for path_parameters, change_body in _runs(operation, mode, order_ids, place_id):
             _fuzz(operation, mode, query, path_parameters, change_body, failures)
     assert not failures, "\n\n".join(failures)

@@ -7,6 +7,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
+from eventi_flask.events.models import Event
 from eventi_flask.extensions import db
 from eventi_flask.orders.models import Order
 from tests.support import DEMO
@@ -128,6 +129,9 @@ def test_identical_keyed_orders_racing_on_two_workers_make_one_order(live_server
 
 @pytest.mark.env(ORDER_SHED_LAG="0,0")  # every order shed: the limit forced down
 def test_a_shed_order_is_503_busy_with_a_spread_retry_after_and_reserves_nothing(app, client, wire):
+    with app.app_context():  # no line to hold them ([event.line] enabled = false; tests/test_line.py has the line)
+        db.session.execute(db.update(Event).values(line_enabled=False))
+        db.session.commit()
     left, shed_before = tickets_left(client), orders_shed(client)
 
     answers = [post_order(client, key=str(uuid.uuid4())) for _ in range(20)]

@@ -9,6 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..clock import east_africa_time
 from ..database import cause, is_unavailable
 from ..extensions import db
+from ..line import service as line
 from . import service
 
 # The demo event (API.md: test-this-end-to-end) is an event file like any organizer's.
@@ -111,6 +112,20 @@ def show_command(slug):
     totals = {column: sum(tt[column] for tt in event["ticket_types"]) for column in ("sold", "pending", "revenue")}
     click.echo(f"  {'all':<20}{'':>24}" + "".join(f"{totals[column]:>12,}" for column in ("sold", "pending"))
                + f"{'':>12}{totals['revenue']:>12,}")
+    click.echo(_line_text(slug, event))
+
+
+def _line_text(slug, event):
+    """The event's line in words: its settings, and how long it is now."""
+    if not event["line"]["enabled"]:
+        return "line: off (past capacity, orders are answered 503 busy)"
+    cap = f", at most {event['line']['max_rate']}/s" if event["line"]["max_rate"] else ""
+    settings = f"pre-queue {event['line']['pre_queue_minutes']} min before sales open{cap}"
+    now = line.event_summary(slug)
+    if now is None:
+        return f"line: on ({settings}); its store cannot be reached"
+    return (f"line: {now['length']:,} waiting, serving {now['serving_rate']:g}/s, about {now['estimated_wait_s']} s "
+            f"to the last ({settings})")
 
 
 def init_app(app):

@@ -2,6 +2,7 @@
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, String
+from sqlalchemy import true as sa_true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from ..clock import as_utc
@@ -22,6 +23,11 @@ class Event(db.Model):
     # The sales window: no start means on sale at once, no end means until the event starts.
     sales_start: Mapped[datetime | None] = mapped_column(db.DateTime(timezone=True))
     sales_end: Mapped[datetime | None] = mapped_column(db.DateTime(timezone=True))
+    # The line ([event.line] in the event file, API.md "The line"): on by default; an optional cap on
+    # orders admitted a second (what PayHero takes), and how long before sales_start arrivals may wait.
+    line_enabled: Mapped[bool] = mapped_column(default=True, server_default=sa_true())
+    line_max_rate: Mapped[int | None]
+    line_pre_queue_minutes: Mapped[int] = mapped_column(default=15, server_default="15")
     ticket_types: Mapped[list["TicketType"]] = relationship(back_populates="event", order_by="TicketType.price")
 
     @property

@@ -1,6 +1,7 @@
 """The events API: thin views over the service layer."""
 from flask import Blueprint, jsonify
 
+from ..line import service as line
 from . import service
 
 bp = Blueprint("events", __name__, url_prefix="/api")
@@ -18,4 +19,4 @@ def event(slug):
         404: NotFound
         503: ServiceUnavailable
     """
-    return jsonify(service.event_by_slug(slug))
+    return jsonify({**service.event_by_slug(slug), "line": line.event_summary(slug)})

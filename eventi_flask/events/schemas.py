@@ -2,7 +2,7 @@
 (plain dicts, described for the OpenAPI document by the schemas)."""
 from datetime import datetime, timezone
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from ..clock import utcnow
 from ..orders.schemas import StrictInteger, Text, _required, isoformat
@@ -33,6 +33,21 @@ def _text(max_length, **kwargs):
     return Text(validate=validate.Length(min=1, max=max_length), **kwargs)
 
 
+class LineSection(Schema):
+    """[event.line]: the fair line at sales open (API.md, "The line")."""
+
+    class Meta:
+        unknown = RAISE
+
+    enabled = fields.Boolean(load_default=True, truthy={True}, falsy={False})
+    max_rate = StrictInteger(load_default=None, validate=validate.Range(min=1, error="Must be 1 or more orders a second."))
+    pre_queue_minutes = StrictInteger(load_default=15, validate=validate.Range(min=0, max=24 * 60,
+                                                                               error="Must be 0 to 1440 minutes."))
+
+
+LINE_DEFAULTS = LineSection().load({})
+
+
 class EventSection(Schema):
     class Meta:
         unknown = RAISE
@@ -43,6 +58,14 @@ class EventSection(Schema):
     starts_at = AwareDateTime(required=True)
     sales_start = AwareDateTime(load_default=None)
     sales_end = AwareDateTime(load_default=None)
+    line = fields.Nested(LineSection, load_default=lambda: dict(LINE_DEFAULTS))
+
+    @post_load
+    def _line_columns(self, data, **kwargs):
+        """[event.line]'s settings as the event's columns (line_enabled, line_max_rate, line_pre_queue_minutes)."""
+        line = data.pop("line")
+        data.update({f"line_{name}": value for name, value in line.items()})
+        return data
 
     @validates_schema
     def _window_is_a_window(self, data, **kwargs):
@@ -119,6 +142,8 @@ class EventSchema(Schema):
     on_sale = _required(fields.Boolean, metadata={"description": "Now between sales_start and sales_end"})
     currency = _required(fields.String, validate=validate.OneOf(["KES"]))
     ticket_types = _required(fields.List, fields.Nested(TicketTypeSchema))
+    line = _required(fields.Nested, "EventLineSchema", allow_none=True,
+                     metadata={"description": "The event's line now; null while its store cannot be reached"})
 
 
 def _isoformat_or_none(moment):

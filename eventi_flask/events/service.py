@@ -156,4 +156,7 @@ def event_sales(slug):
         ticket_types.append({"id": tt.code, "name": tt.name, "price": tt.price, "quantity": tt.capacity,
                              "sold": int(sold), "pending": int(pending), "available": tt.available,
                              "revenue": int(revenue), "max_per_order": tt.max_per_order})
-    return {**serialize_event(event), "sales_state": event.sales_state(utcnow()), "ticket_types": ticket_types}
+    line = {"enabled": event.line_enabled, "max_rate": event.line_max_rate,
+            "pre_queue_minutes": event.line_pre_queue_minutes}
+    return {**serialize_event(event), "sales_state": event.sales_state(utcnow()), "ticket_types": ticket_types,
+            "line": line}

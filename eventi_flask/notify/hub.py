@@ -126,17 +126,18 @@ class Hub:
         """fetch_versions(ids) -> {id: version}, one batched database read."""
         self._version_source = fetch_versions
 
-    def watch(self, order_id, client=None):
+    def watch(self, order_id, client=None, shared=False):
         """Register a waiter; return it once a change to the order can no longer be missed.
 
         `client`: the request's socket, if the server gives it (departure.client_socket):
-        the waiter then also wakes when its client leaves.
+        the waiter then also wakes when its client leaves.  `shared`: a channel every waiter of a
+        line listens to (line/service.py), not one order's: no per-order limit.
         """
         waiters = self._waiters.get(order_id)
         if self._count >= self.max_per_worker:
             metrics.wait_rejected.labels("worker").inc()
             raise WaitLimitReached("worker")
-        if waiters and len(waiters) >= self.max_per_order:
+        if waiters and not shared and len(waiters) >= self.max_per_order:
             metrics.wait_rejected.labels("order").inc()
             raise WaitLimitReached("order")
         self._start_background()

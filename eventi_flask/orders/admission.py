@@ -19,7 +19,6 @@ Each reservation's time goes into a second moving average, which decays while no
 (so a worker that sheds every order comes back); an order is shed by whichever signal asks more.
 """
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -56,15 +55,18 @@ class Admission:
         self.shedding = False
 
     def admit(self):
-        """True to go on with an arriving order; False to shed it."""
-        started = time.perf_counter()
-        gevent.sleep(PROBE_SECONDS)  # a timer: it fires after a whole turn of the loop, I/O included
-        self.lag += (max(time.perf_counter() - started - PROBE_SECONDS, 0) - self.lag) * SMOOTHING
-        shed_share = max(_share(self.lag, self.shed_from, self.shed_all_at),
-                         _share(self._reservation_now(), *RESERVATION_SHED))
+        """True to go on with an arriving order; False to shed it (or to send it to its event's line)."""
+        shed_share = self.shed_share()
         admitted = shed_share <= 0 or (shed_share < 1 and random.random() >= shed_share)
         self._note(admitted)
         return admitted
+
+    def shed_share(self):
+        """The share of arriving orders this worker would shed now, 0 to 1 (the line's admitter reads it too)."""
+        started = time.perf_counter()
+        gevent.sleep(PROBE_SECONDS)  # a timer: it fires after a whole turn of the loop, I/O included
+        self.lag += (max(time.perf_counter() - started - PROBE_SECONDS, 0) - self.lag) * SMOOTHING
+        return max(_share(self.lag, self.shed_from, self.shed_all_at), _share(self._reservation_now(), *RESERVATION_SHED))
 
     def reserved(self, seconds):
         """An admitted order's reservation took `seconds` (waiting for the database included)."""
@@ -76,8 +78,6 @@ class Admission:
 
     def _note(self, admitted):
         metrics.loop_lag.set(self.lag)
-        if not admitted:
-            metrics.orders_shed.inc()
         # One line when shedding starts and one when every order is admitted again, not one per order.
         if not admitted and not self.shedding:
             self.shedding = True
@@ -110,20 +110,10 @@ def reservation_timed():
 
 
 def busy():
+    """503 `busy`: nothing saved or reserved, and no line to hold the buyer (counted as shed)."""
+    metrics.orders_shed.inc()
     return ApiError(503, "busy", "Many people are buying right now; please try again in a few seconds.",
                     headers={"Retry-After": str(random.randint(*RETRY_AFTER_SECONDS))})
-
-
-def shed_when_busy(view):
-    """Decorate POST /api/orders: 503 `busy` when this worker is past what it can answer quickly."""
-    @functools.wraps(view)
-    def admitted_only(*args, **kwargs):
-        admission = current_app.extensions.get(EXTENSION)
-        if admission is not None and not admission.admit():
-            raise busy()
-        return view(*args, **kwargs)
-
-    return admitted_only
 
 
 def init_app(app):

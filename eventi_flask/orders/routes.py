@@ -5,8 +5,8 @@ from marshmallow import ValidationError
 from ..errors import ApiError
 from ..notify.departure import client_socket
 from ..security import limit_order_creation
+from ..line import service as line
 from . import service
-from .admission import shed_when_busy
 from .schemas import OrderCreateSchema, WaitArgsSchema, field_errors, idempotency_key
 
 bp = Blueprint("orders", __name__, url_prefix="/api")
@@ -23,7 +23,6 @@ def _load(schema, data, message):
 
 
 @bp.post("/orders")
-@shed_when_busy
 @limit_order_creation
 def create_order():
     """Save a pending order, then ask PayHero to send the STK push.
@@ -47,6 +46,13 @@ def create_order():
           headers:
             Location: {description: "/api/orders/<id>", required: true, schema: {type: string}}
           content: {application/json: {schema: OrderSchema}}
+        202:
+          description: >
+            A place in the event's line (more buyers than are served quickly, or before sales open);
+            nothing reserved yet.  Follow it with GET /api/queue/<id>/wait.
+          headers:
+            Location: {description: "/api/queue/<id>", required: true, schema: {type: string}}
+          content: {application/json: {schema: QueuedSchema}}
         400: BadRequest
         404: NotFound
         409: Conflict
@@ -61,6 +67,9 @@ def create_order():
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "Send the order as a JSON object.")
     data = _load(order_create_schema, body, "Some details need fixing.")
+    queued = line.route_order(data, key)  # past what is served quickly, or while a line waits: the line
+    if queued is not None:
+        return queued
     order, replayed = service.create_order(data, key)
     response = jsonify(order)
     response.status_code = 201

@@ -297,6 +297,11 @@ def _first_answer_for(claim, own_order, data):
         pause = min(pause * 2, longest_pause)
 
 
+def key_used(key):
+    """True when the Idempotency-Key `key` already made (or is making) an order: a retry goes to that order."""
+    return _read_key(key) is not None
+
+
 def _read_key(key):
     try:
         return rows.read_key(db.session.connection(), key)

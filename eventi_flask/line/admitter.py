@@ -1,0 +1,241 @@
+"""The line's outflow: one admitter per event, which makes the orders of the places whose turn came.
+
+Every worker runs this loop; for each event with a line, the one holding the event's lease (a short
+Redis key, SET NX PX, renewed every tick by its owner) admits.  One admitter means one order of
+service, one measured rate, and one message per tick; a worker that dies stops renewing and another
+takes over within LEASE_TICKS ticks.  Each tick it:
+
+1. marks `left` the places whose pages stopped asking (LINE_PATIENCE);
+2. at sales_start, shuffles the pre-queue (once);
+3. takes the next places in join order, as many as the outflow allows, and makes each one's order
+   through orders.service.create_order with the Idempotency-Key stored in the place when it joined:
+   a retry of an admission (this worker died mid-way, the next admitter tries again) answers the
+   order already made instead of making a second one;
+4. publishes one message for the event (its head, the tickets gone out of the middle, the measured
+   rate) through the notification hub: one message per worker, whatever the number of waiters.
+
+The outflow follows what the service takes: it grows while admitted orders are answered well within
+the 2 s target and this worker's admission signals (event-loop lag, reservation time) say there is
+room, and shrinks when either says otherwise (an additive-increase, multiplicative-decrease loop on
+measured order latency), capped by the event's max_rate.
+"""
+import json
+import logging
+import os
+import random
+import socket
+import time
+
+import gevent
+from flask import current_app
+
+from .. import metrics
+from ..clock import utcnow
+from ..orders.schemas import isoformat
+from ..errors import ApiError
+from ..notify.service import get_hub
+from ..orders import service as orders
+from ..orders.admission import EXTENSION as ADMISSION
+from . import service
+
+log = logging.getLogger(__name__)
+
+LEASE_TICKS = 3  # the lease outlives this many ticks without renewal
+SWEEP_LIMIT = 2000  # places marked left per tick at most
+IDLE_SECONDS = 60  # an event with an empty line and no joins for this long leaves the active set
+# The outflow's control: p90 of admitted orders' answer time above SLOW shrinks it, below FAST grows it.
+SLOW, FAST = 1.0, 0.5
+INCREASE, DECREASE, MIN_RATE = 1.2, 0.7, 1.0
+IN_FLIGHT_SECONDS = 2.0  # orders being made at once at most: this many seconds of the outflow (and 4)
+RATE_SMOOTHING = 0.2  # weight of the newest tick in the measured serving rate
+RATE_FALL_PER_SECOND = 0.98  # the rate shown falls at most this much a second, so estimates rise gently
+
+
+class Outflow:
+    """How many places one event admits each tick, and the serving rate its estimates use."""
+
+    def __init__(self, start, cap):
+        self.cap = cap
+        self.rate = min(start, cap) if cap else start
+        self.allowance = 0.0
+        self.latencies = []
+        self.measured = 0.0  # places served a second, smoothed
+        self.share = 0.0  # of the places leaving the line, those who left (gave up), smoothed
+        self.in_flight = set()
+
+    def adjust(self, shed_share, backlog):
+        recent = sorted(self.latencies)
+        self.latencies = []
+        slow = recent[int(len(recent) * 0.9)] if recent else None
+        if shed_share > 0 or (slow is not None and slow > SLOW):
+            self.rate = max(MIN_RATE, self.rate * DECREASE)
+        elif backlog and ((slow is not None and slow < FAST) or not self.in_flight):
+            self.rate = self.rate * INCREASE + 1
+        if self.cap:
+            self.rate = min(self.rate, self.cap)
+
+    def budget(self, seconds):
+        self.allowance = min(self.allowance + self.rate * seconds, self.rate * seconds * 2)
+        room = max(int(self.rate * IN_FLIGHT_SECONDS), 4) - len(self.in_flight)
+        count = max(min(int(self.allowance), room), 0)
+        self.allowance -= count
+        return count
+
+    def measure(self, served, left, seconds):
+        rate = served / seconds
+        smoothed = self.measured + (rate - self.measured) * RATE_SMOOTHING
+        self.measured = max(smoothed, self.measured * RATE_FALL_PER_SECOND ** seconds)
+        if served + left:
+            self.share += (left / (served + left) - self.share) * RATE_SMOOTHING
+
+
+class Admitter:
+    def __init__(self, app, line):
+        self.app = app
+        self.line = line
+        self.tick_seconds = app.config["LINE_TICK"]
+        self.patience_ms = int(app.config["LINE_PATIENCE"] * 1000)
+        self.start_rate = app.config["LINE_START_RATE"]
+        # An order whose making began this long ago and never finished: its admitter died; try again.
+        self.stalled_ms = int((app.config["PAYHERO_CONNECT_TIMEOUT"] + app.config["PAYHERO_READ_TIMEOUT"] + 5) * 1000)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self.outflows = {}  # slug -> Outflow, for the events whose lease this worker holds
+        self.opened = set()  # slugs whose pre-queue was shuffled (or found shuffled)
+        self.changed = set()  # slugs where a place was served or refused since the last tick
+        self._greenlet = None
+
+    def start(self):
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run_forever)
+
+    def stop(self):
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+            self._greenlet = None
+
+    def _run_forever(self):
+        failing = False
+        while True:
+            gevent.sleep(self.tick_seconds)
+            try:
+                with self.app.app_context():
+                    for slug in self.line.store.active_events():
+                        self.tick(slug)
+                if failing:
+                    log.info("The line's admitter works again")
+                failing = False
+            except self.line.store_errors as exc:
+                if not failing:  # one line per outage, not one per tick
+                    log.warning("The line's admitter cannot reach its store: %s", exc)
+                failing = True
+            except Exception:
+                log.exception("The line's admitter failed a tick")
+
+    def tick(self, slug):
+        """One move of `slug`'s line, if this worker holds its lease."""
+        store = self.line.store
+        if not store.lease(slug, self.owner, int(self.tick_seconds * LEASE_TICKS * 1000)):
+            if self.outflows.pop(slug, None) is not None:
+                metrics.line_length.labels(slug).set(0)  # its new admitter's worker tells the length now
+            return
+        settings = service.event_line(slug)
+        if settings is None:
+            return
+        outflow = self.outflows.get(slug)
+        if outflow is None:
+            outflow = self.outflows[slug] = Outflow(self.start_rate, settings.max_rate)
+        now_ms = service._now_ms()
+        left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
+        if left:
+            metrics.line_left.labels(slug).inc(left)
+        moved = bool(left) or slug in self.changed
+        self.changed.discard(slug)
+        served = 0
+        if settings.seconds_to_opening(utcnow()) <= 0:  # before sales_start the pre-queue only waits
+            moved |= self._open(slug)
+            self._retry_stalled(slug, outflow, now_ms)
+            admission = current_app.extensions.get(ADMISSION)
+            outflow.adjust(admission.shed_share() if admission is not None else 0, backlog=True)
+            taken = store.take(slug, outflow.budget(self.tick_seconds), now_ms)
+            for i, place in enumerate(taken):
+                metrics.line_wait.observe(max(now_ms - place.joined_ms, 0) / 1000)
+                outflow.in_flight.add(place.id)
+                # Spread over the tick: a burst of orders at once would queue on the loop and the row lock.
+                gevent.spawn_later(self.tick_seconds * i / len(taken), self._admit, slug, place, outflow)
+            served = len(taken)
+            moved |= bool(taken)
+        state = None
+        if moved:
+            outflow.measure(served, left, self.tick_seconds)
+            state = store.advance(slug, outflow.measured, outflow.share)
+            self._publish(slug, state, outflow)
+            metrics.line_length.labels(slug).set(state["length"])
+            if state["length"] == 0 and state["admitting"] == 0 and not outflow.in_flight:
+                store.forget_event(slug, now_ms - IDLE_SECONDS * 1000)
+        elif not outflow.in_flight and store.summary(slug)["length"] == 0:
+            metrics.line_length.labels(slug).set(0)
+            store.forget_event(slug, now_ms - IDLE_SECONDS * 1000)
+
+    def _open(self, slug):
+        """At sales_start: the pre-queue in a random order, once.  True when it moved anyone."""
+        if slug in self.opened:
+            return False
+        randoms = [repr(random.random()) for _ in range(self.line.store.pre_queue_size(slug) + 16)]
+        shuffled = self.line.store.shuffle(slug, randoms)
+        self.opened.add(slug)
+        if shuffled > 0:
+            log.info("Sales open for %s: %d places of the pre-queue put in a random order", slug, shuffled)
+        return shuffled > 0
+
+    def _retry_stalled(self, slug, outflow, now_ms):
+        for place in self.line.store.stalled(slug, now_ms - self.stalled_ms):
+            if place.id not in outflow.in_flight:
+                log.warning("Place %s's order was begun %.0f s ago and not finished; making it again (once)",
+                            place.id, (now_ms - place.joined_ms) / 1000)
+                outflow.in_flight.add(place.id)
+                gevent.spawn(self._admit, slug, place, outflow)
+
+    def _admit(self, slug, place, outflow):
+        """Make the place's order as POST would have, with its own Idempotency-Key; record the outcome."""
+        started = time.perf_counter()
+        try:
+            with self.app.app_context():
+                self._make_order(slug, place)
+        except Exception:
+            # Left `admitting`: tried again (with the same key, so made once) when found stalled.
+            log.exception("Making the order of place %s failed; it will be tried again", place.id)
+        finally:
+            outflow.latencies.append(time.perf_counter() - started)
+            outflow.in_flight.discard(place.id)
+            self.changed.add(slug)
+
+    def _make_order(self, slug, place):
+        store = self.line.store
+        try:
+            order, _ = orders.create_order(json.loads(place.body), place.order_key)
+        except ApiError as exc:
+            if exc.status == 503:  # the database could not take it: tried again when found stalled
+                log.warning("Place %s's order could not be made now (%s); it will be tried again", place.id, exc.code)
+                return
+            error = {"http_status": exc.status, "code": exc.code, "message": exc.message, "fields": exc.fields}
+            status = "sold_out" if exc.code == "sold_out" else "refused"
+            store.finish(slug, place.id, status, "error", error)
+            metrics.line_admitted.labels(slug, status).inc()
+            told = 0
+            if exc.code == "sold_out":  # everyone after the same tickets, told at once
+                told = store.close(slug, place.type, place.quantity, "sold_out", error)
+            elif exc.code == "sales_closed":
+                told = store.close(slug, None, 0, "refused", error)
+            if told:
+                metrics.line_admitted.labels(slug, status).inc(told)
+                log.info("%s: %d places in the line told %s at once", slug, told, exc.code)
+            return
+        store.finish(slug, place.id, "admitted", "order", order)
+        metrics.line_admitted.labels(slug, "admitted").inc()
+
+    def _publish(self, slug, state, outflow):
+        """The line's move, for every held wait of every worker: one message on the event's channel."""
+        tick = {"version": state["tick"], **state, "rate": outflow.measured, "share": outflow.share}
+        get_hub().publish({"id": service.tick_channel(slug), "status": "line", "version": state["tick"],
+                           "updated_at": isoformat(utcnow()), "published_at_ms": int(time.time() * 1000),
+                           "order": tick})

@@ -1,0 +1,320 @@
+"""The line in Redis: one per event, shared by every worker and instance.
+
+Every key of one event's line carries the hash tag `{<slug>}` (`line:{<slug>}:queue`, ...), so on a
+Redis Cluster they live in one slot and each Lua script below runs atomically on one node.  The
+set of events that have a line (`line:events`) is the one key outside it: each command on it is
+alone.  REDIS_PREFIX goes in front of every name.
+
+    line:{s}:seq        the last ticket given (INCR): join order
+    line:{s}:queue      ZSET place id -> ticket, the places waiting
+    line:{s}:seen       ZSET place id -> when its page last asked (ms), waiting places only
+    line:{s}:gone       ZSET of tickets that left the queue other than at its head (left, sold out)
+    line:{s}:admitting  ZSET place id -> when its order began to be made (ms)
+    line:{s}:pre        SET of place ids that joined before sales opened (shuffled at opening)
+    line:{s}:state      HASH tick, rate, share, epoch, opened
+    line:{s}:lease      the admitter's lease: its owner, expiring (SET NX PX)
+    line:{s}:place:<id> HASH one place (24 h)
+    line:{s}:key:<hash> the place an Idempotency-Key took (24 h)
+"""
+import json
+
+import redis
+
+from ..notify.cluster_hub import is_cluster
+from ..notify.redis_hub import RedisHub
+from .local_store import PLACE_TTL_SECONDS, Place
+
+# Join, or answer the place the key already holds.  A place that left gives its key back.
+# KEYS: seq queue seen gone pre state place key-or-""; ARGV: id body body_hash order_key type quantity
+# now_ms pre(0/1) force(0/1) ttl.  Returns {outcome, id, fields...}: outcome 0 no line, 1 joined, 2 existing.
+_JOIN = """
+if KEYS[8] ~= '' then
+  local existing = redis.call('GET', KEYS[8])
+  if existing then
+    local base = string.sub(KEYS[1], 1, -4)
+    local fields = redis.call('HGETALL', base .. 'place:' .. existing)
+    local status = nil
+    for i = 1, #fields, 2 do if fields[i] == 'status' then status = fields[i + 1] end end
+    if status and status ~= 'left' then return {2, existing, fields} end
+  end
+end
+if ARGV[9] ~= '1' and redis.call('ZCARD', KEYS[2]) == 0 then
+  return {0}
+end
+local ticket = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[7], 'id', ARGV[1], 'ticket', ticket, 'status', 'queued', 'body', ARGV[2],
+           'body_hash', ARGV[3], 'order_key', ARGV[4], 'type', ARGV[5], 'quantity', ARGV[6], 'joined_ms', ARGV[7],
+           'pre', ARGV[8])
+redis.call('EXPIRE', KEYS[7], ARGV[10])
+redis.call('ZADD', KEYS[2], ticket, ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
+if ARGV[8] == '1' then redis.call('SADD', KEYS[5], ARGV[1]) end
+if KEYS[8] ~= '' then redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[10]) end
+return {1, ARGV[1], redis.call('HGETALL', KEYS[7])}
+"""
+
+# A place and where the line stands, in one round trip; a waiting place's page counts as having asked.
+# KEYS: place queue seen gone state seq; ARGV: id now_ms touch(0/1).  Returns {fields, head, gone_ahead, state}.
+_VIEW = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return nil end
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+local head = first[2] and tonumber(first[2]) or (tonumber(redis.call('GET', KEYS[6]) or '0') + 1)
+local ticket = tonumber(redis.call('HGET', KEYS[1], 'ticket'))
+local gone_ahead = redis.call('ZCOUNT', KEYS[4], head, '(' .. ticket)
+if ARGV[3] == '1' and redis.call('ZSCORE', KEYS[2], ARGV[1]) then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+return {fields, head, gone_ahead, redis.call('HGETALL', KEYS[5]), redis.call('ZCARD', KEYS[2])}
+"""
+
+# Places whose pages stopped asking: out of the queue, `left`.  KEYS: queue seen gone state; ARGV: cutoff_ms limit.
+_SWEEP = """
+local base = string.sub(KEYS[1], 1, -6)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local version = 2 * tonumber(redis.call('HGET', KEYS[4], 'tick') or '0') + 1
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[2], id)
+  local ticket = redis.call('ZSCORE', KEYS[1], id)
+  if ticket then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[3], ticket, ticket)
+    redis.call('HSET', base .. 'place:' .. id, 'status', 'left', 'version', version)
+  end
+end
+return #ids
+"""
+
+# The next places in join order: out of the queue, their orders about to be made.
+# KEYS: queue seen admitting; ARGV: n now_ms.  Returns the places' fields.
+_TAKE = """
+local base = string.sub(KEYS[1], 1, -6)
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[3], ARGV[2], id)
+  redis.call('HSET', base .. 'place:' .. id, 'status', 'admitting')
+  table.insert(out, redis.call('HGETALL', base .. 'place:' .. id))
+end
+return out
+"""
+
+# A place's outcome.  KEYS: place admitting state; ARGV: id status field json
+_FINISH = """
+local version = 2 * tonumber(redis.call('HGET', KEYS[3], 'tick') or '0') + 1
+redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4], 'version', version)
+redis.call('ZREM', KEYS[2], ARGV[1])
+return version
+"""
+
+# Everyone waiting for `type` (or any, '') with at least `min_quantity` tickets is told at once.
+# KEYS: queue seen gone state; ARGV: type min_quantity status error_json
+_CLOSE = """
+local base = string.sub(KEYS[1], 1, -6)
+local version = 2 * tonumber(redis.call('HGET', KEYS[4], 'tick') or '0') + 1
+local closed = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local place = base .. 'place:' .. id
+  local found = redis.call('HMGET', place, 'type', 'quantity')
+  if (ARGV[1] == '' or found[1] == ARGV[1]) and tonumber(found[2] or '0') >= tonumber(ARGV[2]) then
+    local ticket = redis.call('ZSCORE', KEYS[1], id)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZADD', KEYS[3], ticket, ticket)
+    redis.call('HSET', place, 'status', ARGV[3], 'error', ARGV[4], 'version', version)
+    closed = closed + 1
+  end
+end
+return closed
+"""
+
+# At sales_start: the pre-queue in a random order (Fisher-Yates over the tickets they hold, with
+# the caller's random numbers).  KEYS: queue pre state; ARGV: random numbers in [0, 1).
+_SHUFFLE = """
+if redis.call('HGET', KEYS[3], 'opened') == '1' then return -1 end
+local base = string.sub(KEYS[1], 1, -6)
+local ids, tickets = {}, {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local ticket = redis.call('ZSCORE', KEYS[1], id)
+  if ticket then table.insert(ids, id); table.insert(tickets, tonumber(ticket)) end
+end
+for i = #ids, 2, -1 do
+  local r = tonumber(ARGV[i]) or math.random()
+  local j = math.floor(r * i) + 1
+  ids[i], ids[j] = ids[j], ids[i]
+end
+table.sort(tickets)
+for i, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], tickets[i], id)
+  redis.call('HSET', base .. 'place:' .. id, 'ticket', tickets[i])
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[3], 'opened', '1')
+redis.call('HINCRBY', KEYS[3], 'epoch', 1)
+return #ids
+"""
+
+# One move of the line: the tick, the measured rate, the tickets gone ahead of the head trimmed.
+# KEYS: queue gone state seq admitting; ARGV: rate share.  Returns {tick, head, length, gone..., admitting}.
+_ADVANCE = """
+local tick = redis.call('HINCRBY', KEYS[3], 'tick', 1)
+redis.call('HSET', KEYS[3], 'rate', ARGV[1], 'share', ARGV[2])
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local head = first[2] and tonumber(first[2]) or (tonumber(redis.call('GET', KEYS[4]) or '0') + 1)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. head)
+return {tick, head, redis.call('ZCARD', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1),
+        redis.call('HGET', KEYS[3], 'epoch') or '0', redis.call('ZCARD', KEYS[5])}
+"""
+
+# The lease: taken when free, renewed by its owner.  KEYS: lease; ARGV: owner ttl_ms
+_LEASE = """
+local owner = redis.call('GET', KEYS[1])
+if owner == false or owner == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# An event leaves `line:events` only when nobody joined it for a while (a join re-adds it).
+_FORGET = """
+local since = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if since and tonumber(since) < tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fields(flat):
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class RedisLineStore:
+    """The line's atomic steps as Lua scripts on the hub's Redis (one Redis, or the event's cluster node)."""
+
+    shared = True
+
+    def __init__(self, url, prefix=""):
+        self.prefix = prefix
+        if is_cluster(url):
+            self._client = redis.RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+        else:
+            self._client = RedisHub.cache_client(url)
+        self._scripts = {name: self._client.register_script(source) for name, source in (
+            ("join", _JOIN), ("view", _VIEW), ("sweep", _SWEEP), ("take", _TAKE), ("finish", _FINISH),
+            ("close", _CLOSE), ("shuffle", _SHUFFLE), ("advance", _ADVANCE), ("lease", _LEASE),
+            ("release", _RELEASE), ("forget", _FORGET))}
+
+    def _key(self, slug, name):
+        return f"{self.prefix}line:{{{slug}}}:{name}"
+
+    def _run(self, script, slug, names, args):
+        return self._scripts[script](keys=[self._key(slug, name) if name else "" for name in names], args=args)
+
+    @property
+    def _events(self):
+        return f"{self.prefix}line:events"
+
+    # -- joining and reading --
+
+    def join(self, slug, place, key_hash, now_ms, pre, force):
+        """Join (or find the place `key_hash` holds).  Returns (outcome, Place|None): "none", "joined", "existing"."""
+        key = f"key:{key_hash}" if key_hash else None
+        reply = self._run("join", slug, ("seq", "queue", "seen", "gone", "pre", "state", f"place:{place['id']}", key),
+                          (place["id"], place["body"], place["body_hash"], place["order_key"], place["type"],
+                           place["quantity"], now_ms, int(pre), int(force), PLACE_TTL_SECONDS))
+        outcome = ("none", "joined", "existing")[reply[0]]
+        if outcome == "joined":
+            self._client.zadd(self._events, {slug: now_ms})
+        return outcome, (Place.from_fields(_fields(reply[2])) if outcome != "none" else None)
+
+    def view(self, slug, place_id, now_ms, touch=True):
+        """(Place, LineView) or None for an unknown place; a waiting place is marked as asked for."""
+        reply = self._run("view", slug, (f"place:{place_id}", "queue", "seen", "gone", "state", "seq"),
+                          (place_id, now_ms, int(touch)))
+        if reply is None:
+            return None
+        fields, head, gone_ahead, state, length = reply
+        return Place.from_fields(_fields(fields)), {"head": int(head), "gone_ahead": int(gone_ahead),
+                                                    "length": int(length), **_state(_fields(state))}
+
+    def touch(self, slug, place_ids, now_ms):
+        if place_ids:
+            self._client.zadd(self._key(slug, "seen"), {place_id: now_ms for place_id in place_ids}, xx=True)
+
+    def summary(self, slug):
+        """{length, state...} of the event's line, for the event's page and the operator."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zcard(self._key(slug, "queue"))
+        pipe.hgetall(self._key(slug, "state"))
+        length, state = pipe.execute()
+        return {"length": int(length), **_state({_text(k): _text(v) for k, v in state.items()})}
+
+    # -- the admitter's steps --
+
+    def lease(self, slug, owner, ttl_ms):
+        return bool(self._run("lease", slug, ("lease",), (owner, ttl_ms)))
+
+    def release(self, slug, owner):
+        self._run("release", slug, ("lease",), (owner,))
+
+    def active_events(self):
+        return [_text(slug) for slug in self._client.zrange(self._events, 0, -1)]
+
+    def forget_event(self, slug, idle_before_ms):
+        self._client.eval(_FORGET, 1, self._events, slug, idle_before_ms)
+
+    def sweep(self, slug, cutoff_ms, limit):
+        return int(self._run("sweep", slug, ("queue", "seen", "gone", "state"), (cutoff_ms, limit)))
+
+    def take(self, slug, count, now_ms):
+        replies = self._run("take", slug, ("queue", "seen", "admitting"), (count, now_ms))
+        return [Place.from_fields(_fields(reply)) for reply in replies]
+
+    def stalled(self, slug, before_ms):
+        """Places whose order began to be made before `before_ms` and never finished (a worker died)."""
+        ids = self._client.zrangebyscore(self._key(slug, "admitting"), "-inf", before_ms)
+        pipe = self._client.pipeline(transaction=False)
+        for place_id in ids:
+            pipe.hgetall(self._key(slug, f"place:{_text(place_id)}"))
+        return [Place.from_fields({_text(k): _text(v) for k, v in fields.items()})
+                for fields in pipe.execute() if fields]
+
+    def finish(self, slug, place_id, status, field, value):
+        return int(self._run("finish", slug, (f"place:{place_id}", "admitting", "state"),
+                             (place_id, status, field, json.dumps(value, separators=(",", ":")))))
+
+    def close(self, slug, ticket_type, min_quantity, status, error):
+        return int(self._run("close", slug, ("queue", "seen", "gone", "state"),
+                             (ticket_type or "", min_quantity, status, json.dumps(error, separators=(",", ":")))))
+
+    def shuffle(self, slug, randoms):
+        return int(self._run("shuffle", slug, ("queue", "pre", "state"), randoms))
+
+    def pre_queue_size(self, slug):
+        return self._client.scard(self._key(slug, "pre"))
+
+    def advance(self, slug, rate, share):
+        tick, head, length, gone, epoch, admitting = self._run(
+            "advance", slug, ("queue", "gone", "state", "seq", "admitting"), (repr(rate), repr(share)))
+        return {"tick": int(tick), "head": int(head), "length": int(length), "gone": sorted(int(t) for t in gone),
+                "epoch": int(epoch), "admitting": int(admitting)}
+
+    def ready(self):
+        try:
+            self._client.ping()
+        except (redis.RedisError, OSError) as exc:
+            return False, f"line: {exc}"
+        return True, "line"
+
+
+def _state(fields):
+    return {"tick": int(fields.get("tick") or 0), "rate": float(fields.get("rate") or 0),
+            "share": float(fields.get("share") or 0), "epoch": int(fields.get("epoch") or 0),
+            "opened": fields.get("opened") == "1"}
+
+
+STORE_ERRORS = (redis.RedisError, OSError)

@@ -1,0 +1,364 @@
+"""The line: joining it instead of being shed, and reading or waiting on a place (API.md, "The line").
+
+A place is a ticket in its event's line (the next number of a counter) and the order's body as
+POST got it.  Its position is worked out, not stored: the people ahead are the tickets between the
+line's head (the lowest ticket still waiting) and its own, less those gone out of the middle (left,
+or told sold out).  So a move of the line is one small message per event (admitter.py publishes it
+through the notification hub), and every held wait of every worker works out its own place from it.
+"""
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+from bisect import bisect_left
+from datetime import timedelta
+
+import gevent
+from flask import current_app, jsonify
+from sqlalchemy import select
+
+from ..clock import as_utc, utcnow
+from ..errors import ApiError
+from ..events.models import Event
+from ..events import service as events
+from ..extensions import db
+from ..notify.hub import WaitLimitReached
+from ..notify.service import get_hub
+from ..orders import service as orders
+from ..orders.admission import EXTENSION as ADMISSION, busy
+
+log = logging.getLogger(__name__)
+
+LINE = "eventi.line"
+WAITING = ("queued", "admitting")  # admitting: its order is being made; the page still shows the place
+# A held wait answers a place that moved at most this often: every second near the front, every
+# REFRESH_MOST seconds far back, so 10,000 waiting cost a few hundred answers a second, not 10,000.
+REFRESH_AHEAD_PER_SECOND = 20
+REFRESH_MOST = 20.0
+EVENT_CACHE_SECONDS = 5.0  # an arriving order reads its event's line settings from this worker's memory
+
+
+def get_line():
+    return current_app.extensions[LINE]
+
+
+class EventLine:
+    """The settings of one event's line, as [event.line] and the sales window give them."""
+
+    __slots__ = ("slug", "enabled", "max_rate", "pre_queue", "sales_start", "types")
+
+    def __init__(self, event):
+        self.slug = event.slug
+        self.enabled = event.line_enabled
+        self.max_rate = event.line_max_rate
+        self.pre_queue = timedelta(minutes=event.line_pre_queue_minutes)
+        self.sales_start = as_utc(event.sales_start) if event.sales_start else None
+        self.types = {tt.code: tt.max_per_order for tt in event.ticket_types}
+
+    def in_pre_queue(self, now):
+        return self.sales_start is not None and self.sales_start - self.pre_queue <= now < self.sales_start
+
+    def seconds_to_opening(self, now):
+        return max((self.sales_start - now).total_seconds(), 0) if self.sales_start else 0
+
+
+def event_line(slug):
+    """The event's EventLine, or None for an unknown event; read at most every EVENT_CACHE_SECONDS."""
+    cache = get_line().events
+    now = time.monotonic()
+    cached = cache.get(slug)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    event = db.session.scalar(select(Event).where(Event.slug == slug)) if events.SLUG.fullmatch(slug) else None
+    settings = EventLine(event) if event is not None else None
+    db.session.commit()  # the read ends here; the connection goes back
+    cache[slug] = (now + EVENT_CACHE_SECONDS, settings)
+    return settings
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+def _key_hash(key):
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if key is not None else None
+
+
+def new_place_id(slug):
+    # The event's slug (no "." in it) names the line the place is in; the rest is unguessable.
+    return f"{slug}.{secrets.token_urlsafe(16)}"
+
+
+def slug_of(place_id):
+    slug, dot, token = place_id.partition(".")
+    if not dot or not events.SLUG.fullmatch(slug) or not 16 <= len(token) <= 32:
+        raise ApiError(404, "place_not_found", "No place in a line with that id.")
+    return slug
+
+
+def store_unavailable(exc):
+    log.warning("The line's store failed: %s", exc)
+    return busy()
+
+
+# -- POST /api/orders: straight on, into the line, or 503 busy --
+
+def route_order(data, key):
+    """None to make the order now; else the answer to give (202 with a place, or a place's outcome).
+
+    The order joins its event's line when this worker would shed it, when the line already has
+    people in it (a later arrival must not overtake them), before sales_start within
+    pre_queue_minutes, or always with LINE_FORCE.  503 busy only when it would be shed and there is
+    no line to hold it (switched off for the event, or its store failing).
+    """
+    admission = current_app.extensions.get(ADMISSION)
+    shed = admission is not None and not admission.admit()
+    settings = event_line(data["event"])
+    if settings is None or not settings.enabled or not _valid_for(settings, data):
+        if shed:
+            raise busy()
+        return None  # the order's own path answers (404, 400, or the order)
+    now = utcnow()
+    pre = settings.in_pre_queue(now)
+    line = get_line()
+    force = shed or pre or current_app.config["LINE_FORCE"]
+    if force and key is not None and orders.key_used(key):
+        return None  # a retry of an order made outside the line: it answers that order (201)
+    body = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    place_id = new_place_id(settings.slug)
+    place = {"id": place_id, "body": body, "body_hash": orders.body_hash(data),
+             # the buyer's key when there is one, so that a retry outside the line finds the order too
+             "order_key": key if key is not None else f"line:{place_id}",
+             "type": data["ticket_type"], "quantity": data["quantity"]}
+    try:
+        outcome, found = line.store.join(settings.slug, place, _key_hash(key), _now_ms(), pre, force)
+    except line.store_errors as exc:
+        if force:
+            raise store_unavailable(exc) from None
+        return None
+    if outcome == "none":
+        return None
+    line.admitter.start()
+    if outcome == "existing":
+        return _answer_again(found, place["body_hash"], settings)
+    view = line.store.view(settings.slug, found.id, _now_ms(), touch=False)
+    answer = place_body(*view, settings) if view else place_body(found, _fresh_view(found), settings)
+    return _queued_response(answer)
+
+
+def _valid_for(settings, data):
+    """Only orders the event could take wait in its line: the rest get their 404 or 400 now."""
+    most = settings.types.get(data["ticket_type"])
+    return most is not None and data["quantity"] <= most
+
+
+def _fresh_view(place):
+    return {"head": place.ticket, "gone_ahead": 0, "length": 1, "tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0,
+            "opened": False}
+
+
+def _queued_response(answer, replayed=False):
+    response = jsonify({"status": "queued", "queue": {name: answer[name] for name in
+                                                      ("id", "position", "ahead", "estimated_wait_s", "version")}})
+    response.status_code = 202
+    response.headers["Location"] = f"/api/queue/{answer['id']}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _answer_again(place, body_hash, settings):
+    """The same Idempotency-Key again: its place as now, or the order once made, or its refusal."""
+    if place.body_hash != body_hash:
+        raise ApiError(422, "idempotency_key_reused",
+                       "This Idempotency-Key was already used for a different order; use a new key for a new order.",
+                       {"Idempotency-Key": "Already used with another body."})
+    if place.status == "admitted":
+        response = jsonify(orders.order_by_id(place.order["id"]))
+        response.status_code = 201
+        response.headers["Location"] = f"/api/orders/{place.order['id']}"
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+    if place.status in WAITING:
+        view = get_line().store.view(settings.slug, place.id, _now_ms())
+        return _queued_response(place_body(*view, settings), replayed=True)
+    raise refusal(place.error)
+
+
+def refusal(error):
+    return ApiError(error["http_status"], error["code"], error["message"], error.get("fields"))
+
+
+# -- a place as the API shows it --
+
+def place_body(place, view, settings):
+    """API.md's place: {id, status, position, ahead, estimated_wait_s, version, order, error}."""
+    if place.status in WAITING:
+        if place.status == "admitting":
+            ahead = 0
+        else:
+            ahead = max(place.ticket - view["head"] - view["gone_ahead"], 0)
+        return {"id": place.id, "status": "queued", "position": ahead + 1, "ahead": ahead,
+                "estimated_wait_s": estimated_wait(ahead, view, settings), "version": 2 * view["tick"],
+                "order": None, "error": None}
+    error = None
+    if place.error is not None:
+        error = {"code": place.error["code"], "message": place.error["message"], "fields": place.error.get("fields") or {}}
+    return {"id": place.id, "status": place.status, "position": 0, "ahead": 0, "estimated_wait_s": 0,
+            "version": place.version, "order": place.order, "error": error}
+
+
+def estimated_wait(ahead, view, settings):
+    """Seconds until the turn of a place with `ahead` people before it: those who will still be
+    there (some leave: the measured share) over the measured serving rate, plus the time to sales_start."""
+    rate = view["rate"] or settings.max_rate or current_app.config["LINE_START_RATE"]
+    if settings.max_rate:
+        rate = min(rate, settings.max_rate)
+    staying = ahead * (1 - min(view["share"], 0.9))
+    return int(math.ceil(staying / rate + settings.seconds_to_opening(utcnow())))
+
+
+def _read(place_id):
+    slug = slug_of(place_id)
+    settings = event_line(slug)
+    line = get_line()
+    try:
+        view = line.store.view(slug, place_id, _now_ms())
+    except line.store_errors as exc:
+        raise store_unavailable(exc) from None
+    if view is None or settings is None:
+        raise ApiError(404, "place_not_found", "No place in a line with that id.")
+    return slug, settings, view
+
+
+def place_by_id(place_id):
+    """GET /api/queue/<id>: the place as it is now; its page has asked (it keeps its place)."""
+    _, settings, (place, view) = _read(place_id)
+    return place_body(place, view, settings)
+
+
+def refresh_after(ahead):
+    return min(max(ahead / REFRESH_AHEAD_PER_SECOND, 1.0), REFRESH_MOST)
+
+
+def tick_channel(slug):
+    """The hub's name for an event's line: one channel for every waiter of that line."""
+    return f"line.{slug}"
+
+
+def moved(view, tick, place):
+    """The view as of `tick` (the admitter's message), or None when the place itself changed
+    (its turn came, it left or was told sold out, or the pre-queue was shuffled): read it again."""
+    if tick["epoch"] != view["epoch"] or place.ticket < tick["head"] or _holds(tick["gone"], place.ticket):
+        return None
+    gone_ahead = bisect_left(tick["gone"], place.ticket) - bisect_left(tick["gone"], tick["head"])
+    return {**view, "head": tick["head"], "gone_ahead": gone_ahead, "tick": tick["tick"], "rate": tick["rate"],
+            "share": tick["share"], "length": tick["length"]}
+
+
+def _holds(sorted_tickets, ticket):
+    i = bisect_left(sorted_tickets, ticket)
+    return i < len(sorted_tickets) and sorted_tickets[i] == ticket
+
+
+def wait_for_place(place_id, timeout, since, client=None):
+    """GET /api/queue/<id>/wait: the long poll.  Without `since`, at once.  Otherwise held until the
+    place is served, refused or left, or it moved and has been held refresh_after(ahead) seconds, or
+    `timeout` runs out.  Holds no database connection; wakes on the line's one message per tick."""
+    slug, settings, (place, view) = _read(place_id)
+    answer = place_body(place, view, settings)
+    if since is None or answer["status"] != "queued":
+        return answer
+    hub = get_hub()
+    if hub.shutting_down:
+        raise orders._shutting_down()
+    started = time.monotonic()
+    deadline = started + timeout
+    try:
+        waiter = hub.watch(tick_channel(slug), client, shared=True)
+    except WaitLimitReached:
+        raise ApiError(503, "server_busy", "This server is holding as many waits as it can.", headers={"Retry-After": "2"})
+    line = get_line()
+    line.holding(slug, place_id, +1)
+    try:
+        while not hub.shutting_down:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            message, recheck = waiter.wait(remaining)
+            if waiter.client_left:
+                break
+            tick = message["order"] if message is not None else None
+            if tick is None or tick["tick"] <= view["tick"]:
+                continue
+            fresh = moved(view, tick, place)
+            if fresh is None:
+                place, view = _read(place_id)[2]
+            else:
+                view = fresh
+            answer = place_body(place, view, settings)
+            if answer["status"] != "queued":
+                return answer
+            if answer["version"] > since and time.monotonic() - started >= refresh_after(answer["ahead"]):
+                return answer
+        if hub.shutting_down:
+            raise orders._shutting_down()
+        return place_body(place, view, settings)
+    finally:
+        line.holding(slug, place_id, -1)
+        hub.unwatch(waiter)
+
+
+def event_summary(slug):
+    """GET /api/events/<slug>'s "line": {length, serving_rate, estimated_wait_s}; None when unknown."""
+    settings = event_line(slug)
+    line = get_line()
+    try:
+        summary = line.store.summary(slug)
+    except line.store_errors as exc:
+        log.warning("The line's store failed: %s", exc)
+        return None
+    return {"length": summary["length"], "serving_rate": round(summary["rate"], 1),
+            "estimated_wait_s": estimated_wait(summary["length"], summary, settings) if summary["length"] else 0}
+
+
+class Line:
+    """One per app: the store, the admitter, and the places whose waits this worker holds."""
+
+    def __init__(self, app, store, store_errors):
+        from .admitter import Admitter
+
+        self.store = store
+        self.store_errors = store_errors
+        self.events = {}  # slug -> (until, EventLine)
+        self.patience = app.config["LINE_PATIENCE"]
+        self._held = {}  # slug -> {place id: held waits}
+        self._toucher = None
+        self.admitter = Admitter(app, self)
+
+    def holding(self, slug, place_id, change):
+        """A wait on the place begins (+1) or ends (-1): while held, its page counts as asking."""
+        held = self._held.setdefault(slug, {})
+        held[place_id] = held.get(place_id, 0) + change
+        if held[place_id] <= 0:
+            del held[place_id]
+        if self._toucher is None:
+            self._toucher = gevent.spawn(self._touch_forever)
+
+    def _touch_forever(self):
+        # One write per event every quarter of LINE_PATIENCE, for every place held here.
+        while True:
+            gevent.sleep(self.patience / 4)
+            for slug, held in list(self._held.items()):
+                try:
+                    self.store.touch(slug, list(held), _now_ms())
+                except self.store_errors as exc:
+                    log.warning("Could not mark the held places of %s's line as asked for: %s", slug, exc)
+
+    def stop(self):
+        self.admitter.stop()
+        if self._toucher is not None:
+            self._toucher.kill(block=False)
+

@@ -1,0 +1,263 @@
+"""The line (issue 23): a fair waiting room instead of 503 busy, served in join order, once each."""
+import tomllib
+import uuid
+
+import gevent
+import gevent.pool
+import psycopg
+import pytest
+import requests
+from sqlalchemy import func, select, update
+
+import config
+from eventi_flask import create_app
+from eventi_flask.events import service as events
+from eventi_flask.events.models import Event, TicketType
+from eventi_flask.extensions import db
+from eventi_flask.line.service import LINE
+from eventi_flask.orders.models import Order
+from tests.support import DEMO, event_file, toml, wait_until, when
+
+pytestmark = pytest.mark.env(LINE_TICK="0.1")
+
+
+def join(client, body=DEMO, key=None):
+    return client.post("/api/orders", json=body, headers={"Idempotency-Key": key or str(uuid.uuid4())})
+
+
+def place(client, place_id):
+    response = client.get(f"/api/queue/{place_id}")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def served(client, place_id):
+    """The place once it is no longer waiting (asking keeps it in the line meanwhile)."""
+    return wait_until(lambda: (lambda p: p if p["status"] != "queued" else None)(place(client, place_id)),
+                      timeout=20, message=f"place {place_id} served")
+
+
+def order_rows(app):
+    with app.app_context():
+        rows = db.session.execute(select(Order.id, Order.created_at).order_by(Order.created_at)).all()
+        db.session.remove()
+    return rows
+
+
+def import_event(app, data):
+    with app.app_context():
+        events.import_event(tomllib.loads(toml(data)))
+        db.session.remove()
+
+
+def set_event(app, slug="test-this-end-to-end", **values):
+    with app.app_context():
+        db.session.execute(update(Event).where(Event.slug == slug).values(**values))
+        db.session.commit()
+    app.extensions[LINE].events.clear()  # the settings cache of this worker
+
+
+@pytest.mark.env(LINE_FORCE="1", LINE_TICK="1")  # all join before the first move
+def test_places_are_served_in_the_order_they_were_taken(app, client, wire):
+    answers = [join(client, {**DEMO, "name": f"Buyer {i}"}) for i in range(6)]
+
+    assert {a.status_code for a in answers} == {202}
+    queued = [a.get_json()["queue"] for a in answers]
+    assert [q["position"] for q in queued] == [1, 2, 3, 4, 5, 6]
+    assert [q["ahead"] for q in queued] == [0, 1, 2, 3, 4, 5]
+    assert all(a.headers["Location"] == f"/api/queue/{q['id']}" for a, q in zip(answers, queued))
+    outcomes = [served(client, q["id"]) for q in queued]
+    assert {o["status"] for o in outcomes} == {"admitted"}
+    made_in_order = [order_id for order_id, _ in order_rows(app)]
+    assert [o["order"]["id"] for o in outcomes] == made_in_order
+    assert all(o["order"]["status"] == "pending" and o["error"] is None for o in outcomes)
+
+
+@pytest.mark.env(LINE_FORCE="1")
+def test_the_same_key_keeps_the_same_place_and_then_answers_its_order(app, client, wire):
+    key = str(uuid.uuid4())
+    first = join(client, key=key)
+    again = join(client, key=key)
+    other_body = join(client, {**DEMO, "quantity": 2}, key=key)
+
+    assert first.status_code == again.status_code == 202
+    assert again.get_json()["queue"]["id"] == first.get_json()["queue"]["id"]
+    assert other_body.status_code == 422 and other_body.get_json()["error"]["code"] == "idempotency_key_reused"
+    outcome = served(client, first.get_json()["queue"]["id"])
+    after = join(client, key=key)
+    assert after.status_code == 201 and after.get_json()["id"] == outcome["order"]["id"]
+    assert len(order_rows(app)) == 1
+
+
+def test_an_unknown_place_is_404(client):
+    for place_id in ("nope", "test-this-end-to-end.AAAAAAAAAAAAAAAAAAAAAA"):
+        response = client.get(f"/api/queue/{place_id}/wait?since=0&timeout=1")
+        assert response.status_code == 404 and response.get_json()["error"]["code"] == "place_not_found"
+
+
+@pytest.mark.env(ORDER_SHED_LAG="0,0")  # admission says "full" to every order: the line forms
+def test_past_capacity_an_order_joins_the_line_instead_of_503(app, client, wire):
+    answer = join(client)
+
+    assert answer.status_code == 202 and answer.get_json()["status"] == "queued"
+    assert order_rows(app) == []  # nothing reserved yet
+    assert served(client, answer.get_json()["queue"]["id"])["status"] == "admitted"
+
+
+@pytest.mark.env(ORDER_SHED_LAG="0,0")
+def test_with_the_line_off_past_capacity_is_503_busy(app, client, wire):
+    set_event(app, line_enabled=False)
+
+    answer = join(client)
+
+    assert answer.status_code == 503 and answer.get_json()["error"]["code"] == "busy"
+
+
+@pytest.mark.env(LINE_FORCE="1")
+def test_sold_out_tells_the_whole_line_at_once(app, client, wire):
+    with app.app_context():
+        db.session.execute(update(TicketType).where(TicketType.code == "early-bird")
+                           .values(capacity=TicketType.reserved + 1))
+        db.session.commit()
+    queued = [join(client).get_json()["queue"]["id"] for _ in range(5)]
+
+    outcomes = [served(client, place_id) for place_id in queued]
+
+    assert outcomes[0]["status"] == "admitted"
+    assert [o["status"] for o in outcomes[1:]] == ["sold_out"] * 4
+    assert {o["error"]["code"] for o in outcomes[1:]} == {"sold_out"}
+    assert len(order_rows(app)) == 1
+
+
+@pytest.mark.env(LINE_PATIENCE="1")
+def test_a_place_whose_page_stopped_asking_is_left_and_the_line_goes_on(app, client, wire):
+    import_event(app, event_file(sales_start=when(seconds=3)))  # a pre-queue: everyone waits for the opening
+    body = {**DEMO, "event": "sauti-live", "ticket_type": "regular"}
+    staying = [join(client, body).get_json()["queue"]["id"] for _ in range(3)]
+    gone = join(client, body).get_json()["queue"]["id"]
+
+    outcomes = {}
+    while len(outcomes) < len(staying):  # these pages keep asking, as the page does
+        for place_id in staying:
+            current = place(client, place_id)
+            if current["status"] != "queued":
+                outcomes[place_id] = current
+        gevent.sleep(0.2)
+
+    assert {o["status"] for o in outcomes.values()} == {"admitted"}
+    assert place(client, gone)["status"] == "left"
+
+
+def test_the_pre_queue_is_shuffled_at_opening_and_later_arrivals_join_behind(app, client, wire):
+    import_event(app, event_file(sales_start=when(seconds=3)))
+    body = {**DEMO, "event": "sauti-live", "ticket_type": "regular", "quantity": 1}
+    early = [join(client, body).get_json()["queue"]["id"] for _ in range(12)]
+    assert [place(client, p)["position"] for p in early] == list(range(1, 13))
+    assert all(place(client, p)["estimated_wait_s"] >= 1 for p in early)  # the opening is still ahead
+
+    wait_until(lambda: any(place(client, p)["status"] != "queued" for p in early), timeout=10, message="opening")
+    late = [join(client, body).get_json()["queue"]["id"] for _ in range(3)]
+    order_of = {p: served(client, p)["order"]["id"] for p in early + late}
+
+    made = [order_id for order_id, _ in order_rows(app)]
+    early_made = [made.index(order_of[p]) for p in early]
+    assert sorted(early_made) == list(range(12))  # every early one before any later arrival
+    assert early_made != list(range(12))  # in a random order (the chance of join order is 1 in 12!)
+    assert [made.index(order_of[p]) for p in late] == [12, 13, 14]
+
+
+@pytest.mark.env(LINE_FORCE="1", LINE_START_RATE="1", LINE_TICK="1")
+def test_the_wait_answers_when_the_place_moves_and_when_it_is_admitted(app, client, wire):
+    set_event(app, line_max_rate=1)  # one admission a second: the second place moves once
+    first, second = (join(client).get_json()["queue"] for _ in range(2))
+
+    moved = client.get(f"/api/queue/{second['id']}/wait?since={second['version']}&timeout=10").get_json()
+    assert moved["status"] == "queued" and moved["position"] == 1 and moved["version"] > second["version"]
+    admitted = client.get(f"/api/queue/{second['id']}/wait?since={moved['version']}&timeout=10").get_json()
+    assert admitted["status"] == "admitted" and admitted["order"]["event"] == "test-this-end-to-end"
+    assert admitted["version"] > moved["version"]
+
+
+def test_the_event_shows_its_line(client):
+    line = client.get("/api/events/test-this-end-to-end").get_json()["line"]
+    assert line == {"length": 0, "serving_rate": 0.0, "estimated_wait_s": 0}
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"])
+@pytest.mark.env(LINE_FORCE="1")
+def test_a_line_in_redis_is_shared_by_instances_and_survives_a_restart(app, client, wire, settings):
+    set_event(app, line_max_rate=1)
+    other = create_app(config.TestConfig(settings))  # another instance, same Redis and prefix
+    try:
+        queued = [join(client).get_json()["queue"] for _ in range(3)]
+        seen_elsewhere = other.test_client().get(f"/api/queue/{queued[2]['id']}").get_json()
+        assert seen_elsewhere["id"] == queued[2]["id"] and seen_elsewhere["status"] in ("queued", "admitted")
+        app.extensions[LINE].stop()  # this instance "restarts": its admitter stops mid-line
+        restarted = create_app(config.TestConfig(settings)).test_client()
+        outcomes = [served(restarted, q["id"]) for q in queued]
+        assert [o["status"] for o in outcomes] == ["admitted"] * 3
+        assert len({o["order"]["id"] for o in outcomes}) == 3 == len(order_rows(app))
+    finally:
+        other.extensions[LINE].stop()
+
+
+@pytest.mark.live
+def test_two_gunicorn_workers_admit_every_buyer_of_a_forced_line_exactly_once(live_server_factory):
+    server = live_server_factory(WEB_CONCURRENCY="2", LINE_FORCE="1", LOG_LEVEL="warning", SANDBOX_CALLBACK_DELAY="0.2")
+    buyers = 40
+
+    def buy(i):
+        key = str(uuid.uuid4())
+        answer = requests.post(server.url + "/api/orders", json={**DEMO, "name": f"Buyer {i}"},
+                               headers={"Idempotency-Key": key}, timeout=30)
+        assert answer.status_code == 202, answer.text
+        current = answer.json()["queue"]
+        version = current["version"]
+        while True:
+            current = requests.get(f"{server.url}/api/queue/{current['id']}/wait",
+                                   params={"since": version, "timeout": 10}, timeout=30).json()
+            if current["status"] != "queued":
+                return current
+            version = current["version"]
+
+    outcomes = gevent.pool.Pool(buyers).map(buy, range(buyers))
+
+    assert {o["status"] for o in outcomes} == {"admitted"}
+    assert len({o["order"]["id"] for o in outcomes}) == buyers
+    with psycopg.connect(server.env["DATABASE_URL"]) as conn:
+        [(orders, reserved)] = conn.execute(
+            "SELECT count(*), (SELECT reserved FROM ticket_types WHERE code = 'early-bird') FROM orders")
+    assert (orders, reserved) == (buyers, buyers)
+
+
+def run_cli(app, *args):
+    result = app.test_cli_runner().invoke(args=list(args))
+    return result.exit_code, result.output.splitlines()
+
+
+def test_the_event_file_sets_the_line_and_events_show_tells_it(app, tmp_path):
+    path = tmp_path / "event.toml"
+    path.write_text(toml(event_file()) + "\n[event.line]\nenabled = false\nmax_rate = 40\npre_queue_minutes = 5\n")
+    assert run_cli(app, "events", "import", str(path))[0] == 0
+    assert "nothing changed" in run_cli(app, "events", "import", str(path))[1][0]
+    code, lines = run_cli(app, "events", "show", "sauti-live")
+    assert code == 0 and lines[-1] == "line: off (past capacity, orders are answered 503 busy)"
+
+    path.write_text(toml(event_file()) + "\n[event.line]\nmax_rate = 40\n")
+    code, lines = run_cli(app, "events", "import", str(path))
+    assert code == 0 and "line_enabled" in lines[0] and "line_pre_queue_minutes" in lines[0]
+    code, lines = run_cli(app, "events", "show", "sauti-live")
+    assert lines[-1] == "line: 0 waiting, serving 0/s, about 0 s to the last (pre-queue 15 min before sales open, at most 40/s)"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("max_rate = 0", "event.line.max_rate: Must be 1 or more orders a second."),
+    ('enabled = "yes"', "event.line.enabled: Not a valid boolean."),
+    ("pre_queue_minutes = -1", "event.line.pre_queue_minutes: Must be 0 to 1440 minutes."),
+    ("rate = 5", "event.line.rate: Unknown field."),
+])
+def test_a_bad_line_section_is_refused_in_one_line(app, tmp_path, line, problem):
+    path = tmp_path / "event.toml"
+    path.write_text(toml(event_file()) + f"\n[event.line]\n{line}\n")
+    code, lines = run_cli(app, "events", "import", str(path))
+    assert code != 0 and len(lines) == 1 and problem in lines[0], lines
