@@ -2,9 +2,8 @@
 
 Each buyer, on its own connection: POST /api/orders with an Idempotency-Key (a 503 busy or 429, the line
 being off, retried as the journeys do).  201: served at once.  202: a place in the line; hold
-GET /api/queue/<id>/wait?since=<version> as the checkout page does (each hold at most --patience/2 s, and,
-after an answer that moved the place, a pause of a twentieth of the estimate, 1 to 10 s, before asking
-again) until the place is admitted (then the order is followed as the status page does, to its outcome),
+GET /api/queue/<id>/wait?since=<version> as the checkout page does (each hold at most --patience/2 s, asked
+again at once: the server paces its answers) until the place is admitted (then the order is followed as the status page does, to its outcome),
 sold_out, refused or left.  --leave-share: that share of the queued buyers stop asking once they have a
 place (their page closed); the line must skip them after LINE_PATIENCE.  The phones decide the outcomes
 as in the journeys (85% pay).
@@ -38,8 +37,6 @@ from .server import Profiler, Usage, database_engine, worker_cpu_total
 
 SERVER = journeys.SERVER
 LINE_PATIENCE = 60  # the server's default (API.md: LINE_PATIENCE)
-# As the checkout page (eventi.js): after an answer that moved the place, wait a twentieth of the estimate, 1 to 10 s.
-ASK_MIN_S, ASK_MAX_S, ASK_SHARE_OF_ESTIMATE = 1.0, 10.0, 1 / 20
 # An estimate is honest within max(10 s, 20%) of the real wait; a rise is measured from estimates of 10 s or more.
 HONEST_WITHIN_S, HONEST_WITHIN_SHARE = 10.0, 0.2
 RISE_FROM_S = 10
@@ -125,11 +122,8 @@ async def hold_place(conn, buyer, args, deadline):
         if place["status"] != "queued":
             buyer.place_status = place["status"]
             return place
-        moved = place["version"] > version
         version = place["version"]
         buyer.estimates.append(place["estimated_wait_s"])
-        if moved:
-            await asyncio.sleep(min(ASK_MAX_S, max(ASK_MIN_S, place["estimated_wait_s"] * ASK_SHARE_OF_ESTIMATE)))
     buyer.error = "still in line at the end of the run"
     return None
 

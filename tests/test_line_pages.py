@@ -8,15 +8,20 @@ sandbox.  The line formed by the real server under load is tested end to end in
 test_a_real_line_formed_by_the_server_admits_the_page_and_it_pays.
 """
 import json
-from pathlib import Path
+import re
+import subprocess
+import time
 from urllib.parse import parse_qs, urlparse
 
+import psycopg
 import pytest
 import requests
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect
 
-from tests.support import DEMO, ROOT
+from eventi_flask.web.presenters import PRE_QUEUE_SENTENCE
+from tests.support import DEMO, ROOT, event_file, toml, when
+from tests.test_event_pages import fill_details, open_sales_in
 from tests.test_pages import (CALLBACK_DELAY, CHECKOUT_PATH, RESOLVED, browser, fill_checkout, heading,  # noqa: F401
                               new_page, page, shop)
 
@@ -30,7 +35,7 @@ PAY = "Pay KES 300 with M-Pesa"
 
 class ScriptedLine:
     """Stands in for the server's line: the page's POST is answered 202 with a place, and each wait on
-    the place is answered as the API does (at once when the version is above `since`, else held until
+    the place is answered as the API does (at once without `since` or with a version above it, else held until
     the test moves the place with `move`).  Other POSTs go to the real server."""
 
     def __init__(self, page, place_id="q-scripted-place", **place):
@@ -55,8 +60,8 @@ class ScriptedLine:
         url = urlparse(route.request.url)
         assert url.path == f"/api/queue/{self.place['id']}/wait", url.path
         self.waits.append(route.request)
-        since = int(parse_qs(url.query)["since"][0])
-        if self.place["version"] > since:
+        since = parse_qs(url.query).get("since")
+        if since is None or self.place["version"] > int(since[0]):
             route.fulfill(json=self.place, headers={"Cache-Control": "no-store"})
         else:
             self.held.append(route)
@@ -69,7 +74,7 @@ class ScriptedLine:
             route.fulfill(json=self.place, headers={"Cache-Control": "no-store"})
 
     def sinces(self):
-        return [int(parse_qs(urlparse(request.url).query)["since"][0]) for request in self.waits]
+        return [parse_qs(urlparse(request.url).query).get("since", [None])[0] for request in self.waits]
 
 
 def join(page, server, phone="0712345678"):
@@ -101,13 +106,13 @@ def test_a_place_in_line_moves_up_survives_a_reload_then_its_turn_shows_the_paym
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert page.evaluate("document.documentElement.scrollWidth") <= 360, "the line scrolls sideways"
 
-    # A reload asks for the same place (since=0 answers at once): no second POST, the place as it is now.
+    # A reload asks for the same place (without `since`: at once): no second POST, the place as it is now.
     with page.expect_request(lambda request: "/api/queue/" in request.url):
         page.reload()
     expect(heading(page, IN_LINE)).to_be_visible()
     expect(place_text(page)).to_have_text("1 ahead of you, about 40 seconds to wait.")
     assert len(line.posts) == 1
-    assert 0 in line.sinces()
+    assert None in line.sinces()
 
     line.move(position=1, ahead=0, estimated_wait_s=3)
     expect(place_text(page)).to_have_text("You're next, less than 10 seconds to wait.")
@@ -174,6 +179,65 @@ def test_a_place_the_server_forgot_is_asked_for_again_with_the_same_key(shop, pa
     assert forgotten and len(keys) == 2 and keys[0] == keys[1]
 
 
-@pytest.mark.skip(reason="needs the line from branch line-core: a way to make the server form a line on demand")
-def test_a_real_line_formed_by_the_server_admits_the_page_and_it_pays(shop, page):
-    pass
+@pytest.fixture(scope="module")
+def busy_shop(live_server_factory):
+    """A server whose every order joins its event's line (LINE_FORCE), and whose demo event admits one order a
+    second ([event.line] max_rate = 1): a line that forms on demand and moves slowly enough to be watched."""
+    server = live_server_factory(SANDBOX_CALLBACK_DELAY=CALLBACK_DELAY, LINE_FORCE="1")
+    with psycopg.connect(server.env["DATABASE_URL"], autocommit=True) as connection:
+        connection.execute("UPDATE events SET line_max_rate = 1 WHERE slug = %s", (DEMO["event"],))
+    return server
+
+
+def take_places(server, how_many):
+    """Other buyers' places in the line, taken through the API: the ids."""
+    places = []
+    for i in range(how_many):
+        answer = requests.post(f"{server.url}/api/orders", json={**DEMO, "phone": f"07123400{i:02d}"},
+                               headers={"Idempotency-Key": f"ahead-{i}-{time.time()}"}, timeout=10)
+        assert answer.status_code == 202, answer.text
+        places.append(answer.json()["queue"]["id"])
+    return places
+
+
+def test_a_real_line_formed_by_the_server_admits_the_page_and_it_pays(busy_shop, page):
+    take_places(busy_shop, 6)
+    join(page, busy_shop, phone="0712345679")
+    expect(place_text(page)).to_have_text(re.compile(r"^\d+ ahead of you, (about \d+ seconds|less than 10 seconds) to wait\.$"))
+    assert axe_violations(page) == []
+
+    with page.expect_request(lambda request: "/api/queue/" in request.url):
+        page.reload()  # still in line: the same place, asked for again
+    expect(heading(page, IN_LINE)).to_be_visible()
+    expect(place_text(page)).to_have_text(re.compile(r"ahead of you|You're next"))
+    assert len(page.recorder.order_posts()) == 1
+
+    expect(heading(page, YOUR_TURN)).to_be_visible(timeout=20_000)
+    page.wait_for_url("**/orders/*")
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    assert page.recorder.console[-1] == RESOLVED.format("completed")
+    assert page.recorder.errors == []
+
+
+def test_before_sales_open_the_page_waits_for_the_draw_then_pays(busy_shop, page, tmp_path):
+    data = event_file(slug="opens-with-a-line", sales_start=when(hours=1))
+    put_on_sale_file = tmp_path / "opens-with-a-line.toml"
+    put_on_sale_file.write_text(toml(data) + "\n[event.line]\npre_queue_minutes = 120\n")
+    imported = subprocess.run(["flask", "--app", "wsgi", "events", "import", str(put_on_sale_file)], cwd=ROOT,
+                              env=busy_shop.env, capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    open_sales_in(busy_shop, "opens-with-a-line", seconds=8)
+
+    page.goto(f"{busy_shop.url}/events/opens-with-a-line/checkout")
+    expect(page.locator("[data-sales-notice=not_open]")).to_contain_text(PRE_QUEUE_SENTENCE)
+    fill_details(page)
+    page.get_by_label("Regular").check()
+    page.get_by_role("button", name="Pay KES 1,500 with M-Pesa").click()
+    expect(heading(page, IN_LINE)).to_be_visible()
+    expect(place_text(page)).to_have_text("You have a place for the opening.")
+    expect(page.locator("[data-line-pre-queue]")).to_contain_text("Sales have not opened yet")
+    assert axe_violations(page) == []
+
+    expect(heading(page, YOUR_TURN)).to_be_visible(timeout=20_000)  # drawn at the opening, and first
+    page.wait_for_url("**/orders/*")
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)

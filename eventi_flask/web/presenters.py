@@ -3,8 +3,6 @@
 Plain functions over the API's own dicts, so the pages and the JSON API can
 never disagree about an order.
 """
-from datetime import timedelta
-
 import segno
 from markupsafe import Markup
 
@@ -20,8 +18,6 @@ FALLBACK_REASON = "M-Pesa did not complete the payment."
 SANDBOX_OUTCOMES = {1032: "Cancelled on the phone", 1: "Insufficient funds", 2001: "Wrong PIN", 1037: "Phone unreachable"}
 NO_ANSWER = "Never answered: no result arrives"
 UNSUCCESSFUL_STATUSES = ("cancelled", "failed")
-DEFAULT_LINE_PATIENCE = 60  # seconds (API.md: LINE_PATIENCE)
-DEFAULT_PRE_QUEUE_MINUTES = 15  # API.md: [event.line] pre_queue_minutes
 
 # The server's own phone rule and wording, handed to the browser so the
 # client-side check cannot drift from the API's.
@@ -48,19 +44,19 @@ def _epoch_ms(moment):
     return round(as_utc(moment).timestamp() * 1000)
 
 
-def sales_window(event, now, pre_queue_minutes=None):
+def sales_window(event, now, pre_queue=None):
     """Where the checkout stands at `now` (the server's clock; `event` the API's, read at `now`): state "not_open", "open", "closed" or
     "sold_out" (open, and every type taken), and the moments the page counts to, in ms since the epoch.
-    With the event's line on (`pre_queue_minutes`, else None), `line_opens_at`: from then on, before the opening,
-    Pay joins the line."""
+    With the event's line on (`pre_queue`: how long before the opening it takes arrivals, else None),
+    `line_opens_at`: from then on, before the opening, Pay joins the line."""
     opens_at, closes_at = event["sales_start"], event["sales_end"] or event["starts_at"]
     if event["on_sale"]:  # as the API says it at `now`
         state = "open" if any(ticket["available"] for ticket in event["ticket_types"]) else "sold_out"
     else:
         state = "not_open" if opens_at is not None and now < from_iso(opens_at) else "closed"
     line_opens_at = None
-    if state == "not_open" and pre_queue_minutes:
-        line_opens_at = from_iso(opens_at) - timedelta(minutes=pre_queue_minutes)
+    if state == "not_open" and pre_queue:
+        line_opens_at = from_iso(opens_at) - pre_queue
     return {"state": state, "opens_at": opens_at, "closes_at": closes_at, "server_now_ms": _epoch_ms(now),
             "opens_at_ms": _epoch_ms(from_iso(opens_at)) if opens_at else "", "closes_at_ms": _epoch_ms(from_iso(closes_at)),
             "line_opens_at": line_opens_at.isoformat() if line_opens_at else None,
@@ -72,17 +68,10 @@ PRE_QUEUE_SENTENCE = ("Everyone who joins the line before sales open is put in a
                       "people who come after the opening join behind them, in the order they arrive.")
 
 
-def pre_queue_minutes(event):
-    """How long before sales open the event's line takes arrivals ([event.line] pre_queue_minutes), or None
-    when the API shows the event without a line."""
-    line = event.get("line")
-    return None if line is None else line.get("pre_queue_minutes", DEFAULT_PRE_QUEUE_MINUTES)
-
-
 def line_hold_seconds(config):
     """How long the checkout holds each wait for its place: the usual hold, but at most half of LINE_PATIENCE,
     so that a page that is open never has its place given up between two asks."""
-    return min(config["WAIT_TIMEOUT_DEFAULT"], config.get("LINE_PATIENCE", DEFAULT_LINE_PATIENCE) / 2)
+    return min(config["WAIT_TIMEOUT_DEFAULT"], config["LINE_PATIENCE"] / 2)
 
 
 def ticket_qr_code(code):

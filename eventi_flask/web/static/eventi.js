@@ -271,13 +271,6 @@ const lineKey = (slug) => `eventi:line:${slug}`;
 const ADMITTED_PAUSE_MS = 1500;
 // A screen reader hears the place again at most this often; a change of state is said at once.
 const LINE_ANNOUNCE_EVERY_MS = 30000;
-// Between two answers that moved the place, wait a twentieth of the estimate, 1 to 10 s: a place far
-// back is told of its moves every few seconds, not every second, which spares a slow network and the
-// server (the next ask, since the last version, answers at once with the place as it is then); near
-// the front, every second. bench/line.py waits the same.
-const LINE_ASK_MIN_MS = 1000;
-const LINE_ASK_MAX_MS = 10000;
-const LINE_ASK_SHARE_OF_ESTIMATE = 1 / 20;
 
 function checkoutLine(card, { slug, form, sales, send }) {
   const holdSeconds = Number(card.dataset.holdSeconds);
@@ -376,16 +369,13 @@ function checkoutLine(card, { slug, form, sales, send }) {
       return true;
     };
     if (place.ahead !== undefined && settled(place)) return; // a resumed place has none yet: the first wait tells it
+    // The server paces the answers (every second near the front, less often far back): each is asked again at once.
     const outcome = await holdWaits({
-      pathFor: (version) => `/api/queue/${encodeURIComponent(place.id)}/wait?timeout=${holdSeconds}&since=${version}`,
+      pathFor: (version) => `/api/queue/${encodeURIComponent(place.id)}/wait?timeout=${holdSeconds}${version < 0 ? "" : `&since=${version}`}`,
       holdSeconds,
       version: place.version,
       onConnection: connection,
-      async settled(answer) {
-        if (settled(answer)) return true;
-        await pause(Math.min(LINE_ASK_MAX_MS, Math.max(LINE_ASK_MIN_MS, answer.estimated_wait_s * 1000 * LINE_ASK_SHARE_OF_ESTIMATE)));
-        return false;
-      },
+      settled,
     });
     if (outcome === SETTLED) return;
     if (outcome.status === 404) {
@@ -411,13 +401,13 @@ function checkoutLine(card, { slug, form, sales, send }) {
       console.log(`🧍 In line: ${queue.ahead} ahead, about ${queue.estimated_wait_s}s`);
       follow({ ...queue, status: "queued" });
     },
-    // A reload: the place this tab had, asked for from its start (since=0 answers at once).
+    // A reload: the place this tab had, asked for without `since` (answered at once).
     resume() {
       const place = kept();
       if (!place) return;
       entry = place;
       show("queued");
-      follow({ id: place.id, status: "queued", version: 0 });
+      follow({ id: place.id, status: "queued", version: -1 });
     },
     // The form again (a refusal, a network error): whatever place this tab had is over.
     leave() {
