@@ -136,21 +136,11 @@ def orders_in_database(database_url):
 
 
 async def run(args, target):
-    host, port, loop = target["host"], target["port"], asyncio.get_running_loop()
-    delay = float(dict(item.partition("=")[::2] for item in args.server_env).get(
-        "SANDBOX_CALLBACK_DELAY", CALLBACK_DELAY))
+    delay = callback_delay(args)
     buyers = [Buyer(i) for i in range(args.buyers)]
-    profiler = Profiler(args.profile, target)
-    usage = Usage(target).start()
-    started = loop.time()
+    started = asyncio.get_running_loop().time()
     deadline = started + args.buyers / args.rate + args.give_up + args.timeout + 30
-    tasks = await paced(args.rate, [journey(host, port, b, args, deadline) for b in buyers])
-    await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    used = usage.stop()
-    profile = profiler.stop()
+    used, profile = await run_journeys(args, target, journey, buyers, deadline)
 
     watches = [b.watch for b in buyers if b.watch]
     finished = [b for b in buyers if b.watch and b.watch.answered_at is not None]
@@ -162,7 +152,6 @@ async def run(args, target):
     in_database = orders_in_database(target.get("database_url"))
     duplicates = None if in_database is None else in_database - len(answered_ids)
     last = max((b.watch.answered_at for b in finished), default=None)
-    cpu = worker_cpu_total(used)
     failures = []
     if wrong:
         failures.append(f"{len(wrong)} buyers saw a wrong outcome")
@@ -190,11 +179,38 @@ async def run(args, target):
             b.watch.answered_wall * 1000 - callback_due_ms(b.watch.order, delay) for b in finished
             if callback_due_ms(b.watch.order, delay) is not None),
         "outcome_after_commit_ms": spread(_after_commit(b) for b in finished),
-        "outcomes": count_by(b.watch.status for b in finished),
-        "wrong_outcomes": len(wrong),
         "order_retries": sum(len(b.answers) - 1 for b in served),
         "buyers_needing_a_retry": sum(1 for b in buyers if len(b.answers) > 1 or (b.watch and b.watch.retries)),
         **{f"wait_{k}": v for k, v in story(watches).items()},
+        **journey_outcomes(buyers, finished, wrong, used, profile, failures),
+    }
+
+
+def callback_delay(args):
+    """The sandbox's SANDBOX_CALLBACK_DELAY for the run: --server-env's, else the mode's."""
+    return float(dict(item.partition("=")[::2] for item in args.server_env).get("SANDBOX_CALLBACK_DELAY", CALLBACK_DELAY))
+
+
+async def run_journeys(args, target, journey, buyers, deadline):
+    """journey(host, port, buyer, args, deadline) for each buyer, arriving at --rate, ended at `deadline` (the
+    loop's time) at the latest; (the workers' usage meanwhile, the profile's top frames)."""
+    loop = asyncio.get_running_loop()
+    profiler = Profiler(args.profile, target)
+    usage = Usage(target).start()
+    tasks = await paced(args.rate, [journey(target["host"], target["port"], b, args, deadline) for b in buyers])
+    await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return usage.stop(), profiler.stop()
+
+
+def journey_outcomes(buyers, finished, wrong, used, profile, failures):
+    """The part of a run's results every journey mode reports: outcomes, errors, worker CPU per journey, usage."""
+    cpu = worker_cpu_total(used)
+    return {
+        "outcomes": count_by(b.watch.status for b in finished),
+        "wrong_outcomes": len(wrong),
         "buyer_errors": sum(1 for b in buyers if b.error),
         "first_buyer_errors": [b.error for b in buyers if b.error][:5],
         "worker_cpu_ms_per_journey": rounded(cpu * 1000 / len(finished)) if cpu is not None and finished else None,

@@ -22,18 +22,18 @@ What it reports (wall clock of this one machine):
 - worker CPU per journey, as the other modes.
 """
 import asyncio
-import json
 import math
 import random
 import time
 from datetime import datetime
 
 from . import journeys
-from .client import Conn, HttpError, Pool, paced
-from .journeys import CALLBACK_DELAY, Buyer, orders_in_database, post_until_answered, updated_ms
-from .page import Watch, backoff, follow
+from .client import Conn, HttpError, Pool
+from .journeys import (Buyer, callback_delay, journey_outcomes, orders_in_database, post_until_answered,
+                       run_journeys, updated_ms)
+from .page import Watch, ask, follow, reconnect_after
 from .results import count_by, latency, rounded, spread
-from .server import Profiler, Usage, database_engine, worker_cpu_total
+from .server import database_engine
 
 SERVER = journeys.SERVER
 LINE_PATIENCE = 60  # the server's default (API.md: LINE_PATIENCE)
@@ -105,17 +105,11 @@ async def hold_place(conn, buyer, args, deadline):
     hold = min(args.timeout, args.patience / 2)
     version, failures = buyer.place["version"], 0
     while loop.time() < deadline:
-        try:
-            answer = await conn.request("GET", queue_wait_path(buyer.place["id"], version, hold))
-        except (OSError, HttpError) as exc:
-            answer, refusal = None, type(exc).__name__
-        else:
-            refusal = None if answer.status == 200 else answer.status
+        answer, refusal = await ask(conn, queue_wait_path(buyer.place["id"], version, hold))
         if refusal is not None:
             buyer.place_refusals.append(refusal)
             failures += 1
-            conn.close()
-            await asyncio.sleep(answer.retry_after() if answer and "retry-after" in answer.headers else backoff(failures))
+            await reconnect_after(conn, answer, failures)
             continue
         failures = 0
         place = answer.json()
@@ -189,21 +183,11 @@ def tickets_held_and_paid(database_url):
 
 async def run(args, target):
     host, port, loop = target["host"], target["port"], asyncio.get_running_loop()
-    delay = float(dict(item.partition("=")[::2] for item in args.server_env).get(
-        "SANDBOX_CALLBACK_DELAY", CALLBACK_DELAY))
     chooser = random.Random(args.buyers)
     buyers = [LineBuyer(i, chooser.random() < args.leave_share) for i in range(args.buyers)]
-    profiler = Profiler(args.profile, target)
-    usage = Usage(target).start()
     started, started_wall = loop.time(), time.time()
     deadline = started + args.buyers / args.rate + args.give_up + args.timeout + 2 * args.patience + 30
-    tasks = await paced(args.rate, [journey(host, port, b, args, deadline) for b in buyers])
-    await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    used = usage.stop()
-    profile = profiler.stop()
+    used, profile = await run_journeys(args, target, journey, buyers, deadline)
 
     answers = [a for b in buyers for a in b.answers]
     queued = [b for b in buyers if b.place is not None]
@@ -219,7 +203,6 @@ async def run(args, target):
     held, paid, pending = tickets_held_and_paid(target.get("database_url"))
     fives = sum(1 for status, _ in answers if isinstance(status, int) and status >= 500)
     rises = [largest_rise_pct(b.estimates) for b in queued]
-    cpu = worker_cpu_total(used)
     fair = fairness_s(buyers)
 
     failures = []
@@ -235,7 +218,7 @@ async def run(args, target):
         "buyers": args.buyers,
         "arrival_rate": args.rate,
         "leave_share": args.leave_share,
-        "callback_delay_s": delay,
+        "callback_delay_s": callback_delay(args),
         "order_answers": len(answers),
         "order_answer_ms": spread(took for _, took in answers),
         "order_statuses": count_by(status for status, _ in answers),
@@ -261,14 +244,7 @@ async def run(args, target):
         "estimate_largest_rise_pct": rounded(max(rises, default=0.0), 1),
         "estimate_rises_over_20pct": sum(1 for rise in rises if rise > 20),
         "outcome_after_commit_ms": spread(b.watch.answered_wall * 1000 - updated_ms(b.watch.final) for b in finished),
-        "outcomes": count_by(b.watch.status for b in finished),
-        "wrong_outcomes": len(wrong),
-        "buyer_errors": sum(1 for b in buyers if b.error),
-        "first_buyer_errors": [b.error for b in buyers if b.error][:5],
-        "worker_cpu_ms_per_journey": rounded(cpu * 1000 / len(finished)) if cpu is not None and finished else None,
-        **used,
-        "profile_top": profile,
-        "failures": failures,
+        **journey_outcomes(buyers, finished, wrong, used, profile, failures),
     }
 
 

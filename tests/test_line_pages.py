@@ -9,7 +9,6 @@ test_a_real_line_formed_by_the_server_admits_the_page_and_it_pays.
 """
 import json
 import re
-import subprocess
 import time
 from urllib.parse import parse_qs, urlparse
 
@@ -20,8 +19,8 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect
 
 from eventi_flask.web.presenters import PRE_QUEUE_SENTENCE
-from tests.support import DEMO, ROOT, event_file, toml, when
-from tests.test_event_pages import fill_details, open_sales_in
+from tests.support import DEMO, ROOT, event_file, when
+from tests.test_event_pages import fill_details, open_sales_in, put_on_sale
 from tests.test_pages import (CALLBACK_DELAY, CHECKOUT_PATH, RESOLVED, browser, fill_checkout, heading,  # noqa: F401
                               new_page, page, shop)
 
@@ -220,12 +219,8 @@ def test_a_real_line_formed_by_the_server_admits_the_page_and_it_pays(busy_shop,
 
 
 def test_before_sales_open_the_page_waits_for_the_draw_then_pays(busy_shop, page, tmp_path):
-    data = event_file(slug="opens-with-a-line", sales_start=when(hours=1))
-    put_on_sale_file = tmp_path / "opens-with-a-line.toml"
-    put_on_sale_file.write_text(toml(data) + "\n[event.line]\npre_queue_minutes = 120\n")
-    imported = subprocess.run(["flask", "--app", "wsgi", "events", "import", str(put_on_sale_file)], cwd=ROOT,
-                              env=busy_shop.env, capture_output=True, text=True)
-    assert imported.returncode == 0, imported.stdout + imported.stderr
+    put_on_sale(busy_shop, tmp_path, event_file(slug="opens-with-a-line", sales_start=when(hours=1),
+                                                line={"pre_queue_minutes": 120}))
     open_sales_in(busy_shop, "opens-with-a-line", seconds=8)
 
     page.goto(f"{busy_shop.url}/events/opens-with-a-line/checkout")
