@@ -10,8 +10,10 @@ as in the journeys (85% pay).
 
 What it reports (wall clock of this one machine):
 - every POST's answer time and status (5xx must be none);
-- fairness: the most any buyer was admitted after one who joined later, over every pair, seconds
-  (joined = its POST answered; admitted = its order's created_at, the server's moment);
+- fairness: the most any buyer was admitted after one who came later, over every pair, seconds (came =
+  its first POST sent, a retry after 503 busy included; admitted = its order's created_at, the server's
+  moment); the server's own join falls between the POST's sending and its answer, so the same measure
+  with joined = the POST answered is given beside it (fairness_by_answer_s), with the worst pair;
 - served once: the orders each buyer was answered (exactly one), orders in the database against them
   (orders the line made for buyers who stopped asking are found through GET /api/queue/<id>), and
   tickets held against tickets paid (the database);
@@ -22,7 +24,6 @@ What it reports (wall clock of this one machine):
 - worker CPU per journey, as the other modes.
 """
 import asyncio
-import math
 import random
 import time
 from datetime import datetime
@@ -52,12 +53,12 @@ def add_arguments(parser):
 
 
 class LineBuyer(Buyer):
-    __slots__ = ("leaves", "joined_at", "place", "estimates", "place_status", "admitted_at", "place_refusals")
+    __slots__ = ("leaves", "came_at", "joined_at", "place", "estimates", "place_status", "admitted_at", "place_refusals")
 
     def __init__(self, index, leaves):
         super().__init__(index)
         self.leaves = leaves
-        self.joined_at = self.place = self.place_status = self.admitted_at = None
+        self.came_at = self.joined_at = self.place = self.place_status = self.admitted_at = None
         self.estimates = []  # estimated_wait_s of every answer about the place while queued, the 202's first
         self.place_refusals = []
 
@@ -73,7 +74,7 @@ def created_wall(order):
 async def journey(host, port, buyer, args, deadline):
     loop = asyncio.get_running_loop()
     conn = Conn(host, port)
-    buyer.arrived_at = loop.time()
+    buyer.arrived_at, buyer.came_at = loop.time(), time.time()
     answer = await post_until_answered(conn, buyer, args, accepted=(200, 201, 202))
     if answer is None:
         return
@@ -122,15 +123,26 @@ async def hold_place(conn, buyer, args, deadline):
     return None
 
 
-def fairness_s(buyers):
+def fairness(buyers, joined=lambda buyer: buyer.came_at):
     """The most any buyer was admitted after one who joined later: the max over pairs (a joined before b) of
-    admitted(a) - admitted(b), in seconds; 0 when every buyer was admitted in the order they joined."""
-    served = sorted((b.joined_at, b.admitted_at) for b in buyers if b.admitted_at is not None)
-    worst, first_admitted_of_the_later = 0.0, math.inf
-    for _, admitted in reversed(served):
-        worst = max(worst, admitted - first_admitted_of_the_later)
-        first_admitted_of_the_later = min(first_admitted_of_the_later, admitted)
-    return worst
+    admitted(a) - admitted(b), in seconds (0 when every buyer was admitted in the order they joined), and that
+    pair (a, b), or None.  Joined: when the buyer first sent its POST (default), or another moment of theirs."""
+    served = sorted((b for b in buyers if b.admitted_at is not None), key=joined)
+    worst, pair, first_of_the_later = 0.0, None, None
+    for buyer in reversed(served):
+        if first_of_the_later is not None and buyer.admitted_at - first_of_the_later.admitted_at > worst:
+            worst, pair = buyer.admitted_at - first_of_the_later.admitted_at, (buyer, first_of_the_later)
+        if first_of_the_later is None or buyer.admitted_at < first_of_the_later.admitted_at:
+            first_of_the_later = buyer
+    return worst, pair
+
+
+def story_of(buyer, started_wall):
+    """A buyer's place for a report: when it joined and was admitted (seconds into the run), its first answer."""
+    return {"buyer": buyer.index, "came_s": rounded(buyer.came_at - started_wall, 3),
+            "joined_s": rounded(buyer.joined_at - started_wall, 3),
+            "admitted_s": rounded(buyer.admitted_at - started_wall, 3),
+            "place_at_join": {k: buyer.place[k] for k in ("position", "ahead", "estimated_wait_s")} if buyer.place else None}
 
 
 def honest(buyer):
@@ -203,7 +215,7 @@ async def run(args, target):
     held, paid, pending = tickets_held_and_paid(target.get("database_url"))
     fives = sum(1 for status, _ in answers if isinstance(status, int) and status >= 500)
     rises = [largest_rise_pct(b.estimates) for b in queued]
-    fair = fairness_s(buyers)
+    unfairness, pair = fairness(buyers)
 
     failures = []
     if wrong:
@@ -227,7 +239,9 @@ async def run(args, target):
         "place_outcomes": count_by(b.place_status for b in queued),
         "place_refusals": count_by(r for b in queued for r in b.place_refusals),
         "admitted": len(admitted),
-        "fairness_s": rounded(fair, 3),
+        "fairness_s": rounded(unfairness, 3),
+        "fairness_worst_pair": [story_of(b, started_wall) for b in pair] if pair else None,
+        "fairness_by_answer_s": rounded(fairness(buyers, lambda buyer: buyer.joined_at)[0], 3),
         "served_exactly_once": sum(1 for b in admitted if len(b.order_ids) == 1),
         "orders_in_database": in_database,
         "orders_made_for_buyers_who_left": len(leavers_orders),
