@@ -22,7 +22,7 @@ from eventi_flask.web.presenters import PRE_QUEUE_SENTENCE
 from tests.support import DEMO, ROOT, event_file, when
 from tests.test_event_pages import fill_details, open_sales_in, put_on_sale
 from tests.test_pages import (CALLBACK_DELAY, CHECKOUT_PATH, RESOLVED, browser, fill_checkout, heading,  # noqa: F401
-                              new_page, page, shop)
+                              new_page, page, screenshot, shop)
 
 pytestmark = pytest.mark.browser
 
@@ -144,6 +144,7 @@ def test_a_place_that_cannot_be_served_says_so_and_goes_back_to_the_form(shop, p
         expect(page.locator("[data-line-reason]")).to_have_text(error["message"])
     expect(page.locator("[data-line-state]:not([hidden])").get_by_text("Nothing was charged.")).to_be_visible()
     assert axe_violations(page) == []
+    screenshot(page, f"line-{status}", 360)
 
     page.get_by_role("button", name=action).click()
     page.wait_for_url(f"**{CHECKOUT_PATH}?*")
