@@ -98,17 +98,20 @@ def post_worker_init(worker):
 
     import gevent
 
+    from eventi_flask.line.service import LINE
     from eventi_flask.notify.service import HUB
 
     gc.collect()  # garbage of the start-up is freed, not frozen
     gc.freeze()
 
     hub = worker.wsgi.extensions[HUB]
+    admitter = worker.wsgi.extensions[LINE].admitter
     stop_accepting = worker.handle_exit
 
     def handle_exit(sig, frame):
         stop_accepting(sig, frame)
         gevent.spawn(hub.shut_down)  # out of the signal handler, as gunicorn does for SIGQUIT
+        gevent.spawn(admitter.shut_down)  # another worker admits the lines this one did (line/admitter.py)
 
     signal.signal(signal.SIGTERM, handle_exit)
     signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn's init_signals leaves it

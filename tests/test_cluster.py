@@ -369,3 +369,19 @@ def test_two_instances_of_two_workers_on_one_cluster(live_server_factory, cluste
     finally:
         one.stop()
         other.stop()
+
+
+@pytest.mark.env(LINE_FORCE="1", LINE_TICK="0.1")
+def test_a_line_on_the_cluster_keeps_its_keys_in_one_slot_and_serves_everyone(app, client, wire, cluster, settings):
+    from redis.crc import key_slot
+
+    queued = [client.post("/api/orders", json=DEMO).get_json()["queue"]["id"] for _ in range(3)]
+
+    def outcome(place_id):
+        current = client.get(f"/api/queue/{place_id}").get_json()
+        return current if current["status"] != "queued" else None
+
+    outcomes = [wait_until(lambda: outcome(place_id), timeout=15, message="admitted") for place_id in queued]
+    assert [o["status"] for o in outcomes] == ["admitted"] * 3
+    keys = [key for node in cluster.nodes for key in node.client().keys(settings["REDIS_PREFIX"] + "line:{*")]
+    assert len(keys) > 5 and len({key_slot(key) for key in keys}) == 1

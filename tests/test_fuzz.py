@@ -44,7 +44,7 @@ def _real_place(app):
         data = {**DEMO, "phone": "254712345678"}
         place = {"id": line.new_place_id(DEMO["event"]), "body": json.dumps(data), "body_hash": body_hash(data),
                  "order_key": "fuzz", "type": DEMO["ticket_type"], "quantity": 1}
-        _, joined = line.get_line().store.join(DEMO["event"], place, None, 0, False, True)
+        _, joined, _ = line.get_line().store.join(DEMO["event"], place, None, 0, False, True)
     return joined.id
 
 

@@ -261,3 +261,33 @@ def test_a_bad_line_section_is_refused_in_one_line(app, tmp_path, line, problem)
     path.write_text(toml(event_file()) + f"\n[event.line]\n{line}\n")
     code, lines = run_cli(app, "events", "import", str(path))
     assert code != 0 and len(lines) == 1 and problem in lines[0], lines
+
+
+def test_the_measured_rate_falls_gently_so_an_estimate_never_jumps_up_by_a_fifth():
+    from eventi_flask.line.admitter import Outflow
+
+    outflow = Outflow(start=20, cap=None)
+    ahead, shown = 3000, []
+    for second in range(120):
+        served = 60 if second < 30 else (15 if second < 60 else 0)  # the service slows, then stalls
+        outflow.measure(served, 0, 1.0)
+        ahead -= served
+        shown.append(ahead / outflow.measured)
+    assert outflow.measured > 0
+    assert all(later <= earlier * 1.2 for earlier, later in zip(shown, shown[1:]))
+    assert shown[0] == pytest.approx((3000 - 60) / 60)  # the first measurement is taken as it is
+
+
+def test_the_outflow_follows_answer_times_within_its_cap():
+    from eventi_flask.line.admitter import Outflow
+
+    outflow = Outflow(start=20, cap=50)
+    for _ in range(30):  # quick answers, a line waiting: up to the event's max_rate
+        outflow.latencies = [0.1] * 10
+        outflow.adjust(shed_share=0, backlog=True)
+    assert outflow.rate == 50
+    outflow.latencies = [0.2] * 8 + [1.5] * 2  # p90 past a second: less
+    outflow.adjust(shed_share=0, backlog=True)
+    assert outflow.rate == 35
+    outflow.adjust(shed_share=1, backlog=True)  # the worker itself says it is past capacity
+    assert outflow.rate == pytest.approx(24.5)

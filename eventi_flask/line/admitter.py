@@ -15,8 +15,8 @@ takes over within LEASE_TICKS ticks.  Each tick it:
    rate) through the notification hub: one message per worker, whatever the number of waiters.
 
 The outflow follows what the service takes: it grows while admitted orders are answered well within
-the 2 s target and this worker's admission signals (event-loop lag, reservation time) say there is
-room, and shrinks when either says otherwise (an additive-increase, multiplicative-decrease loop on
+the 2 s target and this worker's admission signals (event-loop lag, reservation time) leave room, and
+shrinks when orders answer slowly or those signals say the worker sheds everything (an additive-increase, multiplicative-decrease loop on
 measured order latency), capped by the event's max_rate.
 """
 import json
@@ -67,9 +67,9 @@ class Outflow:
         recent = sorted(self.latencies)
         self.latencies = []
         slow = recent[int(len(recent) * 0.9)] if recent else None
-        if shed_share > 0 or (slow is not None and slow > SLOW):
+        if shed_share >= 1 or (slow is not None and slow > SLOW):
             self.rate = max(MIN_RATE, self.rate * DECREASE)
-        elif backlog and ((slow is not None and slow < FAST) or not self.in_flight):
+        elif backlog and shed_share < 0.5 and ((slow is not None and slow < FAST) or not self.in_flight):
             self.rate = self.rate * INCREASE + 1
         if self.cap:
             self.rate = min(self.rate, self.cap)
@@ -83,6 +83,8 @@ class Outflow:
 
     def measure(self, served, left, seconds):
         rate = served / seconds
+        if not self.measured:  # the first measurement stands alone: averaged with 0 it would be far too low
+            self.measured = rate
         smoothed = self.measured + (rate - self.measured) * RATE_SMOOTHING
         self.measured = max(smoothed, self.measured * RATE_FALL_PER_SECOND ** seconds)
         if served + left:
@@ -100,7 +102,7 @@ class Admitter:
         self.stalled_ms = int((app.config["PAYHERO_CONNECT_TIMEOUT"] + app.config["PAYHERO_READ_TIMEOUT"] + 5) * 1000)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.outflows = {}  # slug -> Outflow, for the events whose lease this worker holds
-        self.opened = set()  # slugs whose pre-queue was shuffled (or found shuffled)
+        self.opened = set()  # (slug, opening) whose pre-queue was shuffled (or found shuffled)
         self.changed = set()  # slugs where a place was served or refused since the last tick
         self._greenlet = None
 
@@ -112,6 +114,18 @@ class Admitter:
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
             self._greenlet = None
+
+    def shut_down(self):
+        """The worker is stopping (SIGTERM): no more ticks here, and its leases go now, so another
+        worker admits from its next tick.  Orders being made finish if the worker lives long enough;
+        one cut short is made again (once, by its key) when the next admitter finds it stalled."""
+        self.stop()
+        for slug in list(self.outflows):
+            try:
+                self.line.store.release(slug, self.owner)
+            except self.line.store_errors:
+                pass  # it expires within LEASE_TICKS ticks anyway
+        self.outflows.clear()
 
     def _run_forever(self):
         failing = False
@@ -144,7 +158,7 @@ class Admitter:
         outflow = self.outflows.get(slug)
         if outflow is None:
             outflow = self.outflows[slug] = Outflow(self.start_rate, settings.max_rate)
-        now_ms = service._now_ms()
+        now_ms = service.now_ms()
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
         if left:
             metrics.line_left.labels(slug).inc(left)
@@ -152,7 +166,7 @@ class Admitter:
         self.changed.discard(slug)
         served = 0
         if settings.seconds_to_opening(utcnow()) <= 0:  # before sales_start the pre-queue only waits
-            moved |= self._open(slug)
+            moved |= self._open(slug, settings)
             self._retry_stalled(slug, outflow, now_ms)
             admission = current_app.extensions.get(ADMISSION)
             outflow.adjust(admission.shed_share() if admission is not None else 0, backlog=True)
@@ -176,13 +190,14 @@ class Admitter:
             metrics.line_length.labels(slug).set(0)
             store.forget_event(slug, now_ms - IDLE_SECONDS * 1000)
 
-    def _open(self, slug):
+    def _open(self, slug, settings):
         """At sales_start: the pre-queue in a random order, once.  True when it moved anyone."""
-        if slug in self.opened:
+        opening = (slug, settings.opening())
+        if opening in self.opened:
             return False
         randoms = [repr(random.random()) for _ in range(self.line.store.pre_queue_size(slug) + 16)]
-        shuffled = self.line.store.shuffle(slug, randoms)
-        self.opened.add(slug)
+        shuffled = self.line.store.shuffle(slug, settings.opening(), randoms)
+        self.opened.add(opening)
         if shuffled > 0:
             log.info("Sales open for %s: %d places of the pre-queue put in a random order", slug, shuffled)
         return shuffled > 0
@@ -190,7 +205,7 @@ class Admitter:
     def _retry_stalled(self, slug, outflow, now_ms):
         for place in self.line.store.stalled(slug, now_ms - self.stalled_ms):
             if place.id not in outflow.in_flight:
-                log.warning("Place %s's order was begun %.0f s ago and not finished; making it again (once)",
+                log.warning("Place %s (joined %.0f s ago) has an order begun and never finished; making it again (once)",
                             place.id, (now_ms - place.joined_ms) / 1000)
                 outflow.in_flight.add(place.id)
                 gevent.spawn(self._admit, slug, place, outflow)

@@ -50,7 +50,7 @@ class _Line:
         self.gone = []  # sorted tickets that left other than at the head
         self.admitting = {}  # id -> ms
         self.pre = set()
-        self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0, "opened": False}
+        self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0, "opened": None}
         self.lease = None  # (owner, expires at)
         self.last_join_ms = 0
 
@@ -79,9 +79,9 @@ class LocalLineStore:
         line = self._line(slug)
         existing = self._places.get(self._keys.get((slug, key_hash))) if key_hash else None
         if existing is not None and existing.status != "left":
-            return "existing", existing
+            return ("existing", *self.view(slug, existing.id, now_ms, touch=False))
         if not force and not line.queue:
-            return "none", None
+            return "none", None, None
         line.seq += 1
         joined = Place(id=place["id"], ticket=line.seq, status="queued", body=place["body"],
                        body_hash=place["body_hash"], order_key=place["order_key"], type=place["type"],
@@ -94,7 +94,7 @@ class LocalLineStore:
             line.pre.add(joined.id)
         if key_hash:
             self._keys[(slug, key_hash)] = joined.id
-        return "joined", joined
+        return ("joined", *self.view(slug, joined.id, now_ms, touch=False))
 
     def view(self, slug, place_id, now_ms, touch=True):
         place = self._places.get(place_id)
@@ -188,9 +188,9 @@ class LocalLineStore:
             self._remove(line, place, status, error=error)
         return len(closing)
 
-    def shuffle(self, slug, randoms):
+    def shuffle(self, slug, opening, randoms):
         line = self._line(slug)
-        if line.state["opened"]:
+        if line.state["opened"] == opening:
             return -1
         ids = [place_id for place_id in line.pre if place_id in line.queue]
         tickets = sorted(line.queue[place_id] for place_id in ids)
@@ -199,7 +199,7 @@ class LocalLineStore:
             line.queue[place_id] = self._places[place_id].ticket = ticket
         line.queue = dict(sorted(line.queue.items(), key=lambda item: item[1]))
         line.pre.clear()
-        line.state["opened"] = True
+        line.state["opened"] = opening
         line.state["epoch"] += 1
         return len(ids)
 

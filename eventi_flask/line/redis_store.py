@@ -24,18 +24,32 @@ from ..notify.cluster_hub import is_cluster
 from ..notify.redis_hub import RedisHub
 from .local_store import PLACE_TTL_SECONDS, Place
 
+# A place and where the line stands (its fields, the head, the tickets gone between them, the
+# line's state and length), for the scripts below.  KEYS: seq queue seen gone pre state ... as _JOIN's.
+_VIEW_OF = """
+local function view_of(place_key)
+  local fields = redis.call('HGETALL', place_key)
+  if #fields == 0 then return nil end
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local head = first[2] and tonumber(first[2]) or (tonumber(redis.call('GET', KEYS[1]) or '0') + 1)
+  local ticket = tonumber(redis.call('HGET', place_key, 'ticket'))
+  return {fields, head, redis.call('ZCOUNT', KEYS[4], head, '(' .. ticket), redis.call('HGETALL', KEYS[6]),
+          redis.call('ZCARD', KEYS[2])}
+end
+"""
+
 # Join, or answer the place the key already holds.  A place that left gives its key back.
-# KEYS: seq queue seen gone pre state place key-or-""; ARGV: id body body_hash order_key type quantity
-# now_ms pre(0/1) force(0/1) ttl.  Returns {outcome, id, fields...}: outcome 0 no line, 1 joined, 2 existing.
-_JOIN = """
-if KEYS[8] ~= '' then
+# KEYS: seq queue seen gone pre state place key (`line:{s}:key:` alone: no key); ARGV: id body body_hash
+# order_key type quantity now_ms pre(0/1) force(0/1) ttl.  Returns {outcome, view_of(the place)}:
+# outcome 0 no line, 1 joined, 2 existing.
+_JOIN = _VIEW_OF + """
+local keyed = string.sub(KEYS[8], -4) ~= 'key:'
+if keyed then
   local existing = redis.call('GET', KEYS[8])
   if existing then
-    local base = string.sub(KEYS[1], 1, -4)
-    local fields = redis.call('HGETALL', base .. 'place:' .. existing)
-    local status = nil
-    for i = 1, #fields, 2 do if fields[i] == 'status' then status = fields[i + 1] end end
-    if status and status ~= 'left' then return {2, existing, fields} end
+    local place_key = string.sub(KEYS[1], 1, -4) .. 'place:' .. existing
+    local status = redis.call('HGET', place_key, 'status')
+    if status and status ~= 'left' then return {2, view_of(place_key)} end
   end
 end
 if ARGV[9] ~= '1' and redis.call('ZCARD', KEYS[2]) == 0 then
@@ -49,21 +63,15 @@ redis.call('EXPIRE', KEYS[7], ARGV[10])
 redis.call('ZADD', KEYS[2], ticket, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
 if ARGV[8] == '1' then redis.call('SADD', KEYS[5], ARGV[1]) end
-if KEYS[8] ~= '' then redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[10]) end
-return {1, ARGV[1], redis.call('HGETALL', KEYS[7])}
+if keyed then redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[10]) end
+return {1, view_of(KEYS[7])}
 """
 
-# A place and where the line stands, in one round trip; a waiting place's page counts as having asked.
-# KEYS: place queue seen gone state seq; ARGV: id now_ms touch(0/1).  Returns {fields, head, gone_ahead, state}.
-_VIEW = """
-local fields = redis.call('HGETALL', KEYS[1])
-if #fields == 0 then return nil end
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local head = first[2] and tonumber(first[2]) or (tonumber(redis.call('GET', KEYS[6]) or '0') + 1)
-local ticket = tonumber(redis.call('HGET', KEYS[1], 'ticket'))
-local gone_ahead = redis.call('ZCOUNT', KEYS[4], head, '(' .. ticket)
+# Read a place; a waiting place's page counts as having asked.  KEYS: seq queue seen gone pre state place;
+# ARGV: id now_ms touch(0/1).
+_VIEW = _VIEW_OF + """
 if ARGV[3] == '1' and redis.call('ZSCORE', KEYS[2], ARGV[1]) then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
-return {fields, head, gone_ahead, redis.call('HGETALL', KEYS[5]), redis.call('ZCARD', KEYS[2])}
+return view_of(KEYS[7])
 """
 
 # Places whose pages stopped asking: out of the queue, `left`.  KEYS: queue seen gone state; ARGV: cutoff_ms limit.
@@ -129,9 +137,9 @@ return closed
 """
 
 # At sales_start: the pre-queue in a random order (Fisher-Yates over the tickets they hold, with
-# the caller's random numbers).  KEYS: queue pre state; ARGV: random numbers in [0, 1).
+# the caller's random numbers), once per opening.  KEYS: queue pre state; ARGV: opening, then random numbers in [0, 1).
 _SHUFFLE = """
-if redis.call('HGET', KEYS[3], 'opened') == '1' then return -1 end
+if redis.call('HGET', KEYS[3], 'opened') == ARGV[1] then return -1 end
 local base = string.sub(KEYS[1], 1, -6)
 local ids, tickets = {}, {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -139,7 +147,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if ticket then table.insert(ids, id); table.insert(tickets, tonumber(ticket)) end
 end
 for i = #ids, 2, -1 do
-  local r = tonumber(ARGV[i]) or math.random()
+  local r = tonumber(ARGV[i + 1]) or math.random()
   local j = math.floor(r * i) + 1
   ids[i], ids[j] = ids[j], ids[i]
 end
@@ -149,7 +157,7 @@ for i, id in ipairs(ids) do
   redis.call('HSET', base .. 'place:' .. id, 'ticket', tickets[i])
 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[3], 'opened', '1')
+redis.call('HSET', KEYS[3], 'opened', ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'epoch', 1)
 return #ids
 """
@@ -212,7 +220,7 @@ class RedisLineStore:
         return f"{self.prefix}line:{{{slug}}}:{name}"
 
     def _run(self, script, slug, names, args):
-        return self._scripts[script](keys=[self._key(slug, name) if name else "" for name in names], args=args)
+        return self._scripts[script](keys=[self._key(slug, name) for name in names], args=args)
 
     @property
     def _events(self):
@@ -221,25 +229,26 @@ class RedisLineStore:
     # -- joining and reading --
 
     def join(self, slug, place, key_hash, now_ms, pre, force):
-        """Join (or find the place `key_hash` holds).  Returns (outcome, Place|None): "none", "joined", "existing"."""
-        key = f"key:{key_hash}" if key_hash else None
-        reply = self._run("join", slug, ("seq", "queue", "seen", "gone", "pre", "state", f"place:{place['id']}", key),
+        """Join, or find the place `key_hash` holds: (outcome, Place, view), the outcome "joined" or
+        "existing"; ("none", None, None) when the line is empty and `force` is not set."""
+        reply = self._run("join", slug, self._names(f"place:{place['id']}", f"key:{key_hash or ''}"),
                           (place["id"], place["body"], place["body_hash"], place["order_key"], place["type"],
                            place["quantity"], now_ms, int(pre), int(force), PLACE_TTL_SECONDS))
         outcome = ("none", "joined", "existing")[reply[0]]
+        if outcome == "none":
+            return outcome, None, None
         if outcome == "joined":
             self._client.zadd(self._events, {slug: now_ms})
-        return outcome, (Place.from_fields(_fields(reply[2])) if outcome != "none" else None)
+        return (outcome, *_view(reply[1]))
 
     def view(self, slug, place_id, now_ms, touch=True):
-        """(Place, LineView) or None for an unknown place; a waiting place is marked as asked for."""
-        reply = self._run("view", slug, (f"place:{place_id}", "queue", "seen", "gone", "state", "seq"),
-                          (place_id, now_ms, int(touch)))
-        if reply is None:
-            return None
-        fields, head, gone_ahead, state, length = reply
-        return Place.from_fields(_fields(fields)), {"head": int(head), "gone_ahead": int(gone_ahead),
-                                                    "length": int(length), **_state(_fields(state))}
+        """(Place, view) or None for an unknown place; a waiting place is marked as asked for."""
+        reply = self._run("view", slug, self._names(f"place:{place_id}"), (place_id, now_ms, int(touch)))
+        return _view(reply) if reply is not None else None
+
+    @staticmethod
+    def _names(*more):
+        return ("seq", "queue", "seen", "gone", "pre", "state", *more)
 
     def touch(self, slug, place_ids, now_ms):
         if place_ids:
@@ -291,8 +300,8 @@ class RedisLineStore:
         return int(self._run("close", slug, ("queue", "seen", "gone", "state"),
                              (ticket_type or "", min_quantity, status, json.dumps(error, separators=(",", ":")))))
 
-    def shuffle(self, slug, randoms):
-        return int(self._run("shuffle", slug, ("queue", "pre", "state"), randoms))
+    def shuffle(self, slug, opening, randoms):
+        return int(self._run("shuffle", slug, ("queue", "pre", "state"), [opening, *randoms]))
 
     def pre_queue_size(self, slug):
         return self._client.scard(self._key(slug, "pre"))
@@ -311,10 +320,16 @@ class RedisLineStore:
         return True, "line"
 
 
+def _view(reply):
+    fields, head, gone_ahead, state, length = reply
+    return Place.from_fields(_fields(fields)), {"head": int(head), "gone_ahead": int(gone_ahead),
+                                                "length": int(length), **_state(_fields(state))}
+
+
 def _state(fields):
     return {"tick": int(fields.get("tick") or 0), "rate": float(fields.get("rate") or 0),
             "share": float(fields.get("share") or 0), "epoch": int(fields.get("epoch") or 0),
-            "opened": fields.get("opened") == "1"}
+            "opened": fields.get("opened")}
 
 
 STORE_ERRORS = (redis.RedisError, OSError)

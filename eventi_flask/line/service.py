@@ -37,7 +37,8 @@ WAITING = ("queued", "admitting")  # admitting: its order is being made; the pag
 # REFRESH_MOST seconds far back, so 10,000 waiting cost a few hundred answers a second, not 10,000.
 REFRESH_AHEAD_PER_SECOND = 20
 REFRESH_MOST = 20.0
-EVENT_CACHE_SECONDS = 5.0  # an arriving order reads its event's line settings from this worker's memory
+EVENT_CACHE_SECONDS = 5.0
+DEGRADED_READ_SECONDS = 3.0  # an arriving order reads its event's line settings from this worker's memory
 
 
 def get_line():
@@ -47,7 +48,7 @@ def get_line():
 class EventLine:
     """The settings of one event's line, as [event.line] and the sales window give them."""
 
-    __slots__ = ("slug", "enabled", "max_rate", "pre_queue", "sales_start", "types")
+    __slots__ = ("slug", "enabled", "max_rate", "pre_queue", "sales_start", "sales_close", "types")
 
     def __init__(self, event):
         self.slug = event.slug
@@ -55,10 +56,18 @@ class EventLine:
         self.max_rate = event.line_max_rate
         self.pre_queue = timedelta(minutes=event.line_pre_queue_minutes)
         self.sales_start = as_utc(event.sales_start) if event.sales_start else None
+        self.sales_close = as_utc(event.sales_close)
         self.types = {tt.code: tt.max_per_order for tt in event.ticket_types}
 
     def in_pre_queue(self, now):
         return self.sales_start is not None and self.sales_start - self.pre_queue <= now < self.sales_start
+
+    def on_sale(self, now):
+        return (self.sales_start is None or self.sales_start <= now) and now < self.sales_close
+
+    def opening(self):
+        """What names this sale's opening: the pre-queue is shuffled once per opening."""
+        return self.sales_start.isoformat() if self.sales_start else "at once"
 
     def seconds_to_opening(self, now):
         return max((self.sales_start - now).total_seconds(), 0) if self.sales_start else 0
@@ -78,7 +87,7 @@ def event_line(slug):
     return settings
 
 
-def _now_ms():
+def now_ms():
     return int(time.time() * 1000)
 
 
@@ -122,10 +131,12 @@ def route_order(data, key):
         return None  # the order's own path answers (404, 400, or the order)
     now = utcnow()
     pre = settings.in_pre_queue(now)
+    if not pre and not settings.on_sale(now):
+        return None  # 409 sales_not_open or sales_closed, at once: nothing to wait for
     line = get_line()
     force = shed or pre or current_app.config["LINE_FORCE"]
-    if force and key is not None and orders.key_used(key):
-        return None  # a retry of an order made outside the line: it answers that order (201)
+    if shed and key is not None and orders.key_used(key):
+        return None  # a retry of an order made outside the line, shed this time: it answers that order (201)
     body = json.dumps(data, sort_keys=True, separators=(",", ":"))
     place_id = new_place_id(settings.slug)
     place = {"id": place_id, "body": body, "body_hash": orders.body_hash(data),
@@ -133,7 +144,7 @@ def route_order(data, key):
              "order_key": key if key is not None else f"line:{place_id}",
              "type": data["ticket_type"], "quantity": data["quantity"]}
     try:
-        outcome, found = line.store.join(settings.slug, place, _key_hash(key), _now_ms(), pre, force)
+        outcome, found, view = line.store.join(settings.slug, place, _key_hash(key), now_ms(), pre, force)
     except line.store_errors as exc:
         if force:
             raise store_unavailable(exc) from None
@@ -142,21 +153,14 @@ def route_order(data, key):
         return None
     line.admitter.start()
     if outcome == "existing":
-        return _answer_again(found, place["body_hash"], settings)
-    view = line.store.view(settings.slug, found.id, _now_ms(), touch=False)
-    answer = place_body(*view, settings) if view else place_body(found, _fresh_view(found), settings)
-    return _queued_response(answer)
+        return _answer_again(found, view, place["body_hash"], settings)
+    return _queued_response(place_body(found, view, settings))
 
 
 def _valid_for(settings, data):
     """Only orders the event could take wait in its line: the rest get their 404 or 400 now."""
     most = settings.types.get(data["ticket_type"])
     return most is not None and data["quantity"] <= most
-
-
-def _fresh_view(place):
-    return {"head": place.ticket, "gone_ahead": 0, "length": 1, "tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0,
-            "opened": False}
 
 
 def _queued_response(answer, replayed=False):
@@ -169,7 +173,7 @@ def _queued_response(answer, replayed=False):
     return response
 
 
-def _answer_again(place, body_hash, settings):
+def _answer_again(place, view, body_hash, settings):
     """The same Idempotency-Key again: its place as now, or the order once made, or its refusal."""
     if place.body_hash != body_hash:
         raise ApiError(422, "idempotency_key_reused",
@@ -182,8 +186,7 @@ def _answer_again(place, body_hash, settings):
         response.headers["Idempotent-Replayed"] = "true"
         return response
     if place.status in WAITING:
-        view = get_line().store.view(settings.slug, place.id, _now_ms())
-        return _queued_response(place_body(*view, settings), replayed=True)
+        return _queued_response(place_body(place, view, settings), replayed=True)
     raise refusal(place.error)
 
 
@@ -225,7 +228,7 @@ def _read(place_id):
     settings = event_line(slug)
     line = get_line()
     try:
-        view = line.store.view(slug, place_id, _now_ms())
+        view = line.store.view(slug, place_id, now_ms())
     except line.store_errors as exc:
         raise store_unavailable(exc) from None
     if view is None or settings is None:
@@ -271,6 +274,7 @@ def wait_for_place(place_id, timeout, since, client=None):
     answer = place_body(place, view, settings)
     if since is None or answer["status"] != "queued":
         return answer
+    position = answer["position"]  # a move answers; a turn begun (its order being made) does not, until made
     hub = get_hub()
     if hub.shutting_down:
         raise orders._shutting_down()
@@ -287,13 +291,22 @@ def wait_for_place(place_id, timeout, since, client=None):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            message, recheck = waiter.wait(remaining)
+            # While the hub has lost Redis no tick arrives: read the place itself every few seconds.
+            degraded = hub.connected is False
+            message, _ = waiter.wait(min(remaining, DEGRADED_READ_SECONDS) if degraded else remaining)
             if waiter.client_left:
                 break
             tick = message["order"] if message is not None else None
-            if tick is None or tick["tick"] <= view["tick"]:
+            if tick is None and degraded:
+                try:
+                    place, view = _read(place_id)[2]
+                except ApiError:
+                    continue  # the store is away too: hold on, the page asks again at the timeout
+                fresh = view
+            elif tick is None or tick["tick"] <= view["tick"]:
                 continue
-            fresh = moved(view, tick, place)
+            else:
+                fresh = moved(view, tick, place)
             if fresh is None:
                 place, view = _read(place_id)[2]
             else:
@@ -301,7 +314,8 @@ def wait_for_place(place_id, timeout, since, client=None):
             answer = place_body(place, view, settings)
             if answer["status"] != "queued":
                 return answer
-            if answer["version"] > since and time.monotonic() - started >= refresh_after(answer["ahead"]):
+            if (answer["position"] != position and answer["version"] > since
+                    and time.monotonic() - started >= refresh_after(answer["ahead"])):
                 return answer
         if hub.shutting_down:
             raise orders._shutting_down()
@@ -353,7 +367,7 @@ class Line:
             gevent.sleep(self.patience / 4)
             for slug, held in list(self._held.items()):
                 try:
-                    self.store.touch(slug, list(held), _now_ms())
+                    self.store.touch(slug, list(held), now_ms())
                 except self.store_errors as exc:
                     log.warning("Could not mark the held places of %s's line as asked for: %s", slug, exc)
 
