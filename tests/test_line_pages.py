@@ -101,6 +101,7 @@ def test_a_place_in_line_moves_up_survives_a_reload_then_its_turn_shows_the_paym
 
     line.move(position=2, ahead=1, estimated_wait_s=44)
     expect(place_text(page)).to_have_text("1 ahead of you, about 40 seconds to wait.")
+    screenshot(page, "line", 1280)
     page.set_viewport_size({"width": 360, "height": 780})
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert page.evaluate("document.documentElement.scrollWidth") <= 360, "the line scrolls sideways"
