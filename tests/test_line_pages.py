@@ -180,14 +180,18 @@ def test_a_place_the_server_forgot_is_asked_for_again_with_the_same_key(shop, pa
     assert forgotten and len(keys) == 2 and keys[0] == keys[1]
 
 
-@pytest.fixture(scope="module")
-def busy_shop(live_server_factory):
-    """A server whose every order joins its event's line (LINE_FORCE), and whose demo event admits one order a
-    second ([event.line] max_rate = 1): a line that forms on demand and moves slowly enough to be watched."""
-    server = live_server_factory(SANDBOX_CALLBACK_DELAY=CALLBACK_DELAY, LINE_FORCE="1")
+def slow_line(server):
+    """`server`, whose demo event's line admits one order a second ([event.line] max_rate = 1)."""
     with psycopg.connect(server.env["DATABASE_URL"], autocommit=True) as connection:
         connection.execute("UPDATE events SET line_max_rate = 1 WHERE slug = %s", (DEMO["event"],))
     return server
+
+
+@pytest.fixture(scope="module")
+def busy_shop(live_server_factory):
+    """A server whose every order joins its event's line (LINE_FORCE), one admitted a second: a line that forms
+    on demand and moves slowly enough to be watched."""
+    return slow_line(live_server_factory(SANDBOX_CALLBACK_DELAY=CALLBACK_DELAY, LINE_FORCE="1"))
 
 
 def take_places(server, how_many):
@@ -218,6 +222,20 @@ def test_a_real_line_formed_by_the_server_admits_the_page_and_it_pays(busy_shop,
     expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
     assert page.recorder.console[-1] == RESOLVED.format("completed")
     assert page.recorder.errors == []
+
+
+def test_a_place_held_through_a_restart_keeps_its_turn(live_server_factory, page):
+    server = slow_line(live_server_factory(SANDBOX_CALLBACK_DELAY=CALLBACK_DELAY, LINE_FORCE="1"))  # its own: restarted
+    take_places(server, 8)
+    join(page, server, phone="0712345678")
+    with page.expect_event("requestfailed", lambda request: "/api/queue/" in request.url, timeout=20_000):
+        server.stop_web()  # SIGTERM, as a deploy: the held wait is answered 503, then the server is gone
+    expect(page.locator("[data-line-connection]")).to_contain_text("Connection problem")
+    server.start_web()  # the line is in Redis: the place is still there
+    expect(heading(page, YOUR_TURN)).to_be_visible(timeout=30_000)
+    page.wait_for_url("**/orders/*")
+    expect(heading(page, "Payment successful")).to_be_visible(timeout=CALLBACK_DELAY * 1000 + 5000)
+    assert len(page.recorder.order_posts()) == 1
 
 
 def test_before_sales_open_the_page_waits_for_the_draw_then_pays(busy_shop, page, tmp_path):
