@@ -31,6 +31,12 @@ def east_africa_time_filter(iso):
     return east_africa_time(iso)
 
 
+def pre_queue_of(slug):
+    """How long before sales open the event's line takes arrivals ([event.line] pre_queue_minutes); None without a line."""
+    settings = event_line(slug)
+    return settings.pre_queue if settings is not None and settings.enabled else None
+
+
 @bp.get("/events/<slug>/checkout")
 def checkout(slug):
     now = utcnow()
@@ -52,12 +58,6 @@ def checkout(slug):
         sandbox_delay=current_app.config["SANDBOX_CALLBACK_DELAY"],
         retry_advice=presenters.retry_advice(request.args.get("after", type=int)),
     )
-
-
-def pre_queue_of(slug):
-    """How long before sales open the event's line takes arrivals ([event.line] pre_queue_minutes); None without a line."""
-    settings = event_line(slug)
-    return settings.pre_queue if settings is not None and settings.enabled else None
 
 
 @bp.get("/orders/<order_id>")

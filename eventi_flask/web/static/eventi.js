@@ -27,7 +27,6 @@ const REMEMBERED_FIELDS = ["name", "email", "phone"];
 const SALES_WINDOW_CODES = new Set(["sales_not_open", "sales_closed"]);
 const LONGEST_TIMER_MS = 60 * 60 * 1000; // re-aim at least hourly: a sleeping laptop's timers run late
 
-
 // ---------------------------------------------------------------- checkout
 
 const FORM_SENTENCES = {
@@ -352,7 +351,7 @@ function checkoutLine(card, { slug, form, sales, send }) {
       setTimeout(() => window.location.assign(`/orders/${encodeURIComponent(place.order.id)}`), ADMITTED_PAUSE_MS);
       return;
     }
-    if (place.status === "refused" || place.status === "admitted") {
+    if (place.status === "refused" || place.status === "admitted") { // admitted without its order: not one we can show
       slot("reason").textContent = (place.error && place.error.message) || FORM_SENTENCES.other;
       show("refused");
       return;
