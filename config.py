@@ -209,7 +209,7 @@ class Config:
         self.LINE_PATIENCE = read_number(env, "LINE_PATIENCE", 60.0, float, minimum=1)
         self.LINE_FORCE = _flag(env, "LINE_FORCE")
         self.LINE_TICK = read_number(env, "LINE_TICK", 1.0, float, minimum=0.05, maximum=10)
-        self.LINE_START_RATE = read_number(env, "LINE_START_RATE", 20.0, float, minimum=0.1)
+        self.LINE_START_RATE = read_number(env, "LINE_START_RATE", 40.0, float, minimum=0.1)
 
         self.RECONCILE_AFTER = read_number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)
         self.RECONCILE_EXPIRE_AFTER = read_number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)

@@ -16,7 +16,7 @@ from eventi_flask.events.models import Event, TicketType
 from eventi_flask.extensions import db
 from eventi_flask.line.service import LINE
 from eventi_flask.orders.models import Order
-from tests.support import DEMO, event_file, toml, wait_until, when
+from tests.support import DEMO, event_file, free_port, toml, wait_until, when
 
 pytestmark = pytest.mark.env(LINE_TICK="0.1")
 
@@ -188,17 +188,20 @@ def test_the_event_shows_its_line(client):
 def test_a_line_in_redis_is_shared_by_instances_and_survives_a_restart(app, client, wire, settings):
     set_event(app, line_max_rate=1)
     other = create_app(config.TestConfig(settings))  # another instance, same Redis and prefix
+    restarted = None
     try:
         queued = [join(client).get_json()["queue"] for _ in range(3)]
         seen_elsewhere = other.test_client().get(f"/api/queue/{queued[2]['id']}").get_json()
         assert seen_elsewhere["id"] == queued[2]["id"] and seen_elsewhere["status"] in ("queued", "admitted")
         app.extensions[LINE].stop()  # this instance "restarts": its admitter stops mid-line
-        restarted = create_app(config.TestConfig(settings)).test_client()
-        outcomes = [served(restarted, q["id"]) for q in queued]
+        restarted = create_app(config.TestConfig(settings))
+        outcomes = [served(restarted.test_client(), q["id"]) for q in queued]
         assert [o["status"] for o in outcomes] == ["admitted"] * 3
         assert len({o["order"]["id"] for o in outcomes}) == 3 == len(order_rows(app))
     finally:
-        other.extensions[LINE].stop()
+        for instance in (other, restarted):
+            if instance is not None:
+                instance.extensions[LINE].stop()
 
 
 @pytest.mark.live
@@ -286,8 +289,21 @@ def test_the_outflow_follows_answer_times_within_its_cap():
         outflow.latencies = [0.1] * 10
         outflow.adjust(shed_share=0, backlog=True)
     assert outflow.rate == 50
-    outflow.latencies = [0.2] * 8 + [1.5] * 2  # p90 past a second: less
+    outflow.latencies = [0.2] * 8 + [1.5] * 2  # p90 past 1.2 s: less
     outflow.adjust(shed_share=0, backlog=True)
     assert outflow.rate == 35
     outflow.adjust(shed_share=1, backlog=True)  # the worker itself says it is past capacity
     assert outflow.rate == pytest.approx(24.5)
+
+
+DEAD_REDIS = f"redis://127.0.0.1:{free_port()}/0"
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"])
+@pytest.mark.env(REDIS_URL=DEAD_REDIS, LINE_FORCE="1")
+def test_a_line_whose_redis_is_away_answers_503_busy_and_saves_nothing(app, client, wire):
+    answer = join(client)
+
+    assert answer.status_code == 503 and answer.get_json()["error"]["code"] == "busy"
+    assert "Retry-After" in answer.headers and order_rows(app) == []
+    assert client.get("/api/events/test-this-end-to-end").get_json()["line"] is None

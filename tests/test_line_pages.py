@@ -19,14 +19,13 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect
 
 from eventi_flask.web.presenters import PRE_QUEUE_SENTENCE
-from tests.support import DEMO, ROOT, event_file, when
+from tests.support import DEMO, event_file, when
 from tests.test_event_pages import fill_details, open_sales_in, put_on_sale
 from tests.test_pages import (CALLBACK_DELAY, CHECKOUT_PATH, RESOLVED, browser, fill_checkout, heading,  # noqa: F401
                               new_page, page, screenshot, shop)
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOT = ROOT / "docs" / "screenshots" / "line-360.png"
 IN_LINE = "You are in line"
 YOUR_TURN = "Your turn: check your phone for the M-Pesa prompt"
 PAY = "Pay KES 300 with M-Pesa"
@@ -101,8 +100,7 @@ def test_a_place_in_line_moves_up_survives_a_reload_then_its_turn_shows_the_paym
     line.move(position=2, ahead=1, estimated_wait_s=44)
     expect(place_text(page)).to_have_text("1 ahead of you, about 40 seconds to wait.")
     screenshot(page, "line", 1280)
-    page.set_viewport_size({"width": 360, "height": 780})
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    screenshot(page, "line", 360)  # docs/screenshots/line-360.png is a copy
     assert page.evaluate("document.documentElement.scrollWidth") <= 360, "the line scrolls sideways"
 
     # A reload asks for the same place (without `since`: at once): no second POST, the place as it is now.

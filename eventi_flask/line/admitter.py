@@ -1,23 +1,27 @@
-"""The line's outflow: one admitter per event, which makes the orders of the places whose turn came.
+"""The line's outflow: one admitter per event decides who is next; every worker makes their orders.
 
-Every worker runs this loop; for each event with a line, the one holding the event's lease (a short
-Redis key, SET NX PX, renewed every tick by its owner) admits.  One admitter means one order of
-service, one measured rate, and one message per tick; a worker that dies stops renewing and another
-takes over within LEASE_TICKS ticks.  Each tick it:
+Every worker runs this loop.  For each event with a line, the one holding the event's lease (a short
+Redis key, SET NX PX, renewed every tick by its owner) leads: one order of service, one measured
+rate, one message per tick.  A worker that dies stops renewing and another takes over within
+LEASE_TICKS ticks.  Each tick the lead:
 
 1. marks `left` the places whose pages stopped asking (LINE_PATIENCE);
-2. at sales_start, shuffles the pre-queue (once);
-3. takes the next places in join order, as many as the outflow allows, and makes each one's order
-   through orders.service.create_order with the Idempotency-Key stored in the place when it joined:
-   a retry of an admission (this worker died mid-way, the next admitter tries again) answers the
-   order already made instead of making a second one;
+2. at sales_start, shuffles the pre-queue (once per opening);
+3. takes the next places in join order, as many as the outflow allows, onto the event's ready list;
 4. publishes one message for the event (its head, the tickets gone out of the middle, the measured
    rate) through the notification hub: one message per worker, whatever the number of waiters.
 
+Then every worker (the lead too) claims its share of the ready list, in order, and makes each
+place's order through orders.service.create_order with the Idempotency-Key stored in the place when
+it joined, spread over the tick: the orders' work is shared by the workers as POST's was.  A retry of
+an admission (a worker died mid-way and the lead finds the place stalled) answers the order already
+made instead of making a second one.  Each worker reports its orders' answer times to the lead.
+
 The outflow follows what the service takes: it grows while admitted orders are answered well within
-the 2 s target and this worker's admission signals (event-loop lag, reservation time) leave room, and
-shrinks when orders answer slowly or those signals say the worker sheds everything (an additive-increase, multiplicative-decrease loop on
-measured order latency), capped by the event's max_rate.
+the 2 s target and the lead's admission signals (event-loop lag, reservation time) leave room, and
+shrinks when orders answer slowly or those signals say the worker sheds everything (an
+additive-increase, multiplicative-decrease loop on measured order latency), capped by the event's
+max_rate.
 """
 import json
 import logging
@@ -44,9 +48,10 @@ LEASE_TICKS = 3  # the lease outlives this many ticks without renewal
 SWEEP_LIMIT = 2000  # places marked left per tick at most
 IDLE_SECONDS = 60  # an event with an empty line and no joins for this long leaves the active set
 # The outflow's control: p90 of admitted orders' answer time above SLOW shrinks it, below FAST grows it.
-SLOW, FAST = 1.0, 0.5
+SLOW, FAST = 1.2, 0.75
 INCREASE, DECREASE, MIN_RATE = 1.2, 0.7, 1.0
-IN_FLIGHT_SECONDS = 2.0  # orders being made at once at most: this many seconds of the outflow (and 4)
+IN_FLIGHT_SECONDS = 2.0  # places taken and not yet served at most: this many seconds of the outflow (and 4)
+WORKER_IN_FLIGHT = 200  # orders one worker makes at once at most
 RATE_SMOOTHING = 0.2  # weight of the newest tick in the measured serving rate
 RATE_FALL_PER_SECOND = 0.98  # the rate shown falls at most this much a second, so estimates rise gently
 
@@ -61,7 +66,6 @@ class Outflow:
         self.latencies = []
         self.measured = 0.0  # places served a second, smoothed
         self.share = 0.0  # of the places leaving the line, those who left (gave up), smoothed
-        self.in_flight = set()
 
     def adjust(self, shed_share, backlog):
         recent = sorted(self.latencies)
@@ -69,14 +73,16 @@ class Outflow:
         slow = recent[int(len(recent) * 0.9)] if recent else None
         if shed_share >= 1 or (slow is not None and slow > SLOW):
             self.rate = max(MIN_RATE, self.rate * DECREASE)
-        elif backlog and shed_share < 0.5 and ((slow is not None and slow < FAST) or not self.in_flight):
+        elif backlog and shed_share < 0.5 and (slow is None or slow < FAST):
             self.rate = self.rate * INCREASE + 1
         if self.cap:
             self.rate = min(self.rate, self.cap)
 
-    def budget(self, seconds):
-        self.allowance = min(self.allowance + self.rate * seconds, self.rate * seconds * 2)
-        room = max(int(self.rate * IN_FLIGHT_SECONDS), 4) - len(self.in_flight)
+    def budget(self, seconds, admitting):
+        """Places to take this tick; `admitting`: those taken and not yet served, everywhere."""
+        # Saved up for two ticks at most (or one place, for an outflow under one a tick).
+        self.allowance = min(self.allowance + self.rate * seconds, max(self.rate * seconds * 2, 1))
+        room = max(int(self.rate * IN_FLIGHT_SECONDS), 4) - admitting
         count = max(min(int(self.allowance), room), 0)
         self.allowance -= count
         return count
@@ -92,18 +98,22 @@ class Outflow:
 
 
 class Admitter:
+    """This worker's part in every line: the lead where it holds the lease, and its share of the orders."""
+
     def __init__(self, app, line):
         self.app = app
         self.line = line
         self.tick_seconds = app.config["LINE_TICK"]
         self.patience_ms = int(app.config["LINE_PATIENCE"] * 1000)
         self.start_rate = app.config["LINE_START_RATE"]
-        # An order whose making began this long ago and never finished: its admitter died; try again.
+        # An order whose making began this long ago and never finished: its worker died; make it again.
         self.stalled_ms = int((app.config["PAYHERO_CONNECT_TIMEOUT"] + app.config["PAYHERO_READ_TIMEOUT"] + 5) * 1000)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.outflows = {}  # slug -> Outflow, for the events whose lease this worker holds
+        self.last = {}  # slug -> the line's state after this worker's last move of it
         self.opened = set()  # (slug, opening) whose pre-queue was shuffled (or found shuffled)
-        self.changed = set()  # slugs where a place was served or refused since the last tick
+        self.in_flight = set()  # place ids whose orders this worker is making
+        self.answered = {}  # slug -> answer times of orders made here, not yet reported
         self._greenlet = None
 
     def start(self):
@@ -118,7 +128,7 @@ class Admitter:
     def shut_down(self):
         """The worker is stopping (SIGTERM): no more ticks here, and its leases go now, so another
         worker admits from its next tick.  Orders being made finish if the worker lives long enough;
-        one cut short is made again (once, by its key) when the next admitter finds it stalled."""
+        one cut short is made again (once, by its key) when the admitter finds it stalled."""
         self.stop()
         for slug in list(self.outflows):
             try:
@@ -134,7 +144,8 @@ class Admitter:
             try:
                 with self.app.app_context():
                     for slug in self.line.store.active_events():
-                        self.tick(slug)
+                        self.lead(slug)
+                        self.serve(slug)
                 if failing:
                     log.info("The line's admitter works again")
                 failing = False
@@ -146,7 +157,11 @@ class Admitter:
                 log.exception("The line's admitter failed a tick")
 
     def tick(self, slug):
-        """One move of `slug`'s line, if this worker holds its lease."""
+        self.lead(slug)
+        self.serve(slug)
+
+    def lead(self, slug):
+        """One move of `slug`'s line, if this worker holds its lease: who left, who is next, the message."""
         store = self.line.store
         if not store.lease(slug, self.owner, int(self.tick_seconds * LEASE_TICKS * 1000)):
             if self.outflows.pop(slug, None) is not None:
@@ -156,39 +171,52 @@ class Admitter:
         if settings is None:
             return
         outflow = self.outflows.get(slug)
-        if outflow is None:
-            outflow = self.outflows[slug] = Outflow(self.start_rate, settings.max_rate)
+        if outflow is None:  # from the rate last measured, if higher: a new lead does not start the ramp again
+            outflow = self.outflows[slug] = Outflow(max(self.start_rate, store.summary(slug)["rate"]), settings.max_rate)
         now_ms = service.now_ms()
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
         if left:
             metrics.line_left.labels(slug).inc(left)
-        moved = bool(left) or slug in self.changed
-        self.changed.discard(slug)
-        served = 0
+        last = self.last.get(slug)
+        busy = bool(left) or last is None or bool(last["length"] or last["admitting"])
+        taken = []
         if settings.seconds_to_opening(utcnow()) <= 0:  # before sales_start the pre-queue only waits
-            moved |= self._open(slug, settings)
-            self._retry_stalled(slug, outflow, now_ms)
+            busy |= self._open(slug, settings)
+            self._make_stalled(slug, now_ms)
+            outflow.latencies = store.latencies(slug)
             admission = current_app.extensions.get(ADMISSION)
             outflow.adjust(admission.shed_share() if admission is not None else 0, backlog=True)
-            taken = store.take(slug, outflow.budget(self.tick_seconds), now_ms)
-            for i, place in enumerate(taken):
-                metrics.line_wait.observe(max(now_ms - place.joined_ms, 0) / 1000)
-                outflow.in_flight.add(place.id)
-                # Spread over the tick: a burst of orders at once would queue on the loop and the row lock.
-                gevent.spawn_later(self.tick_seconds * i / len(taken), self._admit, slug, place, outflow)
-            served = len(taken)
-            moved |= bool(taken)
-        state = None
-        if moved:
-            outflow.measure(served, left, self.tick_seconds)
-            state = store.advance(slug, outflow.measured, outflow.share)
-            self._publish(slug, state, outflow)
-            metrics.line_length.labels(slug).set(state["length"])
-            if state["length"] == 0 and state["admitting"] == 0 and not outflow.in_flight:
-                store.forget_event(slug, now_ms - IDLE_SECONDS * 1000)
-        elif not outflow.in_flight and store.summary(slug)["length"] == 0:
-            metrics.line_length.labels(slug).set(0)
-            store.forget_event(slug, now_ms - IDLE_SECONDS * 1000)
+            taken = store.take(slug, outflow.budget(self.tick_seconds, last["admitting"] if last else 0), now_ms)
+            for joined_ms in taken:
+                metrics.line_wait.observe(max(now_ms - joined_ms, 0) / 1000)
+        if not (busy or taken):
+            self._idle(slug, now_ms)
+            return
+        # One message per tick while anyone waits or is being served: each wait works out its place from it.
+        outflow.measure(len(taken), left, self.tick_seconds)
+        state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share)
+        self._publish(slug, state, outflow)
+        metrics.line_length.labels(slug).set(state["length"])
+
+    def _idle(self, slug, now_ms):
+        metrics.line_length.labels(slug).set(0)
+        self.line.store.forget_event(slug, now_ms - IDLE_SECONDS * 1000)
+
+    def serve(self, slug):
+        """Claim this worker's share of the places whose turn came, and make their orders, spread over the tick."""
+        store = self.line.store
+        answered = self.answered.pop(slug, None)
+        if answered:
+            store.report(slug, answered)
+        room = WORKER_IN_FLIGHT - len(self.in_flight)
+        if room <= 0:
+            return
+        now_ms = service.now_ms()
+        claimed = store.claim(slug, self.owner, now_ms, int(self.tick_seconds * LEASE_TICKS * 1000), room)
+        for i, place in enumerate(claimed):
+            self.in_flight.add(place.id)
+            # Spread over the tick: a burst of orders at once would queue on the loop and the row lock.
+            gevent.spawn_later(self.tick_seconds * i / len(claimed), self._admit, slug, place)
 
     def _open(self, slug, settings):
         """At sales_start: the pre-queue in a random order, once.  True when it moved anyone."""
@@ -202,27 +230,26 @@ class Admitter:
             log.info("Sales open for %s: %d places of the pre-queue put in a random order", slug, shuffled)
         return shuffled > 0
 
-    def _retry_stalled(self, slug, outflow, now_ms):
-        for place in self.line.store.stalled(slug, now_ms - self.stalled_ms):
-            if place.id not in outflow.in_flight:
+    def _make_stalled(self, slug, now_ms):
+        for place in self.line.store.reclaim(slug, now_ms - self.stalled_ms, now_ms):
+            if place.id not in self.in_flight:
                 log.warning("Place %s (joined %.0f s ago) has an order begun and never finished; making it again (once)",
                             place.id, (now_ms - place.joined_ms) / 1000)
-                outflow.in_flight.add(place.id)
-                gevent.spawn(self._admit, slug, place, outflow)
+                self.in_flight.add(place.id)
+                gevent.spawn(self._admit, slug, place)
 
-    def _admit(self, slug, place, outflow):
+    def _admit(self, slug, place):
         """Make the place's order as POST would have, with its own Idempotency-Key; record the outcome."""
         started = time.perf_counter()
         try:
             with self.app.app_context():
                 self._make_order(slug, place)
         except Exception:
-            # Left `admitting`: tried again (with the same key, so made once) when found stalled.
+            # Left `admitting`: made again (with the same key, so made once) when found stalled.
             log.exception("Making the order of place %s failed; it will be tried again", place.id)
         finally:
-            outflow.latencies.append(time.perf_counter() - started)
-            outflow.in_flight.discard(place.id)
-            self.changed.add(slug)
+            self.answered.setdefault(slug, []).append(time.perf_counter() - started)
+            self.in_flight.discard(place.id)
 
     def _make_order(self, slug, place):
         store = self.line.store

@@ -5,6 +5,7 @@ another greenlet.  A restart of the process loses the line: without Redis there 
 and nothing to share it with (API.md: "Without Redis, in the process").
 """
 import bisect
+import collections
 import dataclasses
 import json
 import random
@@ -49,6 +50,8 @@ class _Line:
         self.seen = {}  # id -> ms, waiting places only
         self.gone = []  # sorted tickets that left other than at the head
         self.admitting = {}  # id -> ms
+        self.ready = collections.deque()  # ids taken, in order, not yet claimed
+        self.latencies = []
         self.pre = set()
         self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0, "opened": None}
         self.lease = None  # (owner, expires at)
@@ -156,20 +159,42 @@ class LocalLineStore:
 
     def take(self, slug, count, now_ms):
         line = self._line(slug)
-        taken = []
-        for place_id in list(line.queue)[:count]:
+        joined = []
+        for place_id in list(line.queue)[:max(count, 0)]:
             del line.queue[place_id]
             line.seen.pop(place_id, None)
             line.admitting[place_id] = now_ms
+            line.ready.append(place_id)
             place = self._places[place_id]
             place.status = "admitting"
-            taken.append(dataclasses.replace(place))
-        return taken
+            joined.append(place.joined_ms)
+        return joined
 
-    def stalled(self, slug, before_ms):
+    def claim(self, slug, owner, now_ms, horizon_ms, room):
+        line = self._line(slug)  # one worker: it claims every ready place it has room for
+        claimed = []
+        while line.ready and len(claimed) < room:
+            place_id = line.ready.popleft()
+            line.admitting[place_id] = now_ms
+            claimed.append(dataclasses.replace(self._places[place_id]))
+        return claimed
+
+    def reclaim(self, slug, before_ms, now_ms):
         line = self._line(slug)
-        return [dataclasses.replace(self._places[place_id])
-                for place_id, since in line.admitting.items() if since <= before_ms]
+        stalled = [place_id for place_id, since in line.admitting.items() if since <= before_ms]
+        for place_id in stalled:
+            if place_id in line.ready:
+                line.ready.remove(place_id)
+            line.admitting[place_id] = now_ms
+        return [dataclasses.replace(self._places[place_id]) for place_id in stalled]
+
+    def report(self, slug, latencies):
+        self._line(slug).latencies.extend(latencies)
+
+    def latencies(self, slug):
+        line = self._line(slug)
+        reported, line.latencies = line.latencies, []
+        return reported
 
     def finish(self, slug, place_id, status, field, value):
         line = self._line(slug)

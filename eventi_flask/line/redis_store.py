@@ -9,7 +9,10 @@ alone.  REDIS_PREFIX goes in front of every name.
     line:{s}:queue      ZSET place id -> ticket, the places waiting
     line:{s}:seen       ZSET place id -> when its page last asked (ms), waiting places only
     line:{s}:gone       ZSET of tickets that left the queue other than at its head (left, sold out)
-    line:{s}:admitting  ZSET place id -> when its order began to be made (ms)
+    line:{s}:admitting  ZSET place id -> when it was taken, then claimed (ms), until its order is made
+    line:{s}:ready      LIST of place ids taken, in order, for any worker to claim and make the order
+    line:{s}:claimers   ZSET of the workers claiming lately -> when (ms): each claims its share
+    line:{s}:latencies  LIST of admitted orders' answer times, reported by every worker, read by the admitter
     line:{s}:pre        SET of place ids that joined before sales opened (shuffled at opening)
     line:{s}:state      HASH tick, rate, share, epoch, opened
     line:{s}:lease      the admitter's lease: its owner, expiring (SET NX PX)
@@ -91,17 +94,51 @@ end
 return #ids
 """
 
-# The next places in join order: out of the queue, their orders about to be made.
-# KEYS: queue seen admitting; ARGV: n now_ms.  Returns the places' fields.
+# The next places in join order: out of the queue, onto the ready list for whichever worker claims
+# them.  KEYS: queue seen admitting ready state; ARGV: n now_ms.  Returns when each taken place joined (ms).
 _TAKE = """
 local base = string.sub(KEYS[1], 1, -6)
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-local out = {}
+local joined = {}
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZADD', KEYS[3], ARGV[2], id)
+  redis.call('RPUSH', KEYS[4], id)
   redis.call('HSET', base .. 'place:' .. id, 'status', 'admitting')
+  table.insert(joined, redis.call('HGET', base .. 'place:' .. id, 'joined_ms'))
+end
+redis.call('HSET', KEYS[5], 'batch', #ids)
+return joined
+"""
+
+# A worker claims its share of the ready places (the last batch over the workers claiming lately), in
+# order.  KEYS: ready admitting state claimers; ARGV: owner now_ms horizon_ms room.  Returns their fields.
+_CLAIM = """
+local base = string.sub(KEYS[1], 1, -6)
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+local share = math.ceil(tonumber(redis.call('HGET', KEYS[3], 'batch') or '1') / redis.call('ZCARD', KEYS[4]))
+local n = math.min(tonumber(ARGV[4]), math.max(share, 1))
+local out = {}
+if n < 1 then return out end
+local ids = redis.call('LPOP', KEYS[1], n)
+if not ids then return out end
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[2], ARGV[2], id)
+  table.insert(out, redis.call('HGETALL', base .. 'place:' .. id))
+end
+return out
+"""
+
+# Places whose order began to be made (or was ready) before a cutoff and never finished: their
+# worker died.  Taken back for the admitter to make again.  KEYS: admitting ready; ARGV: cutoff_ms now_ms
+_RECLAIM = """
+local base = string.sub(KEYS[1], 1, -10)
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
+  redis.call('LREM', KEYS[2], 0, id)
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
   table.insert(out, redis.call('HGETALL', base .. 'place:' .. id))
 end
 return out
@@ -212,7 +249,8 @@ class RedisLineStore:
         else:
             self._client = RedisHub.cache_client(url)
         self._scripts = {name: self._client.register_script(source) for name, source in (
-            ("join", _JOIN), ("view", _VIEW), ("sweep", _SWEEP), ("take", _TAKE), ("finish", _FINISH),
+            ("join", _JOIN), ("view", _VIEW), ("sweep", _SWEEP), ("take", _TAKE), ("claim", _CLAIM),
+            ("reclaim", _RECLAIM), ("finish", _FINISH),
             ("close", _CLOSE), ("shuffle", _SHUFFLE), ("advance", _ADVANCE), ("lease", _LEASE),
             ("release", _RELEASE), ("forget", _FORGET))}
 
@@ -280,17 +318,35 @@ class RedisLineStore:
         return int(self._run("sweep", slug, ("queue", "seen", "gone", "state"), (cutoff_ms, limit)))
 
     def take(self, slug, count, now_ms):
-        replies = self._run("take", slug, ("queue", "seen", "admitting"), (count, now_ms))
+        if count <= 0:
+            return []
+        return [int(joined) for joined in self._run("take", slug, ("queue", "seen", "admitting", "ready", "state"),
+                                                     (count, now_ms))]
+
+    def claim(self, slug, owner, now_ms, horizon_ms, room):
+        replies = self._run("claim", slug, ("ready", "admitting", "state", "claimers"), (owner, now_ms, horizon_ms, room))
         return [Place.from_fields(_fields(reply)) for reply in replies]
 
-    def stalled(self, slug, before_ms):
+    def reclaim(self, slug, before_ms, now_ms):
         """Places whose order began to be made before `before_ms` and never finished (a worker died)."""
-        ids = self._client.zrangebyscore(self._key(slug, "admitting"), "-inf", before_ms)
+        replies = self._run("reclaim", slug, ("admitting", "ready"), (before_ms, now_ms))
+        return [Place.from_fields(_fields(reply)) for reply in replies]
+
+    def report(self, slug, latencies):
+        """This worker's admitted orders' answer times, for the admitter's outflow."""
+        key = self._key(slug, "latencies")
         pipe = self._client.pipeline(transaction=False)
-        for place_id in ids:
-            pipe.hgetall(self._key(slug, f"place:{_text(place_id)}"))
-        return [Place.from_fields({_text(k): _text(v) for k, v in fields.items()})
-                for fields in pipe.execute() if fields]
+        pipe.rpush(key, *(f"{seconds:.4f}" for seconds in latencies))
+        pipe.ltrim(key, -LATENCIES_KEPT, -1)
+        pipe.execute()
+
+    def latencies(self, slug):
+        """Every answer time reported since the last call (and no longer kept)."""
+        key = self._key(slug, "latencies")
+        pipe = self._client.pipeline(transaction=True)
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        return [float(value) for value in pipe.execute()[0]]
 
     def finish(self, slug, place_id, status, field, value):
         return int(self._run("finish", slug, (f"place:{place_id}", "admitting", "state"),
@@ -333,3 +389,4 @@ def _state(fields):
 
 
 STORE_ERRORS = (redis.RedisError, OSError)
+LATENCIES_KEPT = 2000

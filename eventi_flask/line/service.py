@@ -24,7 +24,7 @@ from ..errors import ApiError
 from ..events.models import Event
 from ..events import service as events
 from ..extensions import db
-from ..notify.hub import WaitLimitReached
+from ..notify.hub import LINE_CHANNEL_PREFIX, WaitLimitReached
 from ..notify.service import get_hub
 from ..orders import service as orders
 from ..orders.admission import EXTENSION as ADMISSION, busy
@@ -248,7 +248,7 @@ def refresh_after(ahead):
 
 def tick_channel(slug):
     """The hub's name for an event's line: one channel for every waiter of that line."""
-    return f"line.{slug}"
+    return f"{LINE_CHANNEL_PREFIX}{slug}"
 
 
 def moved(view, tick, place):

@@ -28,6 +28,7 @@ from . import departure
 log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 60  # how long the latest message of an order stays cached
+LINE_CHANNEL_PREFIX = "line."  # line/service.tick_channel: one event's line, not an order
 
 
 class WaitLimitReached(Exception):
@@ -218,7 +219,8 @@ class Hub:
 
     def _on_message(self, order_id, data):
         """A message on the order's channel (the Redis backends): deliver it if it is one of ours."""
-        log.info("Redis message received for order: %s", order_id)
+        if not order_id.startswith(LINE_CHANNEL_PREFIX):  # a line's tick, every second: not logged each time
+            log.info("Redis message received for order: %s", order_id)
         try:
             message = json.loads(data)
         except ValueError:
