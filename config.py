@@ -1,6 +1,6 @@
 """Settings, read from the environment once at start-up.
 
-Every variable is documented in ../shared/API.md and the README.  A bad or
+Every variable is documented in docs/configuration.md (the contract's own in docs/api.md).  A bad or
 missing required value raises ConfigError with one line naming the variable;
 wsgi.py and gunicorn.conf.py turn that into a clean exit, never a traceback.
 """
@@ -106,6 +106,50 @@ def redis_url(raw, cert_reqs):
     return urlunsplit(parts._replace(query=query))
 
 
+def smtp_url(raw):
+    """SMTP_URL checked: smtp://[user:password@]host[:port] (STARTTLS when offered) or smtps://...; None if unset."""
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"SMTP_URL has a bad port: {parts.netloc.rpartition('@')[2]!r}") from None
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        raise ConfigError("SMTP_URL must look like smtp://user:password@host:587 or smtps://user:password@host:465")
+    return raw
+
+
+def messages_settings(env):
+    """The tickets' SMS and email (eventi_flask/messages): providers, and when and where they are sent."""
+    sms_mode = _choice(env, "SMS_MODE", "sandbox", ("sandbox", "africastalking", "off"))
+    live_sms = sms_mode == "africastalking"
+    username = _text(env, "AFRICASTALKING_USERNAME", "sandbox", required=live_sms)
+    default_base = ("https://api.sandbox.africastalking.com" if username == "sandbox"
+                    else "https://api.africastalking.com")
+    url = smtp_url(_text(env, "SMTP_URL"))
+    retry = _seconds_list(env, "MESSAGES_RETRY", "30,1800")
+    if len(retry) != 2:
+        raise ConfigError(f"MESSAGES_RETRY must be two ascending seconds such as '30,1800', "
+                          f"got {env.get('MESSAGES_RETRY')!r}")
+    return {
+        "SMS_MODE": sms_mode,
+        "AFRICASTALKING_USERNAME": username,
+        "AFRICASTALKING_API_KEY": _text(env, "AFRICASTALKING_API_KEY", required=live_sms),
+        "AFRICASTALKING_SENDER_ID": _text(env, "AFRICASTALKING_SENDER_ID"),
+        "AFRICASTALKING_BASE_URL": (_text(env, "AFRICASTALKING_BASE_URL") or default_base).rstrip("/"),
+        "SMTP_URL": url,
+        "MAIL_FROM": _text(env, "MAIL_FROM", required=url is not None),
+        # web: each web worker sends from its own event loop; process: only `flask messages send --forever` does.
+        "MESSAGES_SENDER": _choice(env, "MESSAGES_SENDER", "web", ("web", "process")),
+        # A failed send is tried again after the first delay, doubling up to the second, for MESSAGES_RETRY_FOR.
+        "MESSAGES_RETRY": retry,
+        "MESSAGES_RETRY_FOR": read_number(env, "MESSAGES_RETRY_FOR", 26 * 3600.0, float, minimum=0),
+        # How often due retries are looked for (a completed order's messages leave at once, without waiting for it).
+        "MESSAGES_SWEEP_INTERVAL": read_number(env, "MESSAGES_SWEEP_INTERVAL", 5.0, float, minimum=0.05, maximum=3600),
+    }
+
+
 class Config:
     """Production settings.  Instantiate to read (and validate) the environment."""
 
@@ -172,9 +216,16 @@ class Config:
                                                   float, minimum=0.1, maximum=self.PAYHERO_READ_TIMEOUT)
         # Seconds after an unconfirmed success at which its worker asks PayHero again (reconcile is the backstop).
         self.PAYHERO_REVERIFY_AFTER = _seconds_list(env, "PAYHERO_REVERIFY_AFTER", "2,5,10,20,40")
+        # Seconds after PayHero took an STK push at which a pending order with no callback is asked
+        # about with transaction-status, once across workers; past the last, every last gap, until
+        # RECONCILE_EXPIRE_AFTER (orders/missed_callbacks.py).  The M-Pesa prompt lasts about 60 s.
+        self.PAYHERO_ASK_AFTER = _seconds_list(env, "PAYHERO_ASK_AFTER", "75,105,165,285,525")
         self.SANDBOX_CALLBACK_DELAY = read_number(env, "SANDBOX_CALLBACK_DELAY", 3.0, float, minimum=0, maximum=3600)
         # classic: the shape of PayHero's v2 docs; flat: its current webhook reference (no result code).
         self.SANDBOX_CALLBACK_SHAPE = _choice(env, "SANDBOX_CALLBACK_SHAPE", "classic", ("classic", "flat"))
+        # How long the sandbox keeps sending a callback that failed (connection, timeout, 5xx), backing off.
+        self.SANDBOX_CALLBACK_RETRY_FOR = read_number(env, "SANDBOX_CALLBACK_RETRY_FOR", 300.0, float, minimum=0,
+                                                      maximum=86400)
 
         # Heroku's router (a dyno has DYNO set) cuts a request with no answer at 30 s (H12): hold less there.
         on_dyno = bool(env.get("DYNO", "").strip())
@@ -213,6 +264,17 @@ class Config:
 
         self.RECONCILE_AFTER = read_number(env, "RECONCILE_AFTER", 120.0, float, minimum=0)
         self.RECONCILE_EXPIRE_AFTER = read_number(env, "RECONCILE_EXPIRE_AFTER", 900.0, float, minimum=0)
+
+        self.__dict__.update(messages_settings(env))
+        # Signs the ticket links /t/<token> (web/ticket_links.py).  Every worker and instance must agree on it,
+        # and a link sent by SMS must still open after a restart: never a random default.  Live mode does not
+        # start without one (a forged link would show someone's tickets); the sandbox signs with a public key.
+        self.SECRET_KEY = _text(env, "SECRET_KEY", None if live else "sandbox")
+        self.TICKET_LINK_SECRET = _text(env, "TICKET_LINK_SECRET") or self.SECRET_KEY
+        if self.TICKET_LINK_SECRET is None:
+            raise ConfigError("SECRET_KEY is required but not set (or TICKET_LINK_SECRET): it signs the ticket links")
+        # Accepted beside the current secret while it is rotated; never signs a new link.
+        self.TICKET_LINK_SECRET_PREVIOUS = _text(env, "TICKET_LINK_SECRET_PREVIOUS")
 
         self.LOG_LEVEL = _choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
         self.LOG_FORMAT = _choice(env, "LOG_FORMAT", "text", ("text", "json"))

@@ -25,7 +25,8 @@ backlog = 4096
 # Heroku sends SIGKILL 30 s after SIGTERM: the workers are stopped well before that.
 graceful_timeout = 25
 timeout = 30
-# Idle keep-alive connections hold up a graceful stop, so keep them short.
+# Idle keep-alive connections hold up a graceful stop, so keep them short.  A request that arrives
+# just as this runs out is still served (serve_requests_already_sent below).
 keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 # The path without its query string: the callback URL carries the PayHero token there.
@@ -82,6 +83,53 @@ def accept_more_per_loop_turn():
     StreamServer.start = start_accepting_more
 
 
+# gunicorn waits `keepalive` seconds for the next request on a kept-alive connection (a gevent
+# Timeout around the parser), then closes it.  When the event loop runs late, the timer and a
+# request that has just arrived come due in one turn; the timer runs first (libev runs the
+# timers it queued last first), and the connection was closed with the request unread: a TCP
+# reset for the sender, who cannot know whether it landed.  A PayHero callback sent once is then
+# lost (issue 24).  Instead: at the deadline, a connection with bytes waiting gets GRACE seconds
+# for its request; one with none closes as before (a FIN: nothing was sent on it).
+KEEPALIVE_GRACE = 5.0
+
+
+def serve_requests_already_sent():
+    import gevent
+    from gunicorn.workers.ggevent import GeventWorker
+
+    from eventi_flask.notify.departure import TALKING, client_state
+
+    clients = {}  # the greenlet serving a connection -> its socket
+
+    class KeepAliveTimeout(gevent.Timeout):
+        def __init__(self, seconds, client):
+            super().__init__(seconds, False)
+            self.client, self.graced = client, False
+
+        def _on_expiration(self, prev_greenlet, ex):
+            # Run by the event loop: client_state peeks without blocking.
+            if not self.graced and self.client is not None and client_state(self.client.fileno()) == TALKING:
+                self.graced = True
+                self.timer.close()
+                self.timer = gevent.get_hub().loop.timer(KEEPALIVE_GRACE)
+                self.timer.start(self._on_expiration, prev_greenlet, ex)
+                return
+            super()._on_expiration(prev_greenlet, ex)
+
+    handle = GeventWorker.handle
+
+    def handle_knowing_the_client(worker, listener, client, addr):
+        me = gevent.getcurrent()
+        clients[me] = client
+        try:
+            handle(worker, listener, client, addr)
+        finally:
+            del clients[me]
+
+    GeventWorker.handle = handle_knowing_the_client
+    GeventWorker.timeout_ctx = lambda worker: KeepAliveTimeout(worker.cfg.keepalive, clients.get(gevent.getcurrent()))
+
+
 def post_worker_init(worker):
     """Freeze the loaded app out of the collector's way; on SIGTERM, answer every held wait at once.
 
@@ -101,9 +149,13 @@ def post_worker_init(worker):
     from eventi_flask.line.service import LINE
     from eventi_flask.notify.service import HUB
 
+    serve_requests_already_sent()
     gc.collect()  # garbage of the start-up is freed, not frozen
     gc.freeze()
 
+    from eventi_flask.messages import start_sender
+
+    start_sender(worker.wsgi)  # the tickets' SMS and email, from this worker's event loop (MESSAGES_SENDER)
     hub = worker.wsgi.extensions[HUB]
     admitter = worker.wsgi.extensions[LINE].admitter
     stop_accepting = worker.handle_exit

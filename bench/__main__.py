@@ -26,6 +26,7 @@ MODES = {
     "drop": "a ticket drop: buyers POSTing at once; oversold or held-without-201 tickets",
     "callbacks": "webhook throughput at --rate",
     "cluster": "held waits on a 3-primary Redis Cluster; each node's share of the pub/sub traffic",
+    "resets": "a PayHero-like keep-alive sender at 200/s during a 600/s overload: connections reset, callbacks lost",
 }
 
 
@@ -84,7 +85,7 @@ def check(top, args):
     for name in ("rate", "open_rate"):
         if getattr(args, name, 0) < 0 or (name == "open_rate" and getattr(args, name, 1) == 0):
             top.error(f"--{name.replace('_', '-')} must be positive")
-    if args.mode in ("journeys", "overload", "line") and args.rate <= 0:
+    if args.mode in ("journeys", "overload", "resets", "line") and args.rate <= 0:
         top.error("--rate must be positive")
     if args.mode == "line" and not (0 <= args.leave_share <= 1 and args.patience > 0):
         top.error("--leave-share must be between 0 and 1, and --patience positive")

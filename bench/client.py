@@ -135,7 +135,7 @@ class Pool:
 
 
 async def create_orders(pool, n, concurrency, phone=NO_CALLBACK_PHONE):
-    """n orders made over the pool, `concurrency` at a time; (orders, orders per second)."""
+    """n orders made over the pool, `concurrency` at a time (a shed one asked again); (orders, orders per second)."""
     body = json.dumps({**ORDER_BODY, "phone": phone}).encode()
     orders, errors = [], []
     left = [n]
@@ -147,6 +147,10 @@ async def create_orders(pool, n, concurrency, phone=NO_CALLBACK_PHONE):
                 answer = await pool.request("POST", "/api/orders", body)
             except (OSError, HttpError) as exc:
                 errors.append(repr(exc))
+                continue
+            if answer.status in (429, 503) and answer.headers.get("retry-after"):
+                left[0] += 1  # shed (a busy machine): ask again when told to, as the checkout page does
+                await asyncio.sleep(answer.retry_after())
                 continue
             if answer.status != 201:
                 errors.append(f"{answer.status} {answer.body[:200]!r}")

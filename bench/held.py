@@ -18,6 +18,7 @@ from .server import (Profiler, Usage, gc_pauses, histogram_quantile, open_fds, r
                      worker_cpu_total)
 
 SERVER = {"WEB_CONCURRENCY": "1"}
+DISCONNECTS = 'eventi_redis_transitions_total{state="disconnected"}'
 
 
 def add_arguments(parser, n=1000, rate=200, open_rate=500, open_concurrency=200):
@@ -130,6 +131,9 @@ async def run(args, target, retry_refused=False):
         # Server side, publish after the commit -> wait answered, to the histogram's bucket bound.
         "server_delivery_ms_le": {f"p{q}": histogram_quantile(m0, m2, "eventi_delivery_latency_seconds", q)
                                   for q in (50, 99)},
+        # A subscriber that loses Redis (or cannot wait on its socket) leaves the waits to the database's
+        # re-check every 2 s: the storm's slowness in issue 24.
+        "subscriber_disconnects": int(m2.get(DISCONNECTS, 0) - m0.get(DISCONNECTS, 0)),
         "db_queries_per_payment": round(queries / n, 3) if n else None,
         "db_queries_while_opening": int(m1.get("eventi_db_queries_total", 0) - m0.get("eventi_db_queries_total", 0)),
         "worker_cpu_ms_per_payment": rounded(cpu * 1000 / n) if cpu is not None and n else None,
@@ -142,10 +146,11 @@ async def run(args, target, retry_refused=False):
 
 
 def summary(result):
-    refused = f", refused {result['refused']} {result['refusals_by_status']}" if result["refused"] else ""
+    refused = f", refused {result['refused']}" + (f" {result['refusals_by_status']}" if result["refused"] else "")
     held = "short polling" if result["waiters_held"] is None else f"held {result['waiters_held']} (server's gauge)"
     return (f"{result['orders']} pages opened in {result['waits_opened_in_s']} s, {held}"
             f"{refused}; {result['notified']} notified at {result['callbacks_per_second']}/s, "
             f"{latency('callback->answer', result['latency_ms'])}; worker CPU {result['worker_cpu_percent']} %; "
+            f"subscriber disconnects {result['subscriber_disconnects']}; "
             f"errors {result['errors']}, wrong {result['wrong_status']}"
             + (f"; first error {result['first_errors'][0]}" if result["first_errors"] else ""))

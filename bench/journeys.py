@@ -135,12 +135,54 @@ def orders_in_database(database_url):
         engine.dispose()
 
 
+OUTBOX_DRAIN_S = 120  # seconds the run waits, after the last journey, for the outbox to empty
+
+
+def messages_once_sent(database_url, drain_seconds):
+    """The tickets' messages of the run's paid orders (the outbox, issue 25), once none is pending or after
+    `drain_seconds`: by channel and state; paid orders lacking a sent message on a channel the others have;
+    messages claimed more than once (sent twice, or retried).  None without the database."""
+    if not database_url:
+        return None
+    import time
+
+    from sqlalchemy import text
+
+    engine = database_engine(database_url)
+    try:
+        deadline = time.monotonic() + drain_seconds
+        pending = last_progress = None
+        with engine.connect() as connection:
+            # Until none is pending, or none has left for 10 s (no sender runs: MESSAGES_SENDER=process).
+            while time.monotonic() < deadline:
+                now_pending = connection.execute(text("SELECT count(*) FROM outbox_messages WHERE state = 'pending'"))\
+                    .scalar()
+                connection.commit()
+                if pending is None or now_pending < pending:
+                    pending, last_progress = now_pending, time.monotonic()
+                if not pending or time.monotonic() - last_progress > 10:
+                    break
+                time.sleep(0.5)
+            rows = connection.execute(text("SELECT channel, state, count(*), sum(CASE WHEN attempts > 1 THEN 1 "
+                                           "ELSE 0 END) FROM outbox_messages GROUP BY channel, state")).all()
+            channels = {channel for channel, *_ in rows}
+            missing = connection.execute(text(
+                "SELECT count(*) FROM orders o WHERE o.status = 'completed' AND "
+                "(SELECT count(*) FROM outbox_messages m WHERE m.order_id = o.id AND m.state = 'sent') "
+                f"< {len(channels)}")).scalar()
+    finally:
+        engine.dispose()
+    return {"by_channel_and_state": {f"{channel} {state}": count for channel, state, count, _ in rows},
+            "orders_missing_a_message": missing,
+            "claimed_more_than_once": sum(again or 0 for *_, again in rows)}
+
+
 async def run(args, target):
     delay = callback_delay(args)
     buyers = [Buyer(i) for i in range(args.buyers)]
     started = asyncio.get_running_loop().time()
     deadline = started + args.buyers / args.rate + args.give_up + args.timeout + 30
-    used, profile = await run_journeys(args, target, journey, buyers, deadline)
+    used, profile, messages = await run_journeys(args, target, journey, buyers, deadline)
 
     watches = [b.watch for b in buyers if b.watch]
     finished = [b for b in buyers if b.watch and b.watch.answered_at is not None]
@@ -182,7 +224,7 @@ async def run(args, target):
         "order_retries": sum(len(b.answers) - 1 for b in served),
         "buyers_needing_a_retry": sum(1 for b in buyers if len(b.answers) > 1 or (b.watch and b.watch.retries)),
         **{f"wait_{k}": v for k, v in story(watches).items()},
-        **journey_outcomes(buyers, finished, wrong, used, profile, failures),
+        **journey_outcomes(buyers, finished, wrong, used, profile, messages, failures),
     }
 
 
@@ -193,7 +235,7 @@ def callback_delay(args):
 
 async def run_journeys(args, target, journey, buyers, deadline):
     """journey(host, port, buyer, args, deadline) for each buyer, arriving at --rate, ended at `deadline` (the
-    loop's time) at the latest; (the workers' usage meanwhile, the profile's top frames)."""
+    loop's time) at the latest; (the workers' usage meanwhile, the profile's top frames, the tickets' messages)."""
     loop = asyncio.get_running_loop()
     profiler = Profiler(args.profile, target)
     usage = Usage(target).start()
@@ -202,17 +244,25 @@ async def run_journeys(args, target, journey, buyers, deadline):
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return usage.stop(), profiler.stop()
+    # The tickets' messages leave after their payments (later still while the workers are busy): their CPU
+    # belongs to the journeys, so the workers are measured until the outbox is empty.
+    messages = await loop.run_in_executor(None, messages_once_sent, target.get("database_url"), OUTBOX_DRAIN_S)
+    return usage.stop(), profiler.stop(), messages
 
 
-def journey_outcomes(buyers, finished, wrong, used, profile, failures):
-    """The part of a run's results every journey mode reports: outcomes, errors, worker CPU per journey, usage."""
+def journey_outcomes(buyers, finished, wrong, used, profile, messages, failures):
+    """The part of a run's results every journey mode reports: outcomes, errors, the tickets' messages (a message
+    missing or claimed twice is added to `failures`), worker CPU per journey, usage."""
+    if messages and (messages["orders_missing_a_message"] or messages["claimed_more_than_once"]):
+        failures.append(f"messages: {messages['orders_missing_a_message']} paid orders without each of theirs sent, "
+                        f"{messages['claimed_more_than_once']} messages claimed more than once")
     cpu = worker_cpu_total(used)
     return {
         "outcomes": count_by(b.watch.status for b in finished),
         "wrong_outcomes": len(wrong),
         "buyer_errors": sum(1 for b in buyers if b.error),
         "first_buyer_errors": [b.error for b in buyers if b.error][:5],
+        "messages": messages,
         "worker_cpu_ms_per_journey": rounded(cpu * 1000 / len(finished)) if cpu is not None and finished else None,
         **used,
         "profile_top": profile,
@@ -234,4 +284,5 @@ def summary(result):
             f"{latency('time to be served', result['time_to_served_ms'])}; "
             f"wrong outcomes {result['wrong_outcomes']}, duplicate orders {result['duplicate_orders']}, "
             f"buyers needing a retry {result['buyers_needing_a_retry']}, errors {result['buyer_errors']}; "
+            f"messages {result['messages'] and result['messages']['by_channel_and_state']}; "
             f"worker CPU {result['worker_cpu_percent']} %")

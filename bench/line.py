@@ -199,7 +199,7 @@ async def run(args, target):
     buyers = [LineBuyer(i, chooser.random() < args.leave_share) for i in range(args.buyers)]
     started, started_wall = loop.time(), time.time()
     deadline = started + args.buyers / args.rate + args.give_up + args.timeout + 2 * args.patience + 30
-    used, profile = await run_journeys(args, target, journey, buyers, deadline)
+    used, profile, messages = await run_journeys(args, target, journey, buyers, deadline)
 
     answers = [a for b in buyers for a in b.answers]
     queued = [b for b in buyers if b.place is not None]
@@ -258,7 +258,7 @@ async def run(args, target):
         "estimate_largest_rise_pct": rounded(max(rises, default=0.0), 1),
         "estimate_rises_over_20pct": sum(1 for rise in rises if rise > 20),
         "outcome_after_commit_ms": spread(b.watch.answered_wall * 1000 - updated_ms(b.watch.final) for b in finished),
-        **journey_outcomes(buyers, finished, wrong, used, profile, failures),
+        **journey_outcomes(buyers, finished, wrong, used, profile, messages, failures),
     }
 
 

@@ -6,7 +6,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import database, errors, events, line, logs, metrics, notify, openapi, ops, orders, payhero, security, web
+from . import database, errors, events, line, logs, messages, metrics, notify, openapi, ops, orders, payhero, security, web
 from .extensions import db, limiter, migrate
 from .json_provider import JSONProvider
 
@@ -46,6 +46,7 @@ def create_app(config=None):
     events.init_app(app)
     orders.init_app(app)
     line.init_app(app)
+    messages.init_app(app)
     ops.init_app(app)
     openapi.init_app(app)
     web.init_app(app)

@@ -25,6 +25,12 @@ payments_refund_due = Counter(
     "Payments confirmed for a failed or cancelled order with no tickets left to give it: each one is owed back",
     registry=registry)
 callbacks = Counter("eventi_callbacks_total", "PayHero callbacks by outcome", ["outcome"], registry=registry)
+callbacks_missing = Counter("eventi_callbacks_missing_total",
+                            "Pending orders PayHero was asked about because no callback came within PAYHERO_ASK_AFTER",
+                            registry=registry)
+payments_asked = Counter("eventi_payments_asked_total", "Asks to PayHero's transaction-status about an order whose "
+                         "callback never came, by what came of it: completed, failed, cancelled (settled), unchanged, "
+                         "pending (not processed yet), error (PayHero not reached)", ["outcome"], registry=registry)
 listener_connected = Gauge("eventi_redis_listener_connected", "1 while the subscriber connection to this Redis node is up",
                            ["node"], registry=registry)
 redis_transitions = Counter("eventi_redis_transitions_total", "Redis subscriber connects and disconnects", ["state"], registry=registry)
@@ -66,3 +72,11 @@ def _time_gc(phase, info):
 
 
 gc.callbacks.append(_time_gc)
+# The tickets' SMS and email (eventi_flask/messages).  The gauges are refreshed by each process's sender
+# every MESSAGES_SWEEP_INTERVAL (one query), not per scrape.
+messages = Counter("eventi_messages_total", "Tickets' messages: sent, failed for good, or to be tried again",
+                   ["channel", "outcome"], registry=registry)
+outbox_pending = Gauge("eventi_outbox_pending", "Messages waiting in the outbox to be sent (all processes)",
+                       registry=registry)
+outbox_oldest_pending = Gauge("eventi_outbox_oldest_pending_seconds",
+                              "Age of the oldest message waiting in the outbox; 0 when none waits", registry=registry)

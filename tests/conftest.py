@@ -18,6 +18,7 @@ from eventi_flask.extensions import db  # noqa: E402
 from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
 from eventi_flask.line.service import LINE  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
+from eventi_flask.orders import missed_callbacks  # noqa: E402
 from eventi_flask.payhero import sandbox, verify  # noqa: E402
 from tests.support import REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
 
@@ -75,6 +76,7 @@ def app(settings):
         db.session.remove()
     yield app
     verify.stop(app)  # no re-verification outlives its test (and its PayHero stand-in)
+    missed_callbacks.stop(app)  # nor a worker's asking about orders with no callback
     sandbox.stop(app)  # nor a sandbox callback: it would land in the next test's `wire`
     app.extensions[LINE].stop()  # no admitter ticks on into the next test
     with app.app_context():
@@ -94,9 +96,8 @@ def client(app):
     return app.test_client()
 
 
-@pytest.fixture
-def wire(app):
-    """Outbound HTTP to PayHero (the sandbox) and back to our callback URL, carried in-process."""
+def forward_to(app):
+    """A requests-mock callback carrying a request to `app` in-process."""
     client = app.test_client()
 
     def forward(request, context):
@@ -106,8 +107,14 @@ def wire(app):
         context.headers["Content-Type"] = response.headers.get("Content-Type", "")
         return response.get_data()
 
+    return forward
+
+
+@pytest.fixture
+def wire(app):
+    """Outbound HTTP to PayHero (the sandbox) and back to our callback URL, carried in-process."""
     with requests_mock.Mocker() as mocker:
-        mocker.register_uri(requests_mock.ANY, re.compile("^" + re.escape(PUBLIC) + "/"), content=forward)
+        mocker.register_uri(requests_mock.ANY, re.compile("^" + re.escape(PUBLIC) + "/"), content=forward_to(app))
         yield mocker
 
 
@@ -130,9 +137,13 @@ def redis_client():
     client.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_server_factory(tmp_path_factory):
-    """start(**env) -> a LiveServer running gunicorn from the Procfile; stopped at the end."""
+    """start(**env) -> a LiveServer running gunicorn from the Procfile; stopped at the end of the module.
+
+    Not kept for the whole session: each server's workers keep database connections open (their pools,
+    the line's admitter, the outbox's sender, the asks for missed callbacks), and PostgreSQL's 100 would
+    run out."""
     servers = []
 
     def start(**env):
@@ -142,5 +153,11 @@ def live_server_factory(tmp_path_factory):
         return server.start()
 
     yield start
-    for server in servers:
-        server.stop()
+    failures = []
+    for server in servers:  # every one, even when stopping another failed
+        try:
+            server.stop()
+        except Exception as exc:  # noqa: BLE001 - reported below, after the rest are stopped
+            failures.append(exc)
+    if failures:
+        raise failures[0]

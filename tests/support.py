@@ -1,6 +1,7 @@
 """Helpers for tests: waiting on conditions with deadlines, real servers, databases."""
 import json
 import os
+import secrets
 import shlex
 import socket
 import subprocess
@@ -135,6 +136,23 @@ class LiveServer:
         assert response.status_code == 201, response.text
         return response.json()
 
+
+
+def pending_orders_made_a_while_ago(database_url, count):
+    """`count` pending orders written straight to the database, as orders made minutes before a deploy
+    are: nothing of them is cached in Redis any more, so every wait reads the database."""
+    ids = [secrets.token_urlsafe(16) for _ in range(count)]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("""
+            INSERT INTO orders (id, status, version, quantity, name, email, phone, created_at, updated_at,
+                                ticket_type_id, amount, payhero_reference, checkout_request_id)
+            SELECT new.id, 'pending', 2, 1, 'Wanjiku Kamau', 'wanjiku@example.com', '254708000004',
+                   now() - interval '5 minutes', now() - interval '5 minutes', tt.id, tt.price,
+                   'REF-' || new.id, 'ws_CO_' || new.id
+            FROM unnest(%s::text[]) AS new(id), ticket_types tt WHERE tt.code = 'early-bird'""", [ids])
+        conn.execute("UPDATE ticket_types SET reserved = reserved + %s WHERE code = 'early-bird'", [count])
+    return [{"id": order_id, "version": 2, "amount": 300,
+             "payment": {"reference": f"REF-{order_id}", "checkout_request_id": f"ws_CO_{order_id}"}} for order_id in ids]
 
 
 def reference_asked(request):

@@ -22,6 +22,7 @@ REQUIRED = {  # what issue 17 asks to be alerted on, by the alert that does it
     "a subscriber disconnected": "EventiRedisSubscriberDisconnected",
     "waits refused": "EventiWaitsRefused",
     "database unavailable": "EventiDatabaseUnavailable",
+    "the outbox stalls (issue 25)": "EventiOutboxStalled",
     "a stalled line (issue 23)": "EventiLineStalled",
 }
 

@@ -32,7 +32,8 @@ def run_mode(tmp_path, mode, *args):
 
 def test_storm_holds_every_wait_and_answers_each_callback(tmp_path):
     line, run = run_mode(tmp_path, "storm", "-n", "60", "--rate", "60", "--timeout", "20")
-    assert "held 60" in line and "60 notified" in line
+    assert "held 60" in line and ", refused 0;" in line and "60 notified" in line
+    assert "subscriber disconnects 0" in line and run["subscriber_disconnects"] == 0
     assert run["refused"] == 0 and run["held_all"] and run["wrong_status"] == 0
     assert run["latency_ms"]["n"] == 60 and run["latency_ms"]["max"] >= run["latency_ms"]["p99"] > 0
 
@@ -68,6 +69,22 @@ def test_line_answers_every_buyer_at_once_and_serves_each_once_in_the_order_they
     assert run["duplicate_orders"] == 0 and run["wrong_outcomes"] == 0
     assert run["tickets_held"] == run["tickets_paid"] + run["tickets_pending"]
     assert run["fairness_s"] is not None and run["worker_cpu_ms_per_journey"] > 0
+
+
+def test_resets_counts_what_a_once_only_keep_alive_sender_lost(tmp_path):
+    line, run = run_mode(tmp_path, "resets", "--buyers", "40", "--rate", "40", "--callback-rate", "20",
+                         "--timeout", "20", "--server-env", "SANDBOX_CALLBACK_DELAY=0.5")
+    assert "sender: 20 callbacks" in line and "0 orders left pending" in line
+    assert run["sender_orders_pending"] == run["buyer_orders_pending"] == 0 and run["duplicate_orders"] == 0
+    assert run["sender_failures"] == {} and run["tracebacks"] == 0
+
+
+def test_storm_profiles_the_worker(tmp_path):
+    _, run = run_mode(tmp_path, "storm", "-n", "40", "--rate", "40", "--timeout", "20",
+                      "--profile", str(tmp_path / "storm.txt"))
+    assert (tmp_path / "storm.txt").stat().st_size > 0  # py-spy recorded the worker
+    # The busiest functions (at toy size a quiet worker may show none besides the idle hub).
+    assert isinstance(run["profile_top"], list) and all(0 < share <= 1 for share, _ in run["profile_top"])
 
 
 def test_a_mistake_in_the_options_is_one_line_and_a_non_zero_exit():

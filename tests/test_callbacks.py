@@ -1,14 +1,17 @@
 """POST /api/payhero/callback: every status code of API.md, and a payment is never lost."""
 import json
+import re
 
 import pytest
+import requests
 from sqlalchemy import func, select
 
 from eventi_flask.extensions import db
 from eventi_flask.events.models import TicketType
 from eventi_flask.orders.models import Ticket
 from eventi_flask.payhero.models import PayheroCallback
-from tests.support import DEMO, callback_body
+from tests.conftest import PUBLIC, forward_to
+from tests.support import DEMO, callback_body, wait_until
 
 URL = "/api/payhero/callback?token=sandbox"
 
@@ -440,3 +443,33 @@ def test_the_sandbox_sends_flat_callbacks_end_to_end(app, client, wire, phone, s
     assert outcome == "applied" and "response" not in sent and "result_code" not in sent
     assert set(FLAT_SUCCESS) <= set(sent) and sent["provider"] == "mpesa_dc" and sent["callback_urls"] is None
     assert payment["result_desc"] == sent["message"]
+
+
+# -- the sandbox sends as a careful sender does -----------------------------------------------------
+
+CALLBACK_ROUTE = re.compile("^" + re.escape(PUBLIC) + "/api/payhero/callback")
+
+
+def test_a_sandbox_callback_whose_first_attempt_is_reset_is_delivered_on_the_next(app, client, wire, log_lines):
+    reset = requests.ConnectionError(ConnectionResetError(104, "Connection reset by peer"))
+    wire.register_uri("POST", CALLBACK_ROUTE, [{"exc": reset}, {"content": forward_to(app)}])
+    order = client.post("/api/orders", json=DEMO).get_json()  # any other phone: the sandbox says paid
+    wait_until(lambda: client.get(f"/api/orders/{order['id']}").get_json()["status"] == "completed", 5,
+               message="the callback's second attempt")
+    failed = [line for line in log_lines if "Sandbox PayHero callback for" in line and "failed" in line]
+    assert len(failed) == 1 and order["id"] in failed[0] and "(attempt 1)" in failed[0]
+    assert "Connection reset by peer" in failed[0]
+    assert sum(f"Sandbox PayHero callback for {order['id']} answered 200" in line for line in log_lines) == 1
+
+
+@pytest.mark.env(SANDBOX_CALLBACK_RETRY_FOR="3")  # room for 2 pauses: at most 0.75 s, then 1.5 s
+def test_a_sandbox_callback_refused_with_5xx_is_sent_again_then_given_up_naming_its_order(client, wire, log_lines):
+    wire.register_uri("POST", CALLBACK_ROUTE, status_code=503, json={"error": {"code": "try_again"}})
+    order = client.post("/api/orders", json=DEMO).get_json()
+    wait_until(lambda: any("gave up" in line for line in log_lines), 8, message="the sandbox to give up")
+    attempts = [line for line in log_lines if f"Sandbox PayHero callback for {order['id']} failed" in line]
+    assert len(attempts) >= 2 and all("answered 503" in line for line in attempts)
+    gave_up = [line for line in log_lines if "gave up" in line]
+    assert gave_up == [f"Sandbox PayHero gave up on the callback for {order['id']} after {len(attempts) + 1} "
+                       f"attempts in {gave_up[0].split(' in ')[1]}"]
+    assert client.get(f"/api/orders/{order['id']}").get_json()["status"] == "pending"

@@ -43,7 +43,7 @@ def test_a_certificate_requirement_is_added_to_a_tls_redis_url_that_does_not_say
 
 
 LIVE = {"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1",
-        "PAYHERO_CALLBACK_TOKEN": "t"}
+        "PAYHERO_CALLBACK_TOKEN": "t", "SECRET_KEY": "s"}
 
 
 def test_callbacks_are_verified_by_default_in_live_mode_only():
@@ -63,6 +63,13 @@ def test_an_unconfirmed_success_is_asked_about_again_within_a_minute_with_a_shor
     assert Config({**LIVE, "PAYHERO_READ_TIMEOUT": "3"}).PAYHERO_VERIFY_TIMEOUT == 3
 
 
+def test_an_order_with_no_callback_is_asked_about_after_the_prompt_had_its_time_and_before_reconcile():
+    config = Config({})
+    assert config.PAYHERO_ASK_AFTER == (75, 105, 165, 285, 525)
+    assert config.PAYHERO_ASK_AFTER[0] < config.RECONCILE_AFTER < config.RECONCILE_EXPIRE_AFTER
+    assert Config({"PAYHERO_ASK_AFTER": "off"}).PAYHERO_ASK_AFTER == ()
+
+
 @pytest.mark.parametrize("env, variable", [
     ({"PORT": "eighty"}, "PORT"),
     ({"PAYHERO_MODE": "test"}, "PAYHERO_MODE"),
@@ -71,12 +78,15 @@ def test_an_unconfirmed_success_is_asked_about_again_within_a_minute_with_a_shor
     ({"ORDER_LIMIT_PER_PHONE": "lots"}, "ORDER_LIMIT_PER_PHONE"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     ({"SANDBOX_CALLBACK_SHAPE": "round"}, "SANDBOX_CALLBACK_SHAPE"),
+    ({"SANDBOX_CALLBACK_RETRY_FOR": "-1"}, "SANDBOX_CALLBACK_RETRY_FOR"),
     ({"PAYHERO_VERIFY_TIMEOUT": "30"}, "PAYHERO_VERIFY_TIMEOUT"),  # longer than the STK push's own
     ({"PAYHERO_REVERIFY_AFTER": "10,5"}, "PAYHERO_REVERIFY_AFTER"),
     ({"PAYHERO_REVERIFY_AFTER": "soon"}, "PAYHERO_REVERIFY_AFTER"),
+    ({"PAYHERO_ASK_AFTER": "75,30"}, "PAYHERO_ASK_AFTER"),
     ({"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "u", "PAYHERO_API_PASSWORD": "p", "PAYHERO_CHANNEL_ID": "1"},
      "PAYHERO_CALLBACK_TOKEN"),
     ({"PAYHERO_MODE": "live", "PAYHERO_CALLBACK_TOKEN": "t"}, "PAYHERO_API_USERNAME"),
+    ({k: v for k, v in LIVE.items() if k != "SECRET_KEY"}, "SECRET_KEY"),  # it signs the ticket links
     ({"DATABASE_URL": "postgres://u@h/d", "DB_PREPARED_STATEMENTS": "perhaps"}, "DB_PREPARED_STATEMENTS"),
     ({"DATABASE_URL": "postgres://u@h/d", "DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT"),
     ({"REDIS_SSL_CERT_REQS": "off"}, "REDIS_SSL_CERT_REQS"),

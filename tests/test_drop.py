@@ -48,17 +48,30 @@ def drop_server(live_server_factory):
 
 def buy_all_at_once(server, buyers):
     """[(status, body)] of `buyers` orders sent at once, each on its own connection (as browsers are);
-    a buyer answered 503 busy asks again after Retry-After with its Idempotency-Key, as the page does."""
+    a buyer given a place in the line holds its wait until its turn, and one answered 503 busy asks
+    again after Retry-After with its Idempotency-Key, as the page does."""
     def buy(_):
         key = str(uuid.uuid4())
         while True:
             response = requests.post(server.url + "/api/orders", json=NO_CALLBACK, headers={"Idempotency-Key": key},
                                      timeout=120)
+            if response.status_code == 202:
+                return follow_the_line(server, {"status": "queued", **response.json()["queue"]})
             if response.status_code != 503 or response.json()["error"]["code"] != "busy":
                 return response.status_code, response.json()
             time.sleep(float(response.headers["Retry-After"]) * random.uniform(1, 1.5))
 
     return gevent.pool.Pool(buyers).map(buy, range(buyers))
+
+
+def follow_the_line(server, place):
+    """(201, the order) once the place's turn came; (409, POST's error) when it was sold out."""
+    while place["status"] == "queued":
+        place = requests.get(f"{server.url}/api/queue/{place['id']}/wait",
+                             params={"since": place["version"], "timeout": 20}, timeout=60).json()
+    if place["status"] == "admitted":
+        return 201, place["order"]
+    return (409 if place["status"] == "sold_out" else place["status"]), {"error": place["error"]}
 
 
 def test_400_buyers_at_once_for_300_tickets_on_two_workers(drop_server):

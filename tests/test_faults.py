@@ -1,6 +1,7 @@
 """Real faults.  Redis: our own redis-server on a spare port, stopped, frozen and restarted under
 held waits.  gunicorn: workers killed with SIGKILL, stopped with SIGTERM, two instances on one
 Redis and one PostgreSQL.  Every wait below is on a condition with a deadline."""
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import redis
 import requests
 
 from eventi_flask import metrics
+from eventi_flask.notify import subscriber
 from tests.support import (DEMO, assert_answered_across, callback_body, free_port, get_wait, held_waits,
                            post_callback, wait_until)
 
@@ -248,6 +250,37 @@ def test_a_lost_message_costs_latency_not_the_answer(app, client, wire, hub, red
     pay(client, order)
     assert answered_within(waiting, 3)["status"] == "completed"
     assert time.monotonic() - sent < 2.5
+
+
+def test_a_listener_failing_the_same_way_over_and_over_says_so_once_then_counts(app, client, wire, hub,
+                                                                                  redis_server, monkeypatch):
+    """One traceback for the first failure, then one ERROR with a count: not a traceback a second."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("eventi_flask").addHandler(handler)
+    monkeypatch.setattr(subscriber.RepeatedFailures, "REPORT_EVERY", 1.0)
+
+    def fails(self, conn):
+        raise ValueError("filedescriptor out of range in select()")
+
+    monkeypatch.setattr(subscriber.Subscriber, "_serve", fails)
+    redis_server.start()
+    try:
+        order = new_order(client)
+        waiting = hold(client, order, 30)
+        counted = wait_until(lambda: [r for r in records if "Redis subscriber failing" in r.getMessage()], 10,
+                             message="a line counting the failures")
+        assert counted[0].levelno == logging.ERROR
+        assert "ValueError: filedescriptor out of range in select() (" in counted[0].getMessage()
+        assert " times in the last " in counted[0].getMessage()
+        assert len([r for r in records if r.exc_info]) == 1, "one traceback, for the first failure"
+        assert sum("Redis subscriber disconnected" in r.getMessage() for r in records) == 1
+        # Meanwhile the wait is answered from the database's re-check.
+        pay(client, order)
+        assert answered_within(waiting, DEGRADED + 2)["status"] == "completed"
+    finally:
+        logging.getLogger("eventi_flask").removeHandler(handler)
 
 
 # -- gunicorn processes --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tests.support import DEMO, ROOT, callback_body, free_port
 
 CALLBACK = "/api/payhero/callback?token=sandbox"
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}
-LIVE_WITHOUT_TOKEN = {"PAYHERO_MODE": "live", "PAYHERO_API_USERNAME": "user", "PAYHERO_API_PASSWORD": "secret",
+LIVE_WITHOUT_TOKEN = {"PAYHERO_MODE": "live", "SECRET_KEY": "s", "PAYHERO_API_USERNAME": "user", "PAYHERO_API_PASSWORD": "secret",
                       "PAYHERO_CHANNEL_ID": "42"}
 
 

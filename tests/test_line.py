@@ -14,7 +14,7 @@ from eventi_flask import create_app
 from eventi_flask.events import service as events
 from eventi_flask.events.models import Event, TicketType
 from eventi_flask.extensions import db
-from eventi_flask.line.service import LINE
+from eventi_flask.line.service import LINE, tick_channel
 from eventi_flask.orders.models import Order
 from tests.support import DEMO, event_file, free_port, toml, wait_until, when
 
@@ -164,6 +164,16 @@ def test_the_pre_queue_is_shuffled_at_opening_and_later_arrivals_join_behind(app
     assert sorted(early_made) == list(range(12))  # every early one before any later arrival
     assert early_made != list(range(12))  # in a random order (the chance of join order is 1 in 12!)
     assert [made.index(order_of[p]) for p in late] == [12, 13, 14]
+
+
+def test_the_lines_tick_is_no_event_in_the_log(app, client, hub, log_lines):
+    """API.md's log lines are one per event: a line moving every tick is not "Redis notification sent"."""
+    import_event(app, event_file(sales_start=when(seconds=60)))  # the pre-queue: people wait, nothing is made
+    body = {**DEMO, "event": "sauti-live", "ticket_type": "regular", "quantity": 1}
+    assert join(client, body).status_code == 202
+    wait_until(lambda: (hub.latest(tick_channel("sauti-live")) or {}).get("version", 0) >= 10, timeout=10,
+               message="ten ticks of the line")
+    assert "Redis notification sent" not in log_lines
 
 
 @pytest.mark.env(LINE_FORCE="1", LINE_START_RATE="1", LINE_TICK="1")

@@ -105,7 +105,8 @@ def test_show_finds_orders_by_receipt_and_by_phone(shop, cli):
     assert [history["order"]["id"] for history in histories] == [completed["id"]]
     events = [entry["event"] for entry in histories[0]["timeline"]]
     # PayHero's callback may come before its answer to the STK push (so the sandbox, at 50 ms).
-    assert events[0] == "created" and sorted(events[1:]) == ["callback"] * 3 + ["status", "stk_push"]
+    # "message": its SMS (the sandbox's, SMS_MODE's default), queued when it completed.
+    assert events[0] == "created" and sorted(events[1:]) == ["callback"] * 3 + ["message", "status", "stk_push"]
     outcomes = [entry["outcome"] for entry in histories[0]["timeline"] if entry["event"] == "callback"]
     assert outcomes == ["applied", "repeat", "ignored_final"]
     assert histories[0]["order"]["phone"] == "2547******78"

@@ -142,5 +142,5 @@ def test_a_status_payhero_does_not_document_leaves_that_order_pending_and_settle
     assert order(failed)["status"] == "failed"
     # "not processed yet", as QUEUED (expired only past RECONCILE_EXPIRE_AFTER); PayHero's refusal is no verdict either
     assert order(processing)["status"] == "pending" and order(refused)["status"] == "pending"
-    [line] = [line for line in log_lines if refused["id"] in line]
+    [line] = [line for line in log_lines if refused["id"] in line and line.startswith("Reconcile")]
     assert "invalid_argument: transaction reference not found" in line

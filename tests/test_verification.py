@@ -18,6 +18,7 @@ import config
 from eventi_flask import create_app
 from eventi_flask.extensions import db
 from eventi_flask.notify.service import HUB, get_hub
+from eventi_flask.orders import missed_callbacks
 from eventi_flask.orders import service as orders
 from eventi_flask.orders.models import Ticket
 from eventi_flask.payhero import verify
@@ -28,7 +29,7 @@ PAYHERO = "https://payhero.test"
 TOKEN, PREVIOUS = "current-token-5b1e", "previous-token-77c0"
 CALLBACK = f"/api/payhero/callback?token={TOKEN}"
 RECEIPT = "SKQ96C7K7H"
-LIVE = {"PAYHERO_MODE": "live", "PAYHERO_BASE_URL": PAYHERO, "PAYHERO_API_USERNAME": "user",
+LIVE = {"PAYHERO_MODE": "live", "SECRET_KEY": "s", "PAYHERO_BASE_URL": PAYHERO, "PAYHERO_API_USERNAME": "user",
         "PAYHERO_API_PASSWORD": "secret", "PAYHERO_CHANNEL_ID": "911", "PAYHERO_CALLBACK_TOKEN": TOKEN}
 
 # The callback alone, and reconcile as the backstop: re-verification's own tests turn it on.
@@ -326,6 +327,7 @@ def other_worker(settings, app):
     worker = create_app(config.TestConfig(settings))
     yield worker
     verify.stop(worker)
+    missed_callbacks.stop(worker)
     with worker.app_context():
         get_hub().stop()
         db.engine.dispose()

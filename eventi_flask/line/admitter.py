@@ -280,4 +280,4 @@ class Admitter:
         tick = {"version": state["tick"], **state, "rate": outflow.measured, "share": outflow.share}
         get_hub().publish({"id": service.tick_channel(slug), "status": "line", "version": state["tick"],
                            "updated_at": isoformat(utcnow()), "published_at_ms": int(time.time() * 1000),
-                           "order": tick})
+                           "order": tick}, quiet=True)

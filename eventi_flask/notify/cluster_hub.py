@@ -30,7 +30,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from .. import metrics
 from .hub import CACHE_SECONDS, Hub, cached_message
-from .publisher import Publisher, redis_connection
+from .publisher import Publisher, log_sent, redis_connection
 from .redis_hub import RedisHub
 from .subscriber import Subscriber, chunks, connection_options, short_lived_client
 
@@ -223,7 +223,7 @@ class ClusterHub(Hub):
             return None
         return cached_message(raw)
 
-    def publish(self, message):
+    def publish(self, message, quiet=False):
         # Not gated on that node's subscriber (as latest() is): the node may be back before it
         # reconnects, and the node's Publisher stops trying for a moment after a failed round trip.
         order_id = message["id"]
@@ -236,6 +236,8 @@ class ClusterHub(Hub):
         redirected = [(command, reply) for command, reply in zip(commands, replies)
                       if isinstance(reply, redis.exceptions.AskError)]  # MovedError is one too
         if not redirected:
+            if not quiet:
+                log_sent(replies)
             return
         # The slot is moving or has moved: send what was refused where it now lives (the rest stands).
         moved = isinstance(redirected[0][1], redis.exceptions.MovedError)
@@ -249,7 +251,8 @@ class ClusterHub(Hub):
             log.warning("Redis publish of order %s after a slot move failed, waiters will re-check the database: %s",
                         order_id, exc)
             return
-        log.info("Redis notification sent")
+        if not quiet:
+            log.info("Redis notification sent")
 
     def _routed(self, address, commands, asking=False):
         """Run `commands` (argument tuples) in one round trip on `address`; return the last one's answer.
@@ -359,6 +362,9 @@ class ClusterHub(Hub):
     def _on_subscriber_down(self, subscriber, exc):
         self._recheck_now.set()
         self._request_refresh()  # a replica may be promoted in its place
+
+    def _on_subscriber_up(self, subscriber):
+        self._node(subscriber.node).publisher.resume()
 
     def _on_subscriptions_lost(self, subscriber, order_ids, reason):
         if not self._lost:

@@ -197,8 +197,10 @@ class Hub:
         """The last published message for this order if still cached, else None."""
         raise NotImplementedError
 
-    def publish(self, message):
-        """Tell every process that an order changed.  Called after the commit; never raises."""
+    def publish(self, message, quiet=False):
+        """Tell every process that an order changed.  Called after the commit; never raises.
+
+        `quiet`: no "Redis notification sent" line (the line's once-a-second tick is no event to log)."""
         raise NotImplementedError
 
     def ready(self):

@@ -21,7 +21,7 @@ class LocalHub(Hub):
             return None
         return entry[1]
 
-    def publish(self, message):
+    def publish(self, message, quiet=False):
         now = time.monotonic()
         order_id = message["id"]
         self._cache.pop(order_id, None)
@@ -29,4 +29,5 @@ class LocalHub(Hub):
         while self._cache and next(iter(self._cache.values()))[0] < now:
             self._cache.popitem(last=False)
         self._deliver(order_id, message)
-        log.info("Redis notification sent")  # same event line as with Redis, so logs read alike
+        if not quiet:
+            log.info("Redis notification sent")  # same event line as with Redis, so logs read alike

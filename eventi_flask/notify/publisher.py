@@ -43,6 +43,13 @@ def redis_connection(url, name):
     return pool.make_connection()
 
 
+
+def log_sent(replies):
+    """API.md's "Redis notification sent", once Redis has taken a message's every command."""
+    if replies and not any(isinstance(reply, Exception) for reply in replies):
+        log.info("Redis notification sent")
+
+
 class Publisher:
     """One connection, one greenlet; submit() only queues."""
 
@@ -74,6 +81,14 @@ class Publisher:
             self._greenlet = gevent.spawn(self._publish_forever)
         done.wait(ANSWER_TIMEOUT)
         return replies
+
+    def resume(self):
+        """Redis answers again (this process's subscriber just connected): publish at once, not after the pause.
+
+        A message dropped in the pause would reach its waiters only at their next re-check (15 s);
+        the re-check after resubscribing covers only what was committed before it.
+        """
+        self._paused_until = 0.0
 
     def stop(self):
         self._filling.set()  # nobody waits on a publisher that is gone
@@ -122,9 +137,6 @@ class Publisher:
         if not self._up:
             log.info("Redis Publisher connected%s", self._where)
             self._up = True
-        for _, _, answers in batch:
-            if not any(isinstance(answer, Exception) for answer in answers):
-                log.info("Redis notification sent")
 
     def _send(self, commands):
         self._reused = self._conn is not None

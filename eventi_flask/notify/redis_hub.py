@@ -15,7 +15,7 @@ from redis.retry import Retry
 
 from .. import metrics
 from .hub import CACHE_SECONDS, Hub, cached_message
-from .publisher import Publisher, redis_connection
+from .publisher import Publisher, log_sent, redis_connection
 from .subscriber import Subscriber, connection_options
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,15 @@ class RedisHub(Hub):
             return None
         return cached_message(raw)
 
-    def publish(self, message):
+    def publish(self, message, quiet=False):
         # Not gated on the subscriber being connected: Redis may be back before it is, and the
         # Publisher itself stops trying for a moment after a failed round trip.
         payload = json.dumps(message, separators=(",", ":"))
         # Cache first: a waiter subscribing between the two still finds it.
-        self._publisher.publish((("SET", self.cache_key(message["id"]), payload, "EX", CACHE_SECONDS),
-                                ("PUBLISH", self.channel(message["id"]), payload)))
+        replies = self._publisher.publish((("SET", self.cache_key(message["id"]), payload, "EX", CACHE_SECONDS),
+                                           ("PUBLISH", self.channel(message["id"]), payload)))
+        if not quiet:
+            log_sent(replies)
 
     def ready(self):
         try:
@@ -126,6 +128,9 @@ class RedisHub(Hub):
 
     def _on_subscriber_down(self, subscriber, exc):
         self._recheck_now.set()
+
+    def _on_subscriber_up(self, subscriber):
+        self._publisher.resume()
 
     def _on_subscriptions_lost(self, subscriber, order_ids, reason):
         log.warning("Redis dropped %d subscriptions (%s); re-checking the database", len(order_ids), reason)

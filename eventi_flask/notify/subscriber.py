@@ -2,7 +2,7 @@
 
 Both Redis backends subscribe through this: the one-Redis hub with one
 Subscriber per process, the cluster hub with one per primary.  The greenlet
-drives a raw redis-py Connection with select(): it sends (S)SUBSCRIBE and
+drives a raw redis-py Connection: it sends (S)SUBSCRIBE and
 (S)UNSUBSCRIBE as the owning hub gains and loses waiters, pings an idle
 server, and hands each message to the hub.  Nothing else touches the socket.
 
@@ -11,18 +11,24 @@ unsubscribe we asked for from one the server sends on its own (a cluster node
 that loses a slot drops its channels that way), and they resubscribe without
 saying so.  Here every reply is matched to the command it answers.
 
+No select() here: the real select() takes no descriptor above 1,023, and a worker holding
+more than about 1,000 connections hands the subscriber one past that (gevent.select.select
+calls it first and fails with "filedescriptor out of range").  The greenlet waits on one
+gevent Event instead, set by an event-loop watcher on the socket's readability (as gevent's
+own sockets wait, whatever the descriptor's number) and by the hub asking for a (un)subscribe.
+
 The owner (a hub) provides:
   _wanted(subscriber, order_id) -> bool   the channel should be subscribed here now
   _held_by(subscriber) -> ids             what to subscribe on a fresh connection
   _on_message(order_id, data)             a message arrived
   _on_subscriber_down(subscriber, exc)    the connection is lost (it reconnects by itself)
+  _on_subscriber_up(subscriber)           connected again: that Redis answers
   _on_subscriptions_lost(subscriber, ids, reason)   the server dropped or refused channels
   _count_channels()                       the subscribed channel counts changed
   _recheck_now                            an Event: set it to re-check every waiter
   degraded_interval                       seconds between re-checks while disconnected (for the log)
 """
 import collections
-import errno
 import logging
 import os
 import random
@@ -30,7 +36,6 @@ import time
 
 import gevent
 import gevent.event
-import gevent.select
 import redis
 from redis.connection import parse_url
 
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SUBSCRIBE_CONFIRM_TIMEOUT = 2.0  # past this, the waiter goes on and the re-check covers it
 SUBSCRIBE_BATCH = 1000
+STEADY_AFTER = 10.0  # a connection that served this long was fine: its failure starts a new story
 
 
 class Command:
@@ -94,7 +100,8 @@ class Subscriber:
         self.connected = None  # None until the first attempt: new waiters still wait for it
         self.channels = 0  # as the server last counted them
         self.greenlet = None
-        self._wake_r = self._wake_w = None
+        self._stirred = gevent.event.Event()  # the socket is readable, or the hub asked for something
+        self._failures = RepeatedFailures(self.where)
         # Touched by the greenlet, and (_want, _drop, _ready) by the hub's watch/unwatch:
         self._requested = set()  # ids whose last command sent was SUBSCRIBE
         self._ready = {}  # id -> Event set when the SUBSCRIBE covering new waiters is confirmed
@@ -146,26 +153,15 @@ class Subscriber:
 
     def start(self):
         if self.greenlet is None:
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
             self.greenlet = gevent.spawn(self._listen_forever)
 
     def stop(self):
         if self.greenlet is not None:
             self.greenlet.kill()
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
             self.greenlet = None
-            self._wake_r = self._wake_w = None  # a closed descriptor's number may be reused: never write to it
 
     def _wake(self):
-        if self._wake_w is None:
-            return
-        try:
-            os.write(self._wake_w, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+        self._stirred.set()
 
     # -- the greenlet: the only user of the connection --
 
@@ -173,16 +169,20 @@ class Subscriber:
         backoff = 0.25
         while True:
             conn = None
+            started = time.monotonic()
             try:
                 conn = self._connect()
-                backoff = 0.25
                 self._serve(conn)
             except Exception as exc:  # the listener must outlive anything, or the worker goes deaf
-                if not isinstance(exc, (redis.RedisError, OSError)):
+                if time.monotonic() - started >= STEADY_AFTER:
+                    backoff = 0.25  # it served a while: reconnect soon; one failing at once waits longer
+                    self._failures.over()
+                first = self._failures.failed(exc)
+                if first and not isinstance(exc, (redis.RedisError, OSError)):
                     log.exception("Redis listener%s failed; reconnecting", self.where)
                 if self.connected is not False:
-                    self._on_disconnected(exc)
-                else:
+                    self._on_disconnected(exc, say=first)
+                elif first:
                     log.debug("Redis subscriber%s still unreachable: %s", self.where, exc)
             finally:
                 if conn is not None:
@@ -214,49 +214,53 @@ class Subscriber:
         metrics.listener_connected.labels(self.node).set(1)
         metrics.redis_transitions.labels("connected").inc()
         self.owner._count_channels()
+        self.owner._on_subscriber_up(self)
         log.info("Redis subscriber connected%s", self.where)
         return conn
 
-    def _on_disconnected(self, exc):
+    def _on_disconnected(self, exc, say=True):
         self.connected = False
         self.channels = 0
         metrics.listener_connected.labels(self.node).set(0)
         metrics.redis_transitions.labels("disconnected").inc()
         self.owner._count_channels()
-        log.warning("Redis subscriber%s disconnected, re-checking the database every %gs until it is back: %s",
-                    self.where, self.owner.degraded_interval, exc)
+        if say:
+            log.warning("Redis subscriber%s disconnected, re-checking the database every %gs until it is back: %s",
+                        self.where, self.owner.degraded_interval, exc)
         for ready in self._ready.values():
             ready.set()  # nobody waits for a confirmation that cannot come
         self.owner._on_subscriber_down(self, exc)
 
     def _serve(self, conn):
-        sock = conn._sock  # redis-py keeps it private; we only select() on it
-        ping_sent = None
-        while True:
-            self._sync(conn)
-            while conn.can_read(timeout=0):
-                self._read(conn)
-                ping_sent = None
-            timeout = self.ping_interval if ping_sent is None else max(0, ping_sent + self.ping_interval - time.monotonic())
-            readable, _, _ = gevent.select.select([sock, self._wake_r], [], [], timeout)
-            if self._wake_r in readable:
-                self._drain_wake_pipe()
-            if not readable:
-                if ping_sent is not None:
-                    raise redis.ConnectionError(f"no PONG from Redis{self.where} within {self.ping_interval:g}s")
-                conn.send_command("PING")
-                self._sent.append(Command("ping", {}))
-                ping_sent = time.monotonic()
-
-    def _drain_wake_pipe(self):
+        # redis-py keeps the socket private; we only watch its descriptor, through the event loop.
+        readable = gevent.get_hub().loop.io(conn._sock.fileno(), 1)  # 1: readable
+        readable.start(self._stirred.set)  # run by the loop, on every turn the socket has data
         try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.EAGAIN:
-                raise
+            self._stirred.set()  # a first pass: the hub may have asked before we were connected
+            ping_sent = None
+            steady_at = time.monotonic() + STEADY_AFTER
+            while True:
+                if steady_at is not None and time.monotonic() >= steady_at:
+                    self._failures.over()  # say how often it failed before this connection held
+                    steady_at = None
+                timeout = self.ping_interval if ping_sent is None else max(0, ping_sent + self.ping_interval - time.monotonic())
+                # A busy loop may run the timer and the socket's watcher in one turn: a reply already
+                # in hand is no timeout (and no reconnect of thousands of channels).
+                if not self._stirred.wait(timeout) and not conn.can_read(timeout=0):
+                    if ping_sent is not None:
+                        raise redis.ConnectionError(f"no PONG from Redis{self.where} within {self.ping_interval:g}s")
+                    conn.send_command("PING")
+                    self._sent.append(Command("ping", {}))
+                    ping_sent = time.monotonic()
+                    continue
+                self._stirred.clear()  # before the work: what arrives meanwhile sets it again
+                self._sync(conn)
+                while conn.can_read(timeout=0):
+                    self._read(conn)
+                    ping_sent = None
+        finally:
+            readable.stop()  # before conn.disconnect() closes the descriptor under it
+            readable.close()
 
     def _sync(self, conn):
         """Send what watch/unwatch asked for since the last pass, batched."""
@@ -343,3 +347,41 @@ class Subscriber:
             if self._reconnected:  # messages may have been missed while we were away
                 log.info("Redis subscriber%s resubscribed %d channels", self.where, len(self._requested))
                 self.owner._recheck_now.set()
+
+
+class RepeatedFailures:
+    """The log of a listener that fails the same way over and over: the first failure in full,
+    then one ERROR a minute with how many times it failed, not a line (or traceback) each time."""
+
+    REPORT_EVERY = 60.0
+
+    def __init__(self, where):
+        self.where = where
+        self._kind = None  # (exception type, message) of the failure being counted
+        self._count = 0  # failures not yet counted in a line (the first one included, until the first line)
+        self._since = 0.0
+        self._reported = False
+
+    def failed(self, exc):
+        """Count a failure; True if it is a new one, to be logged in full by the caller."""
+        now = time.monotonic()
+        kind = (type(exc), str(exc))
+        if kind != self._kind:
+            self.over()
+            self._kind, self._since, self._count, self._reported = kind, now, 1, False
+            return True
+        self._count += 1
+        if now - self._since >= self.REPORT_EVERY:
+            self._report(now)
+        return False
+
+    def over(self):
+        """The listener served a while since the last failure: count what was not yet; the next one is news."""
+        if self._kind is not None and self._count > (0 if self._reported else 1):
+            self._report(time.monotonic())
+        self._kind = None
+
+    def _report(self, now):
+        log.error("Redis subscriber%s failing: %s: %s (%d times in the last %.0f s)", self.where,
+                  self._kind[0].__name__, self._kind[1], self._count, now - self._since)
+        self._count, self._since, self._reported = 0, now, True

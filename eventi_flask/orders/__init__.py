@@ -1,5 +1,5 @@
 """Orders: the order state machine and the long poll."""
-from . import admission, commands, routes
+from . import admission, commands, missed_callbacks, routes
 
 
 def init_app(app):
@@ -20,3 +20,4 @@ def init_app(app):
     app.extensions[BATCHED_READS] = BatchedReads(in_app_context(read_orders))
     with app.app_context():
         get_hub().set_version_source(in_app_context(current_versions))
+    missed_callbacks.init_app(app)

@@ -115,7 +115,22 @@ def _describe(entry):
         return "refund", f"KES {entry['amount']} refunded for receipt {entry['receipt']}: reference {entry['reference']}"
     if kind == "reverify":  # the worker's own re-checks after a callback PayHero did not confirm
         return f"re-verify (+{entry['after_seconds']:g}s)", _reconcile_check(entry)
+    if kind == "asked":  # a worker's ask when no callback came in time (missed_callbacks.py)
+        return "asked PayHero", f"{entry['summary']}: {_reconcile_check(entry)}"
+    if kind == "message":
+        return f"{entry['channel']} message", _message(entry)
     return entry["status"], _status(entry)
+
+
+def _message(entry):
+    """A ticket message's state: sent (with the provider's id), waiting for its next attempt, or failed, and why."""
+    tries = f"attempt {entry['attempts']}" if entry["attempts"] == 1 else f"{entry['attempts']} attempts"
+    if entry["state"] == "sent":
+        return f"sent ({tries}){': ' + entry['provider_message_id'] if entry['provider_message_id'] else ''}"
+    error = f": {entry['last_error']}" if entry["last_error"] else ""
+    if entry["state"] == "pending":
+        return f"pending, {tries} so far, next at {entry['next_attempt_at'][:19].replace('T', ' ')}{error}"
+    return f"failed after {tries}{error}"
 
 
 def _print_timeline(history):

@@ -6,11 +6,12 @@ callback that could not be tied to its order (a wrong token, a body we could
 not read, a database error) has no order_id, so those are found by the order
 id appearing in their body.  Each entry is a plain dict, ready for --json.
 """
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
 from ..extensions import db
+from ..messages.service import messages_of
 from ..payhero.models import PayheroCallback
 from ..payhero.replay import replayed_from
 from ..payhero.schemas import describe_callback
@@ -87,6 +88,10 @@ def timeline(order):
         del said["order_id"]  # this order's
         entries.append(_entry(callback.received_at, "callback", id=callback.id, **said, outcome=callback.outcome,
                               detail=callback.detail, replay_of=replayed_from(callback.remote_addr)))
+    for message in messages_of(order.id):  # the tickets' SMS and email, when it was sent (or queued)
+        entries.append(_entry(message["sent_at"] or message["created_at"], "message",
+                              **{key: isoformat(value) if isinstance(value, datetime) else value
+                                 for key, value in message.items()}))
     body = serialize_order(order)
     # A final status when it was reached; a pending one is how things stand now.
     reached = utcnow() if body["status"] == Status.PENDING else order.updated_at

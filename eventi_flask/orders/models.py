@@ -2,7 +2,7 @@
 import secrets
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy import ForeignKey, Index, String, Text, text
 from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -42,12 +42,18 @@ class Order(db.Model):
     refund_reference: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
+    # When PayHero's transaction-status is next due to be asked about this order, had its callback
+    # not come (set when PayHero takes the STK push; None: never), and how many times it was
+    # (missed_callbacks.py).  No Python default for `asks`: see rows._insert_order_for.
+    ask_at: Mapped[datetime | None] = mapped_column(db.DateTime(timezone=True))
+    asks: Mapped[int] = mapped_column(server_default=text("0"))
 
     # Joined eagerly so that reading an order for an answer is one SELECT.
     ticket_type: Mapped[TicketType] = relationship(lazy="joined", innerjoin=True)
     tickets: Mapped[list["Ticket"]] = relationship(order_by="Ticket.id", lazy="joined")
 
-    __table_args__ = (Index("ix_orders_status_created", "status", "created_at"),)
+    __table_args__ = (Index("ix_orders_status_created", "status", "created_at"),
+                      Index("ix_orders_status_ask_at", "status", "ask_at"))
     # Every ORM UPDATE says WHERE version = <the version read> and raises StaleDataError
     # if another writer got there first (see rows.py); our code moves the version itself.
     __mapper_args__ = {"version_id_col": version, "version_id_generator": False}
@@ -70,7 +76,7 @@ class OrderLogEntry(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
     at: Mapped[datetime] = mapped_column(db.DateTime(timezone=True), default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile, reverify
+    kind: Mapped[str] = mapped_column(String(32))  # stk_push, reconcile, reverify, asked
     detail: Mapped[dict] = mapped_column(db.JSON)
 
 

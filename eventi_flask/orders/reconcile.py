@@ -24,15 +24,16 @@ from flask import current_app
 from sqlalchemy import select
 
 from ..extensions import db
-from ..payhero.client import PayHeroError, get_payhero
-from ..payhero.schemas import parse_transaction_status
 from ..payhero.service import verify_claimed_success
+from ..payhero.verify import ask_payhero
 from .models import Order, as_utc, utcnow
 from .refunds import unsettled_count
 from .service import add_note, apply_payment_outcome, fail_pending_order, purge_idempotency_keys, save_note
 from .state import Status
 
 log = logging.getLogger(__name__)
+
+NOTE = "reconcile"  # its kind in the order's log (`orders show`)
 
 # In the order's timeline (`orders show`) when it expires with a success claimed for it (refund_due).
 UNCONFIRMED_RESULT = "expired, refund due: success claimed but not confirmed: check before refunding"
@@ -77,32 +78,27 @@ def reconcile():
                     claim = None  # answered by PayHero or by the state machine: no doubt left to flag
         else:
             summary["checked"] += 1
-            try:
-                answer = get_payhero().transaction_status(reference)
-            except PayHeroError as exc:
+            transition, check = ask_and_apply(order_id, reference, NOTE)
+            if "error" in check:
                 # Not knowing is no reason to fail an order the customer may have paid: next run.
-                log.warning("Reconcile: could not ask PayHero about order %s: %s", order_id, exc)
+                log.warning("Reconcile: could not ask PayHero about order %s: %s", order_id, check["error"])
                 summary["errors"] += 1
-                save_note(order_id, "reconcile", {**check, "error": str(exc)[:500], "result": "error"})
+                save_note(order_id, NOTE, {**check, "result": "error"})
                 continue
-            check["status"] = answer.get("status")
-            outcome = parse_transaction_status(reference, answer)
-            if outcome is not None:
-                transition, order = apply_payment_outcome(outcome, order_id, record=_noted_if_settled(order_id, check))
-                if transition.changes:
-                    log.info("Reconcile: order %s settled as %s from PayHero's transaction status",
-                             order_id, order["status"])
-                    summary["settled"] += 1
-                    continue
+            if transition is not None and transition.changes:
+                log.info("Reconcile: order %s settled as %s from PayHero's transaction status",
+                         order_id, transition.status.value)
+                summary["settled"] += 1
+                continue
         if as_utc(created_at) < expire_cutoff:
             expired, _ = fail_pending_order(order_id, EXPIRED_REASON, unconfirmed_success=claim)
             if expired:
                 log.info("Reconcile: order %s expired after %gs pending", order_id, expire_after)
                 summary["expired"] += 1
-                save_note(order_id, "reconcile", {**check, "result": UNCONFIRMED_RESULT if claim else "expired"})
+                save_note(order_id, NOTE, {**check, "result": UNCONFIRMED_RESULT if claim else "expired"})
                 continue
         summary["still_pending"] += 1
-        save_note(order_id, "reconcile", {**check, "result": "still pending"})
+        save_note(order_id, NOTE, {**check, "result": "still pending"})
     # Money owed back to customers, until someone records the refund (`flask orders settle`).
     summary["refund_due"] = unsettled_count()
     purged = purge_idempotency_keys()
@@ -111,9 +107,28 @@ def reconcile():
     return summary
 
 
-def _noted_if_settled(order_id, check):
+def ask_and_apply(order_id, reference, kind, detail=None):
+    """Ask PayHero's transaction-status about `reference`, order `order_id`'s own, and apply a
+    definitive answer as a callback's would be: apply_payment_outcome, the state machine under the
+    order's row lock, the change published (held waits learn it).  Reconcile's ask, and the
+    workers' for an order whose callback never came (missed_callbacks.py).
+
+    Returns (transition, check): `transition` None while PayHero has no outcome to give (not
+    processed yet, or it could not be asked: check["error"]); `check` {**detail, "reference",
+    "status" or "error"}.  A settlement is noted in the order's log as `kind`, with `check`, in the
+    transaction that makes it.
+    """
+    outcome, asked = ask_payhero(reference)
+    check = {**(detail or {}), **asked}
+    if outcome is None:
+        return None, check
+    transition, _ = apply_payment_outcome(outcome, order_id, record=_noted_if_settled(order_id, check, kind))
+    return transition, check
+
+
+def _noted_if_settled(order_id, check, kind=NOTE):
     """apply_payment_outcome's `record`: note a settlement in the transaction that makes it."""
     def record(_, transition):
         if transition is not None and transition.changes:
-            add_note(order_id, "reconcile", {**check, "result": f"settled: {transition.status.value}"})
+            add_note(order_id, kind, {**check, "result": f"settled: {transition.status.value}"})
     return record

@@ -133,6 +133,7 @@ _SAVE_PAYHERO_ANSWER = (
     .where(ORDERS.c.id == bindparam("order_id"), ORDERS.c.payhero_reference.is_(None))
     .values(payhero_reference=bindparam("reference"),
             checkout_request_id=func.coalesce(ORDERS.c.checkout_request_id, bindparam("checkout_request_id")),
+            ask_at=bindparam("ask_at", type_=ORDERS.c.ask_at.type),
             version=ORDERS.c.version + 1, updated_at=bindparam("now"))
     .returning(*ORDERS.c)
 )
@@ -280,14 +281,16 @@ def create_order(bind, order, event_slug, ticket_type_code, key=None):
     return created
 
 
-def save_payhero_answer(bind, order_id, reference, checkout_request_id, now, key=None):
+def save_payhero_answer(bind, order_id, reference, checkout_request_id, now, key=None, ask_at=None):
     """Store PayHero's references on the order (version + 1) and note the answer in its log;
     with the order's Idempotency-Key (its value), record that its first answer is a 201.
+    `ask_at`: when to ask PayHero about it should no callback come (missed_callbacks.py).
 
     Returns the order's new row, or None if it already had them.  `bind` as for create_order:
     on PostgreSQL one statement, its own transaction; on SQLite the caller commits.
     """
     params = {"order_id": order_id, "reference": reference, "checkout_request_id": checkout_request_id, "now": now,
+              "ask_at": ask_at,
               "note": {"accepted": True, "reference": reference, "checkout_request_id": checkout_request_id},
               "key_value": key, "key_order_id": order_id, "status_code": 201, "answer": None}
     if bind.dialect.name == "postgresql":

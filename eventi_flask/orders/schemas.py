@@ -3,6 +3,7 @@ from flask import current_app
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
 
 from ..errors import ApiError
+from ..web.ticket_links import ticket_url
 from .models import as_utc
 from .phone import PHONE_WITH_SEPARATORS, mask_phone, normalize_phone
 from .state import Status
@@ -156,6 +157,8 @@ class OrderSchema(Schema):
     updated_at = _required(fields.DateTime)
     payment = _required(fields.Nested, PaymentSchema)
     tickets = fields.List(fields.Nested(TicketSchema), metadata={"description": "Once completed: one per ticket"})
+    tickets_url = fields.Url(metadata={"description": "Once completed: the tickets' page, signed (GET /t/<token>); "
+                                                      "the link the SMS and the email carry"})
 
 
 def field_errors(err):
@@ -201,6 +204,7 @@ def order_body(values, ticket_codes=()):
     }
     if values["status"] == "completed":
         body["tickets"] = [{"code": code} for code in ticket_codes]
+        body["tickets_url"] = ticket_url(values["id"])  # an HMAC: microseconds
     return body
 
 

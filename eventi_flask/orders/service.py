@@ -17,6 +17,7 @@ from .. import database, metrics
 from ..errors import ApiError, database_unavailable
 from ..events import service as events
 from ..extensions import db
+from ..messages import service as messages
 from ..notify.hub import WaitLimitReached
 from ..notify.service import get_hub, notify_after_commit
 from ..payhero.client import PayHeroError, get_payhero
@@ -35,10 +36,14 @@ log = logging.getLogger(__name__)
 ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
+def order_not_found():
+    return ApiError(404, "order_not_found", "No order with that id.")
+
+
 def order_by_id(order_id):
     order = _read_order(order_id)
     if order is None:
-        raise ApiError(404, "order_not_found", "No order with that id.")
+        raise order_not_found()
     return order
 
 
@@ -228,8 +233,9 @@ def _refused(order, exc, key):
 
 def _save_payhero_answer(order, answer, key):
     try:
+        now = utcnow()
         row = rows.save_payhero_answer(_single_statement_bind(), order["id"], answer["reference"],
-                                       answer["checkout_request_id"], utcnow(), key)
+                                       answer["checkout_request_id"], now, key, _first_ask_at(now))
         if row is None:  # a callback got here first and said it already: that order stands
             db.session.commit()
             return order_by_id(order["id"])
@@ -245,6 +251,13 @@ def _save_payhero_answer(order, answer, key):
         log.warning("PayHero's answer for order %s was not saved: the database failed: %s",
                     order["id"], exc.__class__.__name__)
         return order_body(order)
+
+
+def _first_ask_at(now):
+    """When PayHero is to be asked about a push it took at `now`, should no callback come; None: never
+    (PAYHERO_ASK_AFTER, missed_callbacks.py)."""
+    schedule = current_app.config["PAYHERO_ASK_AFTER"]
+    return now + timedelta(seconds=schedule[0]) if schedule else None
 
 
 # -- Idempotency-Key (API.md, POST /api/orders) --
@@ -512,6 +525,7 @@ def _apply(connection, row, transition, outcome):
     elif status is Status.COMPLETED:
         codes = [_ticket_code() for _ in range(row["quantity"])]
         rows.add_tickets(connection, row["id"], codes)
+        messages.queue_for_completed_order(connection, db.session, row)  # its SMS and email, sent after the commit
     elif transition.releases_tickets:
         rows.release_tickets(connection, row["ticket_type_id"], row["quantity"])
     body = order_body({**row, **changes}, codes)

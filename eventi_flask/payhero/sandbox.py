@@ -3,11 +3,14 @@
 It keeps no state: a payment's outcome, amount and start time are encoded in
 the reference it hands out, so any worker or instance can answer
 transaction-status for it.  The callback is POSTed over HTTP to the
-callback_url, through the real callback route, from a greenlet.
+callback_url, through the real callback route, from a greenlet; sent again, backing off,
+after a failure (SANDBOX_CALLBACK_RETRY_FOR), as a careful sender does.
 """
 import base64
 import hashlib
+import itertools
 import logging
+import random
 import secrets
 import time
 
@@ -139,12 +142,51 @@ def _callback_session(url):
     return _callback_sessions[key]
 
 
-def _send_callback(url, order_id, body):
+# A careful sender: a callback that failed goes again, sooner at first, never all at once.
+RETRY_FIRST = 0.5  # seconds before the second attempt (times a jitter of 0.5-1.5)
+RETRY_LONGEST = 30.0  # the longest pause between two attempts
+AGAIN = 429  # and every 5xx: the receiver asks to be called again
+
+
+def _pause(attempt, response):
+    """Seconds before attempt `attempt` + 1: exponential with jitter, at least the receiver's Retry-After."""
+    pause = min(RETRY_LONGEST, RETRY_FIRST * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
     try:
-        response = _callback_session(url).post(url, json=body, timeout=10)
-        log.info("Sandbox PayHero callback for %s answered %s", order_id, response.status_code)
-    except requests.RequestException as exc:
-        log.warning("Sandbox PayHero could not deliver a callback: %s", exc)
+        asked = float(response.headers.get("Retry-After", 0)) if response is not None else 0.0
+    except ValueError:
+        asked = 0.0
+    return min(RETRY_LONGEST, max(pause, asked))
+
+
+def _send_callback(url, order_id, body, retry_for):
+    """POST the callback; again after a connection failure, a timeout, a 429 or a 5xx, for `retry_for` seconds.
+
+    The callback route is idempotent (a repeat is 200 and changes nothing), so a callback that may
+    have landed before its connection failed is safe to send again.
+    """
+    started = time.monotonic()
+    for attempt in itertools.count(1):
+        response = None
+        try:
+            response = _callback_session(url).post(url, json=body, timeout=(5, 10))
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            error = str(exc) or exc.__class__.__name__  # it may or may not have landed: send again
+        except requests.RequestException as exc:  # a bad URL, say: sending again would not help
+            log.error("Sandbox PayHero could not send the callback for %s: %s", order_id, exc)
+            return
+        else:
+            if response.status_code < 500 and response.status_code != AGAIN:
+                log.info("Sandbox PayHero callback for %s answered %s", order_id, response.status_code)
+                return
+            error = f"answered {response.status_code}"
+        pause = _pause(attempt, response)
+        if time.monotonic() - started + pause > retry_for:
+            log.error("Sandbox PayHero gave up on the callback for %s after %d attempts in %.0f s: %s",
+                      order_id, attempt, time.monotonic() - started, error)
+            return
+        log.warning("Sandbox PayHero callback for %s failed (attempt %d): %s; sending again in %.1f s",
+                    order_id, attempt, error, pause)
+        gevent.sleep(pause)
 
 
 def init_app(app):
@@ -186,7 +228,8 @@ def start_payment():
         callback = sandbox_callback(current_app.config["SANDBOX_CALLBACK_SHAPE"], reference, checkout_request_id,
                                     order_id, amount, phone, *outcome)
         current_app.extensions[EXTENSION].add(
-            gevent.spawn_later(current_app.config["SANDBOX_CALLBACK_DELAY"], _send_callback, url, order_id, callback))
+            gevent.spawn_later(current_app.config["SANDBOX_CALLBACK_DELAY"], _send_callback, url, order_id, callback,
+                               current_app.config["SANDBOX_CALLBACK_RETRY_FOR"]))
     return jsonify({"success": True, "status": "QUEUED", "reference": reference, "CheckoutRequestID": checkout_request_id})
 
 

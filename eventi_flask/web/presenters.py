@@ -7,6 +7,7 @@ import segno
 from markupsafe import Markup
 
 from ..clock import as_utc, from_iso
+from ..messages.service import delivery_channels
 from ..orders import phone as phone_rules
 from ..orders.schemas import PhoneField
 from ..orders.state import (PLAIN_REASONS, RESULT_IN_PROGRESS, RESULT_NOT_PERMITTED, RESULT_PROMPT_NOT_SENT,
@@ -79,6 +80,13 @@ def ticket_qr_code(code):
     qr = segno.make_qr(code, error="m")
     return Markup(qr.svg_inline(scale=1, border=4, omitsize=True, dark="#000", light="#fff", svgclass="qr",
                                 lineclass=None))
+
+
+def ticket_delivery(config):
+    """How a paid order's tickets reach the buyer besides the page: {"sms": bool, "email": bool}.
+    The SMS sandbox only logs its messages: the page promises no SMS it does not send."""
+    channels = delivery_channels(config)
+    return {"sms": "sms" in channels, "email": "email" in channels}
 
 
 def failure_reason(order):

@@ -1,4 +1,4 @@
-"""Server-rendered pages: the checkout form and the payment-status page.
+"""Server-rendered pages: the checkout form, the payment-status page, and the ticket link's page.
 
 The views only look things up and render; the work happens in the JSON API,
 which the page's one script (static/eventi.js) calls.
@@ -10,7 +10,7 @@ from ..errors import ApiError
 from ..events.service import event_by_slug
 from ..line.service import event_line
 from ..orders import service
-from . import presenters
+from . import presenters, ticket_links
 
 # /static belongs to the app's own static route; ours must not sit under it.
 bp = Blueprint("web", __name__, template_folder="templates", static_folder="static", static_url_path="/assets")
@@ -60,22 +60,40 @@ def checkout(slug):
     )
 
 
-@bp.get("/orders/<order_id>")
-def order_status(order_id):
-    order = service.order_by_id(order_id)
+def _order_page(template, order, **context):
     event = event_by_slug(order["event"])
     ticket_names = {ticket["id"]: ticket["name"] for ticket in event["ticket_types"]}
     return render_template(
-        "order.html",
+        template,
         order=order,
         event=event,
         ticket_name=ticket_names.get(order["ticket_type"], order["ticket_type"]),
         reason=presenters.failure_reason(order),
         state=presenters.page_state(order),
+        delivery=presenters.ticket_delivery(current_app.config),
+        **context,
+    )
+
+
+@bp.get("/orders/<order_id>")
+def order_status(order_id):
+    order = service.order_by_id(order_id)
+    return _order_page(
+        "order.html",
+        order,
         try_again_query=presenters.try_again_query(order),
         reasons=presenters.reasons_for_browser(),
         hold_seconds=current_app.config["WAIT_TIMEOUT_DEFAULT"],
     )
+
+
+@bp.get("/t/<path:token>")  # any path: every wrong link gets the same page
+def tickets(token):
+    """The ticket link: a forged or altered token is the same 404 as an unknown order, and says nothing more."""
+    order_id = ticket_links.order_id_from_token(token)
+    if order_id is None:
+        raise service.order_not_found()
+    return _order_page("tickets.html", service.order_by_id(order_id))
 
 
 @bp.errorhandler(ApiError)
@@ -90,4 +108,9 @@ def status_page_is_never_cached(response):
     # (CSP and the other security headers come from eventi_flask.security, for every response.)
     if request.endpoint == "web.order_status":
         response.headers["Cache-Control"] = "no-store"
+    elif request.endpoint == "web.tickets":
+        # Whoever has the link has the tickets: no shared cache keeps a copy, no search engine lists it
+        # (Referrer-Policy: no-referrer, on every response, keeps it from other sites).
+        response.headers["Cache-Control"] = "private, no-store"
+        response.headers["X-Robots-Tag"] = "noindex"
     return response

@@ -1,7 +1,7 @@
 """the event's line: [event.line] enabled, max_rate, pre_queue_minutes
 
 Revision ID: 5a7c2e1f9d34
-Revises: 3c1d7e9a2b4f
+Revises: 8e4f2a6c1b93
 Create Date: 2026-12-06 20:30:00.000000
 
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = '5a7c2e1f9d34'
-down_revision = '3c1d7e9a2b4f'
+down_revision = '8e4f2a6c1b93'
 branch_labels = None
 depends_on = None
 

@@ -1,4 +1,4 @@
-// Eventi's pages: the checkout form and the payment-status long poll.
+// Eventi's pages: the checkout form and the payment-status long poll (the ticket link's page needs none).
 // One ES module, no build step, no dependencies; the server renders the HTML
 // and this only adds behaviour (so it runs under CSP default-src 'self').
 
@@ -715,6 +715,8 @@ function statusView(root, reasons) {
       if (order.status === "completed") {
         fill("receipt", order.payment.receipt || "");
         fill("amount", formatKes(order.amount));
+        fill("tickets-url", order.tickets_url || "");
+        slots("tickets-url").forEach((link) => { link.href = order.tickets_url || ""; });
         for (const list of slots("tickets")) {
           list.replaceChildren(...(order.tickets || []).map((ticket) => {
             const item = document.createElement("li");
