@@ -64,11 +64,20 @@ def buy_all_at_once(server, buyers):
     return gevent.pool.Pool(buyers).map(buy, range(buyers))
 
 
+LINE_DEADLINE = 60  # seconds a buyer of these drops may wait in the line: 400 orders take a few
+
+
 def follow_the_line(server, place):
     """(201, the order) once the place's turn came; (409, POST's error) when it was sold out."""
+    deadline = time.monotonic() + LINE_DEADLINE
     while place["status"] == "queued":
-        place = requests.get(f"{server.url}/api/queue/{place['id']}/wait",
-                             params={"since": place["version"], "timeout": 20}, timeout=60).json()
+        assert time.monotonic() < deadline, f"still in the line after {LINE_DEADLINE} s: {place}"
+        response = requests.get(f"{server.url}/api/queue/{place['id']}/wait",
+                                params={"since": place["version"], "timeout": 20}, timeout=60)
+        if response.status_code == 200:
+            place = response.json()
+        else:  # 503 (the database or a worker going away): ask again, as the page does
+            time.sleep(float(response.headers.get("Retry-After", 1)) * random.uniform(0.5, 1))
     if place["status"] == "admitted":
         return 201, place["order"]
     return (409 if place["status"] == "sold_out" else place["status"]), {"error": place["error"]}

@@ -166,6 +166,28 @@ def test_the_pre_queue_is_shuffled_at_opening_and_later_arrivals_join_behind(app
     assert [made.index(order_of[p]) for p in late] == [12, 13, 14]
 
 
+@pytest.mark.env(LINE_FORCE="1")
+def test_a_place_whose_order_meets_a_database_failure_keeps_its_turn_and_is_made_once(app, client, wire, monkeypatch):
+    """The database answers 503 to the first attempts at the order: the buyer stays first and is admitted
+    once it answers again, with one order, not left waiting for ever."""
+    from eventi_flask.errors import database_unavailable
+    from eventi_flask.line import admitter
+
+    create_order, attempts = admitter.orders.create_order, []
+
+    def failing_twice(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) <= 2:
+            raise database_unavailable("The database is not answering; please try again.")
+        return create_order(*args, **kwargs)
+
+    monkeypatch.setattr(admitter.orders, "create_order", failing_twice)
+    first = join(client).get_json()["queue"]
+    admitted = served(client, first["id"])
+    assert admitted["status"] == "admitted" and len(attempts) == 3
+    assert [order_id for order_id, _ in order_rows(app)] == [admitted["order"]["id"]]
+
+
 def test_the_lines_tick_is_no_event_in_the_log(app, client, hub, log_lines):
     """API.md's log lines are one per event: a line moving every tick is not "Redis notification sent"."""
     import_event(app, event_file(sales_start=when(seconds=60)))  # the pre-queue: people wait, nothing is made

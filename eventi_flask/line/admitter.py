@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 LEASE_TICKS = 3  # the lease outlives this many ticks without renewal
 SWEEP_LIMIT = 2000  # places marked left per tick at most
+# Pauses between attempts at a place's order while the database answers 503: first, and at most (seconds).
+DATABASE_RETRY_FIRST, DATABASE_RETRY_MOST = 0.5, 5.0
 IDLE_SECONDS = 60  # an event with an empty line and no joins for this long leaves the active set
 # The outflow's control: p90 of admitted orders' answer time above SLOW shrinks it, below FAST grows it.
 SLOW, FAST = 1.2, 0.75
@@ -239,11 +241,18 @@ class Admitter:
                 gevent.spawn(self._admit, slug, place)
 
     def _admit(self, slug, place):
-        """Make the place's order as POST would have, with its own Idempotency-Key; record the outcome."""
+        """Make the place's order as POST would have, with its own Idempotency-Key; record the outcome.
+
+        While the database cannot take it (503), the same worker tries again after a pause that doubles
+        up to DATABASE_RETRY_MOST: the buyer is at the front of the line and keeps that place.  The key
+        makes every attempt the same order; reclaiming after a stall covers a worker that died meanwhile."""
         started = time.perf_counter()
+        pause = DATABASE_RETRY_FIRST
         try:
             with self.app.app_context():
-                self._make_order(slug, place)
+                while not self._make_order(slug, place):
+                    gevent.sleep(pause * random.uniform(0.5, 1))
+                    pause = min(pause * 2, DATABASE_RETRY_MOST)
         except Exception:
             # Left `admitting`: made again (with the same key, so made once) when found stalled.
             log.exception("Making the order of place %s failed; it will be tried again", place.id)
@@ -252,13 +261,14 @@ class Admitter:
             self.in_flight.discard(place.id)
 
     def _make_order(self, slug, place):
+        """True once the place has its outcome (admitted, sold out, refused); False when the database could not take it."""
         store = self.line.store
         try:
             order, _ = orders.create_order(json.loads(place.body), place.order_key)
         except ApiError as exc:
-            if exc.status == 503:  # the database could not take it: tried again when found stalled
+            if exc.status == 503:  # the database could not take it: nothing was saved or reserved
                 log.warning("Place %s's order could not be made now (%s); it will be tried again", place.id, exc.code)
-                return
+                return False
             error = {"http_status": exc.status, "code": exc.code, "message": exc.message, "fields": exc.fields}
             status = "sold_out" if exc.code == "sold_out" else "refused"
             store.finish(slug, place.id, status, "error", error)
@@ -271,9 +281,10 @@ class Admitter:
             if told:
                 metrics.line_admitted.labels(slug, status).inc(told)
                 log.info("%s: %d places in the line told %s at once", slug, told, exc.code)
-            return
+            return True
         store.finish(slug, place.id, "admitted", "order", order)
         metrics.line_admitted.labels(slug, "admitted").inc()
+        return True
 
     def _publish(self, slug, state, outflow):
         """The line's move, for every held wait of every worker: one message on the event's channel."""
