@@ -22,6 +22,7 @@ MODES = {
     "storm": "a reconnect storm: 10,000 waits within a second on one worker; refused vs held, then callbacks",
     "journeys": "buyers arriving at --rate: order, sandbox payment, wait for the outcome",
     "overload": "journeys at twice capacity: shed answers retried with the same Idempotency-Key",
+    "line": "sales open past capacity: buyers held in the event's line (202), admitted in order, then paying",
     "drop": "a ticket drop: buyers POSTing at once; oversold or held-without-201 tickets",
     "callbacks": "webhook throughput at --rate",
     "cluster": "held waits on a 3-primary Redis Cluster; each node's share of the pub/sub traffic",
@@ -84,8 +85,10 @@ def check(top, args):
     for name in ("rate", "open_rate"):
         if getattr(args, name, 0) < 0 or (name == "open_rate" and getattr(args, name, 1) == 0):
             top.error(f"--{name.replace('_', '-')} must be positive")
-    if args.mode in ("journeys", "overload", "resets") and args.rate <= 0:
+    if args.mode in ("journeys", "overload", "resets", "line") and args.rate <= 0:
         top.error("--rate must be positive")
+    if args.mode == "line" and not (0 <= args.leave_share <= 1 and args.patience > 0):
+        top.error("--leave-share must be between 0 and 1, and --patience positive")
 
 
 def main(argv=None):

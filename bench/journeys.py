@@ -71,20 +71,35 @@ class Buyer:
 async def journey(host, port, buyer, args, deadline):
     loop = asyncio.get_running_loop()
     conn = Conn(host, port)
+    buyer.arrived_at = loop.time()
+    answer = await post_until_answered(conn, buyer, args)
+    if answer is None:
+        return
+    order = answer.json()
+    buyer.served_at = loop.time()
+    buyer.order_ids.add(order["id"])
+    buyer.watch = Watch(order)
+    await follow(host, port, buyer.watch, args.timeout, deadline, retry_refused=True, conn=conn)
+
+
+async def post_until_answered(conn, buyer, args, accepted=(200, 201)):
+    """POST the buyer's order on its connection, with an Idempotency-Key, as the checkout page does: a 503 busy or
+    429 again after Retry-After, a lost connection after a short backoff, with the same key; the answer whose
+    status is `accepted`, or None (the connection closed) when refused or not answered within --give-up."""
+    loop = asyncio.get_running_loop()
     body = json.dumps({**ORDER_BODY, "phone": buyer.phone}).encode()
     headers = {"Idempotency-Key": uuid.uuid4().hex}
-    buyer.arrived_at = loop.time()
-    give_up = buyer.arrived_at + args.give_up
+    give_up = loop.time() + args.give_up
     failures = 0
     while True:
         if loop.time() > give_up:
             buyer.error = f"not served in {args.give_up:g} s"
             conn.close()
-            return
+            return None
         answer, status, took = await post_order(conn, body, headers, args.order_timeout)
         buyer.answers.append((status, took))
-        if answer is not None and status in (200, 201):
-            break
+        if answer is not None and status in accepted:
+            return answer
         if answer is not None and status not in SHED:
             # A refusal after the order was saved (502: PayHero refused) names the order it kept:
             # it is this buyer's, not a duplicate.
@@ -92,14 +107,9 @@ async def journey(host, port, buyer, args, deadline):
                 buyer.order_ids.add(answer.headers["x-order-id"])
             buyer.error = f"{status} {answer.body[:120]!r}"
             conn.close()
-            return
+            return None
         failures += 1
         await asyncio.sleep(answer.retry_after() if answer is not None else backoff(failures))
-    order = answer.json()
-    buyer.served_at = loop.time()
-    buyer.order_ids.add(order["id"])
-    buyer.watch = Watch(order)
-    await follow(host, port, buyer.watch, args.timeout, deadline, retry_refused=True, conn=conn)
 
 
 def callback_due_ms(order, delay):
@@ -168,24 +178,11 @@ def messages_once_sent(database_url, drain_seconds):
 
 
 async def run(args, target):
-    host, port, loop = target["host"], target["port"], asyncio.get_running_loop()
-    delay = float(dict(item.partition("=")[::2] for item in args.server_env).get(
-        "SANDBOX_CALLBACK_DELAY", CALLBACK_DELAY))
+    delay = callback_delay(args)
     buyers = [Buyer(i) for i in range(args.buyers)]
-    profiler = Profiler(args.profile, target)
-    usage = Usage(target).start()
-    started = loop.time()
+    started = asyncio.get_running_loop().time()
     deadline = started + args.buyers / args.rate + args.give_up + args.timeout + 30
-    tasks = await paced(args.rate, [journey(host, port, b, args, deadline) for b in buyers])
-    await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    # The tickets' messages leave after their payments (later still while the workers are busy): their CPU
-    # belongs to the journeys, so the workers are measured until the outbox is empty.
-    messages = await loop.run_in_executor(None, messages_once_sent, target.get("database_url"), OUTBOX_DRAIN_S)
-    used = usage.stop()
-    profile = profiler.stop()
+    used, profile, messages = await run_journeys(args, target, journey, buyers, deadline)
 
     watches = [b.watch for b in buyers if b.watch]
     finished = [b for b in buyers if b.watch and b.watch.answered_at is not None]
@@ -197,15 +194,11 @@ async def run(args, target):
     in_database = orders_in_database(target.get("database_url"))
     duplicates = None if in_database is None else in_database - len(answered_ids)
     last = max((b.watch.answered_at for b in finished), default=None)
-    cpu = worker_cpu_total(used)
     failures = []
     if wrong:
         failures.append(f"{len(wrong)} buyers saw a wrong outcome")
     if duplicates:
         failures.append(f"{duplicates} duplicate orders")
-    if messages and (messages["orders_missing_a_message"] or messages["claimed_more_than_once"]):
-        failures.append(f"messages: {messages['orders_missing_a_message']} paid orders without each of theirs sent, "
-                        f"{messages['claimed_more_than_once']} messages claimed more than once")
     return {
         "buyers": args.buyers,
         "arrival_rate": args.rate,
@@ -228,11 +221,45 @@ async def run(args, target):
             b.watch.answered_wall * 1000 - callback_due_ms(b.watch.order, delay) for b in finished
             if callback_due_ms(b.watch.order, delay) is not None),
         "outcome_after_commit_ms": spread(_after_commit(b) for b in finished),
-        "outcomes": count_by(b.watch.status for b in finished),
-        "wrong_outcomes": len(wrong),
         "order_retries": sum(len(b.answers) - 1 for b in served),
         "buyers_needing_a_retry": sum(1 for b in buyers if len(b.answers) > 1 or (b.watch and b.watch.retries)),
         **{f"wait_{k}": v for k, v in story(watches).items()},
+        **journey_outcomes(buyers, finished, wrong, used, profile, messages, failures),
+    }
+
+
+def callback_delay(args):
+    """The sandbox's SANDBOX_CALLBACK_DELAY for the run: --server-env's, else the mode's."""
+    return float(dict(item.partition("=")[::2] for item in args.server_env).get("SANDBOX_CALLBACK_DELAY", CALLBACK_DELAY))
+
+
+async def run_journeys(args, target, journey, buyers, deadline):
+    """journey(host, port, buyer, args, deadline) for each buyer, arriving at --rate, ended at `deadline` (the
+    loop's time) at the latest; (the workers' usage meanwhile, the profile's top frames, the tickets' messages)."""
+    loop = asyncio.get_running_loop()
+    profiler = Profiler(args.profile, target)
+    usage = Usage(target).start()
+    tasks = await paced(args.rate, [journey(target["host"], target["port"], b, args, deadline) for b in buyers])
+    await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    # The tickets' messages leave after their payments (later still while the workers are busy): their CPU
+    # belongs to the journeys, so the workers are measured until the outbox is empty.
+    messages = await loop.run_in_executor(None, messages_once_sent, target.get("database_url"), OUTBOX_DRAIN_S)
+    return usage.stop(), profiler.stop(), messages
+
+
+def journey_outcomes(buyers, finished, wrong, used, profile, messages, failures):
+    """The part of a run's results every journey mode reports: outcomes, errors, the tickets' messages (a message
+    missing or claimed twice is added to `failures`), worker CPU per journey, usage."""
+    if messages and (messages["orders_missing_a_message"] or messages["claimed_more_than_once"]):
+        failures.append(f"messages: {messages['orders_missing_a_message']} paid orders without each of theirs sent, "
+                        f"{messages['claimed_more_than_once']} messages claimed more than once")
+    cpu = worker_cpu_total(used)
+    return {
+        "outcomes": count_by(b.watch.status for b in finished),
+        "wrong_outcomes": len(wrong),
         "buyer_errors": sum(1 for b in buyers if b.error),
         "first_buyer_errors": [b.error for b in buyers if b.error][:5],
         "messages": messages,

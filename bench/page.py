@@ -42,6 +42,25 @@ def backoff(failures):
     return min(8.0, 2 ** (failures - 1)) * random.uniform(0.75, 1.25)
 
 
+async def ask(conn, path, opening=None):
+    """One GET on a page's connection: (the answer, None) when 200, else (the answer or None, the refusal: its
+    status or the error's name).  `opening`, a semaphore, limits how many connections open at once."""
+    try:
+        if not conn.is_open and opening is not None:
+            async with opening:
+                await conn.open()
+        answer = await conn.request("GET", path)
+    except (OSError, HttpError) as exc:
+        return None, type(exc).__name__
+    return answer, None if answer.status == 200 else answer.status
+
+
+async def reconnect_after(conn, answer, failures):
+    """As a page's fetch after an error: a new connection, after Retry-After or a short jittered backoff."""
+    conn.close()
+    await asyncio.sleep(answer.retry_after() if answer and "retry-after" in answer.headers else backoff(failures))
+
+
 async def follow(host, port, watch, timeout, deadline, retry_refused=True, opening=None, conn=None):
     """Hold waits for `watch.order` until it is final, the loop's `deadline` passes, or (not retry_refused) a refusal."""
     conn = conn or Conn(host, port)
@@ -54,15 +73,7 @@ async def follow(host, port, watch, timeout, deadline, retry_refused=True, openi
                 watch.error = "still pending at the end of the run"
                 return
             watch.requests += 1
-            try:
-                if not conn.is_open and opening is not None:
-                    async with opening:
-                        await conn.open()
-                answer = await conn.request("GET", wait_path(watch.order["id"], version, timeout))
-            except (OSError, HttpError) as exc:
-                answer, refusal = None, type(exc).__name__
-            else:
-                refusal = None if answer.status == 200 else answer.status
+            answer, refusal = await ask(conn, wait_path(watch.order["id"], version, timeout), opening)
             if refusal is not None:
                 watch.refusals.append(refusal)
                 if not retry_refused:
@@ -70,9 +81,7 @@ async def follow(host, port, watch, timeout, deadline, retry_refused=True, openi
                     return
                 failures += 1
                 watch.retries += 1
-                conn.close()  # as a page's fetch after an error: a new connection
-                await asyncio.sleep(answer.retry_after() if answer and "retry-after" in answer.headers
-                                    else backoff(failures))
+                await reconnect_after(conn, answer, failures)
                 continue
             failures = 0
             order = json.loads(answer.body)

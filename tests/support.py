@@ -228,9 +228,12 @@ def event_file(ticket_types=None, **event):
 
 
 def toml(data):
-    """TOML for `data` (tables of strings and integers): JSON's string escapes are TOML's too."""
+    """TOML for `data` (tables of strings, integers and booleans; a table in [event], such as "line", as
+    [event.line]): JSON's string escapes are TOML's too."""
     def table(values):
-        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items() if value is not None)
+        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()
+                       if value is not None and not isinstance(value, dict))
 
-    return "[event]\n" + table(data["event"]) + "".join(
+    inner = "".join(f"\n[event.{key}]\n" + table(value) for key, value in data["event"].items() if isinstance(value, dict))
+    return "[event]\n" + table(data["event"]) + inner + "".join(
         "\n[[ticket_types]]\n" + table(entry) for entry in data["ticket_types"])

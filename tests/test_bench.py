@@ -56,6 +56,21 @@ def test_overload_serves_every_buyer_once_and_makes_no_duplicate(tmp_path):
     assert run["order_answer_ms"]["n"] == run["order_answers"] >= 40
 
 
+def test_line_answers_every_buyer_at_once_and_serves_each_once_in_the_order_they_joined(tmp_path):
+    # LINE_FORCE: every buyer joins the line, as past capacity; a quarter stop asking once they have a place.
+    line, run = run_mode(tmp_path, "line", "--buyers", "40", "--rate", "40", "--timeout", "20", "--leave-share", "0.25",
+                         "--patience", "4", "--server-env", "SANDBOX_CALLBACK_DELAY=0.5", "--server-env", "LINE_PATIENCE=4",
+                         "--server-env", "LINE_FORCE=1")
+    assert "40 buyers at 40/s (leaving 0.25)" in line and "fairness" in line
+    assert run["order_answers_5xx"] == 0 and run["order_statuses"] == {"202": 40} and run["queued"] == 40
+    assert run["place_outcomes"]["admitted"] == run["admitted"] and run["place_outcomes"]["stopped asking"] > 0
+    assert run["order_answer_ms"]["n"] == run["order_answers"] >= 40
+    assert run["served_exactly_once"] == run["admitted"] == run["journeys"] > 0
+    assert run["duplicate_orders"] == 0 and run["wrong_outcomes"] == 0
+    assert run["tickets_held"] == run["tickets_paid"] + run["tickets_pending"]
+    assert run["fairness_s"] is not None and run["worker_cpu_ms_per_journey"] > 0
+
+
 def test_resets_counts_what_a_once_only_keep_alive_sender_lost(tmp_path):
     line, run = run_mode(tmp_path, "resets", "--buyers", "40", "--rate", "40", "--callback-rate", "20",
                          "--timeout", "20", "--server-env", "SANDBOX_CALLBACK_DELAY=0.5")

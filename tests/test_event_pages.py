@@ -65,7 +65,9 @@ def fill_details(page):
 
 
 def test_checkout_counts_down_on_the_servers_clock_and_opens_without_a_reload(venue, new_page, tmp_path):
-    put_on_sale(venue, tmp_path, event_file(slug="opens-soon", sales_start=in_eat(datetime.now(timezone.utc) + timedelta(hours=1))))
+    # No line: Pay waits for the opening (with the line on, it joins the line before: test_line_pages.py).
+    put_on_sale(venue, tmp_path, event_file(slug="opens-soon", sales_start=in_eat(datetime.now(timezone.utc) + timedelta(hours=1)),
+                                            line={"enabled": False}))
     opens = open_sales_in(venue, "opens-soon", seconds=5)  # from now: the import itself takes seconds
     page = new_page()
     page.context.add_init_script(PHONE_CLOCK_AN_HOUR_SLOW)

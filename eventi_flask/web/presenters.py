@@ -45,16 +45,34 @@ def _epoch_ms(moment):
     return round(as_utc(moment).timestamp() * 1000)
 
 
-def sales_window(event, now):
+def sales_window(event, now, pre_queue=None):
     """Where the checkout stands at `now` (the server's clock; `event` the API's, read at `now`): state "not_open", "open", "closed" or
-    "sold_out" (open, and every type taken), and the moments the page counts to, in ms since the epoch."""
+    "sold_out" (open, and every type taken), and the moments the page counts to, in ms since the epoch.
+    With the event's line on (`pre_queue`: how long before the opening it takes arrivals, else None),
+    `line_opens_at`: from then on, before the opening, Pay joins the line."""
     opens_at, closes_at = event["sales_start"], event["sales_end"] or event["starts_at"]
     if event["on_sale"]:  # as the API says it at `now`
         state = "open" if any(ticket["available"] for ticket in event["ticket_types"]) else "sold_out"
     else:
         state = "not_open" if opens_at is not None and now < from_iso(opens_at) else "closed"
+    line_opens_at = None
+    if state == "not_open" and pre_queue:
+        line_opens_at = from_iso(opens_at) - pre_queue
     return {"state": state, "opens_at": opens_at, "closes_at": closes_at, "server_now_ms": _epoch_ms(now),
-            "opens_at_ms": _epoch_ms(from_iso(opens_at)) if opens_at else "", "closes_at_ms": _epoch_ms(from_iso(closes_at))}
+            "opens_at_ms": _epoch_ms(from_iso(opens_at)) if opens_at else "", "closes_at_ms": _epoch_ms(from_iso(closes_at)),
+            "line_opens_at": line_opens_at.isoformat() if line_opens_at else None,
+            "line_opens_at_ms": _epoch_ms(line_opens_at) if line_opens_at else ""}
+
+
+# Said before sales open, on the form and in the line: why arriving early gives no better place than on time.
+PRE_QUEUE_SENTENCE = ("Everyone who joins the line before sales open is put in a random order at the opening; "
+                      "people who come after the opening join behind them, in the order they arrive.")
+
+
+def line_hold_seconds(config):
+    """How long the checkout holds each wait for its place: the usual hold, but at most half of LINE_PATIENCE,
+    so that a page that is open never has its place given up between two asks."""
+    return min(config["WAIT_TIMEOUT_DEFAULT"], config["LINE_PATIENCE"] / 2)
 
 
 def ticket_qr_code(code):

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, render_template, request
 from ..clock import east_africa_time, utcnow
 from ..errors import ApiError
 from ..events.service import event_by_slug
+from ..line.service import event_line
 from ..orders import service
 from . import presenters, ticket_links
 
@@ -30,6 +31,12 @@ def east_africa_time_filter(iso):
     return east_africa_time(iso)
 
 
+def pre_queue_of(slug):
+    """How long before sales open the event's line takes arrivals ([event.line] pre_queue_minutes); None without a line."""
+    settings = event_line(slug)
+    return settings.pre_queue if settings is not None and settings.enabled else None
+
+
 @bp.get("/events/<slug>/checkout")
 def checkout(slug):
     now = utcnow()
@@ -41,7 +48,9 @@ def checkout(slug):
         "checkout.html",
         event=event,
         choice=choice,
-        sales=presenters.sales_window(event, now),
+        sales=presenters.sales_window(event, now, pre_queue_of(slug)),
+        pre_queue_sentence=presenters.PRE_QUEUE_SENTENCE,
+        line_hold_seconds=presenters.line_hold_seconds(current_app.config),
         phone_pattern=presenters.PHONE_PATTERN,
         phone_separators=presenters.PHONE_SEPARATORS,
         phone_message=presenters.PHONE_MESSAGE,

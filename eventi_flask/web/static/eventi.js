@@ -27,9 +27,6 @@ const REMEMBERED_FIELDS = ["name", "email", "phone"];
 const SALES_WINDOW_CODES = new Set(["sales_not_open", "sales_closed"]);
 const LONGEST_TIMER_MS = 60 * 60 * 1000; // re-aim at least hourly: a sleeping laptop's timers run late
 
-if (document.body.dataset.page === "checkout") startCheckout(document.querySelector("form[data-checkout]"));
-if (document.body.dataset.page === "order") startStatusPage(document.querySelector("[data-order]"));
-
 // ---------------------------------------------------------------- checkout
 
 const FORM_SENTENCES = {
@@ -59,10 +56,13 @@ function startCheckout(form) {
   const sales = salesWindow(form, () => {
     payButton.disabled = false;
     showTotal();
+    line.salesOpened();
   });
+  const line = checkoutLine(document.querySelector("[data-line]"), { slug, form, sales, send });
 
   restoreDetails(form, slug);
   showTotal();
+  line.resume(); // a reload while in line asks for the same place
 
   form.addEventListener("change", (event) => {
     if (event.target.name === "ticket_type") limitQuantity(form);
@@ -104,7 +104,7 @@ function startCheckout(form) {
   }
 
   async function submit() {
-    if (!sales.open()) return; // Enter in a field, before the opening minute
+    if (!sales.canOrder()) return; // Enter in a field, before the opening minute (or the line's)
     showFormError("");
     saveDetails(form, slug);
     const invalid = Object.keys(rules).filter((name) => checkField(name));
@@ -116,16 +116,29 @@ function startCheckout(form) {
     const order = values();
     const body = JSON.stringify({ event: slug, ...order, quantity: Number(order.quantity) });
     if (!unanswered || unanswered.body !== body) unanswered = { body, key: newIdempotencyKey() };
+    await send(unanswered);
+  }
+
+  // POST the order attempt {body, key}: 201 goes to the status page, 202 to a place in the line,
+  // anything else back to the form with its sentence.
+  async function send(attempt) {
+    unanswered = attempt;
     try {
-      const response = await placeOrder(unanswered);
+      const response = await placeOrder(attempt);
       unanswered = null;
       const answer = await response.json().catch(() => ({}));
       if (response.status === 201) {
         window.location.assign(`/orders/${encodeURIComponent(answer.id)}`);
         return; // stay busy while the status page loads
       }
+      if (response.status === 202 && answer.queue) {
+        line.join(attempt, answer.queue);
+        return;
+      }
+      line.leave();
       showRefusal(response.status, answer.error || {});
     } catch {
+      line.leave();
       showFormError(FORM_SENTENCES.network);
     }
     showStatus("");
@@ -183,7 +196,7 @@ function startCheckout(form) {
   }
 
   function setBusy(busy) {
-    payButton.disabled = busy || !sales.open();
+    payButton.disabled = busy || !sales.canOrder();
     form.setAttribute("aria-busy", String(busy));
     if (busy) payButton.textContent = "Sending the M-Pesa prompt…";
     else showTotal();
@@ -200,7 +213,9 @@ function salesWindow(form, onOpen) {
   const serverNow = () => Date.now() + offsetMs;
   const opensAt = Number(form.dataset.opensAtMs);
   const closesAt = Number(form.dataset.closesAtMs);
-  const countdown = document.querySelector("[data-countdown]");
+  const lineOpensAt = Number(form.dataset.lineOpensAtMs) || Infinity; // absent: no line before the opening
+  const countdowns = document.querySelectorAll("[data-countdown]");
+  const payButton = form.querySelector("[data-pay]");
   let state = form.dataset.salesState;
 
   function show(name) {
@@ -215,7 +230,8 @@ function salesWindow(form, onOpen) {
     if (state === "not_open") {
       const left = opensAt - now;
       if (left > 0) {
-        countdown.textContent = formatCountdown(left);
+        for (const countdown of countdowns) countdown.textContent = formatCountdown(left);
+        if (now >= lineOpensAt && payButton.disabled && form.getAttribute("aria-busy") !== "true") payButton.disabled = false;
         setTimeout(tick, Math.min(left, left % 1000 || 1000)); // on each second's edge, and on the opening
         return;
       }
@@ -234,7 +250,193 @@ function salesWindow(form, onOpen) {
   }
 
   tick();
-  return { open: () => state === "open" };
+  return {
+    open: () => state === "open",
+    // Pay is taken while sales are open, and before the opening once the line takes arrivals.
+    canOrder: () => state === "open" || (state === "not_open" && serverNow() >= lineOpensAt),
+    beforeOpening: () => state === "not_open",
+  };
+}
+
+// ---------------------------------------------------------------- the line
+
+// When more buyers arrive than orders can be served (and before sales open), POST answers 202 with a
+// place in the event's line, and the order is made by the server when the place's turn comes.
+// The place is kept in this tab (sessionStorage: never in a URL, it carries the buyer's details) with
+// the Idempotency-Key and body that took it: a reload asks for the same place, and, should the server
+// no longer know it, sends the same key again, which answers the same place or the order it made.
+const lineKey = (slug) => `eventi:line:${slug}`;
+// "Your turn" stays on screen (and is read out) this long before the status page takes over.
+const ADMITTED_PAUSE_MS = 1500;
+// A screen reader hears the place again at most this often; a change of state is said at once.
+const LINE_ANNOUNCE_EVERY_MS = 30000;
+
+function checkoutLine(card, { slug, form, sales, send }) {
+  const holdSeconds = Number(card.dataset.holdSeconds);
+  const states = card.querySelectorAll("[data-line-state]");
+  const slot = (name) => card.querySelector(`[data-line-${name}]`);
+  let entry = null; // {id, key, body}: this tab's place
+  let shown = null; // the place on screen
+  let announcedAt = 0;
+
+  for (const button of card.querySelectorAll("[data-line-action=form]")) button.addEventListener("click", backToForm);
+  card.querySelector("[data-line-action=rejoin]").addEventListener("click", () => {
+    show("queued");
+    slot("place").textContent = "Joining the line…";
+    send({ body: entry.body, key: newIdempotencyKey() }); // a new place: the old key answers the old one
+  });
+
+  function show(name) {
+    for (const state of states) state.hidden = state.dataset.lineState !== name;
+    form.hidden = true;
+    card.hidden = false;
+  }
+
+  function keep(value) {
+    entry = value;
+    try {
+      sessionStorage.setItem(lineKey(slug), JSON.stringify(value));
+    } catch {
+      // Private modes may refuse storage: the place holds while the page stays open.
+    }
+  }
+
+  // The place is over (its turn came, or it cannot be served): a reload shows the form. The entry
+  // stays in memory for "Join the line again" and "Back to the form".
+  function forget() {
+    try {
+      sessionStorage.removeItem(lineKey(slug));
+    } catch {
+      // nothing was kept
+    }
+  }
+
+  function kept() {
+    try {
+      const value = JSON.parse(sessionStorage.getItem(lineKey(slug)) || "null");
+      return value && typeof value.id === "string" && typeof value.key === "string" && typeof value.body === "string"
+        ? value : null;
+    } catch {
+      return null;
+    }
+  }
+
+  // Back to the form, as the server now renders it (what is left to buy, the sales window), with the
+  // same tickets chosen; the buyer's details come back from sessionStorage.
+  function backToForm() {
+    forget();
+    const { ticket_type: ticketType, quantity } = JSON.parse(entry.body);
+    window.location.assign(`${window.location.pathname}?${new URLSearchParams({ ticket_type: ticketType, quantity })}`);
+  }
+
+  function render(place) {
+    shown = place;
+    if (place.status !== "queued") return;
+    const beforeOpening = sales.beforeOpening();
+    slot("pre-queue").hidden = !beforeOpening;
+    // Before the opening the order is not drawn yet: a count of people ahead would mean nothing.
+    const sentence = beforeOpening ? "You have a place for the opening." : placeSentence(place);
+    slot("place").textContent = sentence;
+    if (Date.now() - announcedAt > LINE_ANNOUNCE_EVERY_MS) {
+      slot("announce").textContent = `You are in line. ${sentence}`;
+      announcedAt = Date.now();
+    }
+  }
+
+  function finish(place) {
+    forget();
+    if (place.status === "admitted" && place.order) {
+      show("admitted");
+      console.log(`📱 Your turn: order ${place.order.id} made, the M-Pesa prompt is on its way`);
+      setTimeout(() => window.location.assign(`/orders/${encodeURIComponent(place.order.id)}`), ADMITTED_PAUSE_MS);
+      return;
+    }
+    if (place.status === "refused" || place.status === "admitted") { // admitted without its order: not one we can show
+      slot("reason").textContent = (place.error && place.error.message) || FORM_SENTENCES.other;
+      show("refused");
+      return;
+    }
+    show(place.status); // sold_out, left
+  }
+
+  async function follow(place) {
+    const settled = (answer) => {
+      render(answer);
+      if (answer.status === "queued") return false;
+      console.log(`🧍 Place in line ${answer.id}: ${answer.status}`);
+      finish(answer);
+      return true;
+    };
+    if (place.ahead !== undefined && settled(place)) return; // a resumed place has none yet: the first wait tells it
+    // The server paces the answers (every second near the front, less often far back): each is asked again at once.
+    const outcome = await holdWaits({
+      pathFor: (version) => `/api/queue/${encodeURIComponent(place.id)}/wait?timeout=${holdSeconds}${version < 0 ? "" : `&since=${version}`}`,
+      holdSeconds,
+      version: place.version,
+      onConnection: connection,
+      settled,
+    });
+    if (outcome === SETTLED) return;
+    if (outcome.status === 404) {
+      // The server no longer knows the place (a line kept in a process that restarted): the same
+      // key asks for it again.
+      console.warn("🧍 The line does not know this place; asking again with the same Idempotency-Key");
+      send({ body: entry.body, key: entry.key });
+      return;
+    }
+    finish({ status: "refused", error: null });
+  }
+
+  function connection(message) {
+    slot("connection").textContent = message;
+    slot("connection").hidden = !message;
+  }
+
+  return {
+    // POST answered 202: the place `queue`, taken with `attempt` ({body, key}).
+    join(attempt, queue) {
+      keep({ id: queue.id, key: attempt.key, body: attempt.body });
+      show("queued");
+      console.log(`🧍 In line: ${queue.ahead} ahead, about ${queue.estimated_wait_s}s`);
+      follow({ ...queue, status: "queued" });
+    },
+    // A reload: the place this tab had, asked for without `since` (answered at once).
+    resume() {
+      const place = kept();
+      if (!place) return;
+      entry = place;
+      show("queued");
+      follow({ id: place.id, status: "queued", version: -1 });
+    },
+    // The form again (a refusal, a network error): whatever place this tab had is over.
+    leave() {
+      if (card.hidden) return;
+      forget();
+      card.hidden = true;
+      form.hidden = false;
+    },
+    salesOpened() {
+      if (shown && !card.hidden) render(shown);
+    },
+  };
+}
+
+// "1,234 ahead of you, about 3 minutes to wait." The estimate is the server's, rounded to what a person
+// can use: tens of seconds, then minutes, then 5 minutes past the hour.
+function placeSentence({ ahead, estimated_wait_s: seconds }) {
+  const people = ahead > 0 ? `${Number(ahead).toLocaleString("en-US")} ahead of you` : "You're next";
+  return `${people}, ${aboutWait(seconds)} to wait.`;
+}
+
+function aboutWait(seconds) {
+  if (seconds < 10) return "less than 10 seconds";
+  if (seconds < 55) return `about ${Math.round(seconds / 10) * 10} seconds`;
+  const minutes = Math.max(1, Math.round(seconds / 60));
+  if (minutes < 60) return `about ${minutes} minute${minutes === 1 ? "" : "s"}`;
+  const fives = Math.round(minutes / 5) * 5;
+  const hours = Math.floor(fives / 60);
+  const rest = fives % 60;
+  return `about ${hours} hour${hours === 1 ? "" : "s"}${rest ? ` ${rest} minutes` : ""}`;
 }
 
 // When this page's response arrived, on the phone's clock (Date.now's, whatever time it is set to):
@@ -339,75 +541,99 @@ function startStatusPage(root) {
     if (order.status === "completed") showTicketQrCodes(root);
   }
 
-  // One held request at a time. Only a hold that ran its course with no change is an
-  // attempt; a network error, a 503 (a worker stopping for a deploy, a busy database)
-  // or an early unchanged answer is a reconnect, with backoff, and is not an attempt.
   async function longPoll() {
     if (polling) return;
     polling = true;
-    let attempt = 1;
-    let reconnects = 0;
     try {
-      while (attempt <= HELD_WAITS_BEFORE_GIVING_UP) {
-        view.attempt(attempt);
-        console.log(`⏳ Long polling attempt ${attempt}/${HELD_WAITS_BEFORE_GIVING_UP} - Waiting for payment...`);
-        const askedAt = Date.now();
-        let answer;
-        try {
-          answer = await waitForChange(order, holdSeconds);
-        } catch (error) {
-          if (!error.retryable) break;
-          reconnects += 1;
-          const delay = reconnectDelay(reconnects, error.retryAfterMs);
-          console.warn(`🔌 Could not reach the server (${error.message}); retrying in ${Math.ceil(delay / 1000)}s`);
-          view.connection(`Connection problem: trying again in ${Math.ceil(delay / 1000)} seconds…`);
-          await pause(delay);
-          continue;
-        }
-        console.log(`📊 Order status received: ${JSON.stringify(answer)}`);
-        const changed = answer.version > order.version;
-        order = answer;
-        if (FINAL_STATUSES.has(order.status)) {
+      const outcome = await holdWaits({
+        pathFor: (version) => `/api/orders/${encodeURIComponent(order.id)}/wait?timeout=${holdSeconds}&since=${version}`,
+        holdSeconds,
+        version: order.version,
+        attempts: HELD_WAITS_BEFORE_GIVING_UP,
+        onAttempt(attempt) {
+          view.attempt(attempt);
+          console.log(`⏳ Long polling attempt ${attempt}/${HELD_WAITS_BEFORE_GIVING_UP} - Waiting for payment...`);
+        },
+        onConnection: view.connection,
+        settled(answer) {
+          console.log(`📊 Order status received: ${JSON.stringify(answer)}`);
+          order = answer;
+          if (!FINAL_STATUSES.has(order.status)) return false;
           resolved();
-          return;
-        }
-        if (!changed && Date.now() - askedAt < holdSeconds * 1000 * HOLD_RAN_ITS_COURSE) {
-          reconnects += 1;
-          const delay = reconnectDelay(reconnects, 0);
-          console.warn(`🔁 Answered before the hold ran its course; asking again in ${Math.ceil(delay / 1000)}s`);
-          await pause(delay);
-          continue;
-        }
-        reconnects = 0;
-        view.connection("");
-        if (!changed) attempt += 1;
-      }
-      view.show("still-waiting");
+          return true;
+        },
+      });
+      if (outcome !== SETTLED) view.show("still-waiting");
     } finally {
       polling = false;
     }
   }
 }
 
+// ---------------------------------------------------------------- held waits (the order's and the line's)
+
+const SETTLED = "settled";
+
+// One held request at a time, asked again with since=<the last version> until settled(answer) says
+// it is over. Only a hold that ran its course with no change is an attempt (the status page gives up
+// after a few); a network error, a 429/5xx (a worker stopping for a deploy, a busy database) or an
+// early unchanged answer is a reconnect, with backoff, and is not an attempt. Resolves to SETTLED,
+// "gave up" after `attempts`, or the WaitFailed that no retry would mend (a 404).
+async function holdWaits({ pathFor, holdSeconds, version, settled, attempts = Infinity, onAttempt = () => {}, onConnection }) {
+  let attempt = 1;
+  let reconnects = 0;
+  while (attempt <= attempts) {
+    onAttempt(attempt);
+    const askedAt = Date.now();
+    let answer;
+    try {
+      answer = await heldWait(pathFor(version), holdSeconds);
+    } catch (error) {
+      if (!error.retryable) return error;
+      reconnects += 1;
+      const delay = reconnectDelay(reconnects, error.retryAfterMs);
+      console.warn(`🔌 Could not reach the server (${error.message}); retrying in ${Math.ceil(delay / 1000)}s`);
+      onConnection(`Connection problem: trying again in ${Math.ceil(delay / 1000)} seconds…`);
+      await pause(delay);
+      continue;
+    }
+    const changed = answer.version > version;
+    const early = Date.now() - askedAt < holdSeconds * 1000 * HOLD_RAN_ITS_COURSE;
+    version = answer.version;
+    if (await settled(answer)) return SETTLED;
+    if (!changed && early) {
+      reconnects += 1;
+      const delay = reconnectDelay(reconnects, 0);
+      console.warn(`🔁 Answered before the hold ran its course; asking again in ${Math.ceil(delay / 1000)}s`);
+      await pause(delay);
+      continue;
+    }
+    reconnects = 0;
+    onConnection("");
+    if (!changed) attempt += 1;
+  }
+  return "gave up";
+}
+
 class WaitFailed extends Error {
-  constructor(message, { retryable = true, retryAfterMs = 0 } = {}) {
+  constructor(message, { retryable = true, retryAfterMs = 0, status = 0 } = {}) {
     super(message);
+    this.status = status;
     this.retryable = retryable;
     this.retryAfterMs = retryAfterMs;
   }
 }
 
-async function waitForChange(order, holdSeconds) {
+async function heldWait(url, holdSeconds) {
   const lost = new AbortController();
   const timer = setTimeout(() => lost.abort(), (holdSeconds + LOST_WAIT_GRACE_SECONDS) * 1000);
-  const url = `/api/orders/${encodeURIComponent(order.id)}/wait?timeout=${holdSeconds}&since=${order.version}`;
   try {
     const response = await fetch(url, { cache: "no-store", headers: { Accept: "application/json" }, signal: lost.signal });
     if (response.ok) return await response.json();
     const retryAfterMs = Number(response.headers.get("Retry-After")) * 1000 || 0;
     // 429/5xx are the server or a proxy asking us to come back later; other 4xx won't get better.
     const retryable = response.status === 429 || response.status >= 500;
-    throw new WaitFailed(`HTTP ${response.status}`, { retryable, retryAfterMs });
+    throw new WaitFailed(`HTTP ${response.status}`, { retryable, retryAfterMs, status: response.status });
   } catch (error) {
     if (error instanceof WaitFailed) throw error;
     throw new WaitFailed(lost.signal.aborted ? "no answer in time" : error.message);
@@ -512,3 +738,7 @@ function statusView(root, reasons) {
     },
   };
 }
+
+// Last, once every constant above is set (a module's `const`s do not exist before their line runs).
+if (document.body.dataset.page === "checkout") startCheckout(document.querySelector("form[data-checkout]"));
+if (document.body.dataset.page === "order") startStatusPage(document.querySelector("[data-order]"));
