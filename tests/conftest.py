@@ -17,6 +17,7 @@ from eventi_flask import create_app, database  # noqa: E402
 from eventi_flask.extensions import db  # noqa: E402
 from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
 from eventi_flask.line.service import LINE  # noqa: E402
+from eventi_flask.messages import stop_sender  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
 from eventi_flask.orders import missed_callbacks  # noqa: E402
 from eventi_flask.payhero import sandbox, verify  # noqa: E402
@@ -75,12 +76,18 @@ def app(settings):
         seed_demo()
         db.session.remove()
     yield app
+    shut_down(app)
+
+
+def shut_down(app):
+    """Stop everything an app started, as its worker's exit would: nothing of it outlives its test."""
     verify.stop(app)  # no re-verification outlives its test (and its PayHero stand-in)
     missed_callbacks.stop(app)  # nor a worker's asking about orders with no callback
     sandbox.stop(app)  # nor a sandbox callback: it would land in the next test's `wire`
     app.extensions[LINE].stop()  # no admitter ticks on into the next test
+    stop_sender(app)  # nor a sender of the tickets' messages
     with app.app_context():
-        get_hub().stop()
+        get_hub().stop()  # its Redis connections closed: a later test counts its own
         db.session.remove()
         db.engine.dispose()
         database.waits_engine().dispose()

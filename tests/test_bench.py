@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import ROOT
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.load]
 
 
 def bench(*args, timeout=240):

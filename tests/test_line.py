@@ -7,7 +7,8 @@ import gevent.pool
 import psycopg
 import pytest
 import requests
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 import config
 from eventi_flask import create_app
@@ -16,6 +17,7 @@ from eventi_flask.events.models import Event, TicketType
 from eventi_flask.extensions import db
 from eventi_flask.line.service import LINE, tick_channel
 from eventi_flask.orders.models import Order
+from tests.conftest import shut_down
 from tests.support import DEMO, event_file, free_port, toml, wait_until, when
 
 pytestmark = pytest.mark.env(LINE_TICK="0.1")
@@ -177,8 +179,10 @@ def test_a_place_whose_order_meets_a_database_failure_keeps_its_turn_and_is_made
 
     def failing_twice(*args, **kwargs):
         attempts.append(1)
-        if len(attempts) <= 2:
+        if len(attempts) == 1:  # as the order's own path says it
             raise database_unavailable("The database is not answering; please try again.")
+        if len(attempts) == 2:  # as a query in it meets it
+            raise OperationalError("SELECT ...", {}, Exception("terminating connection due to administrator command"))
         return create_order(*args, **kwargs)
 
     monkeypatch.setattr(admitter.orders, "create_order", failing_twice)
@@ -233,7 +237,7 @@ def test_a_line_in_redis_is_shared_by_instances_and_survives_a_restart(app, clie
     finally:
         for instance in (other, restarted):
             if instance is not None:
-                instance.extensions[LINE].stop()
+                shut_down(instance)
 
 
 @pytest.mark.live

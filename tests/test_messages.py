@@ -7,21 +7,15 @@ pays the orders; its callback completes them, and the messages leave after that 
 import email
 import email.policy
 import io
-import json
 import re
 import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
-from urllib.parse import parse_qs
 
-import gevent
 import psycopg
 import pytest
 import requests
 import requests_mock
-from gevent.pywsgi import WSGIServer
 from sqlalchemy import select
 
 import config as app_config
@@ -32,19 +26,13 @@ from eventi_flask.messages import start_sender, stop_sender
 from eventi_flask.messages.models import OutboxMessage
 from eventi_flask.messages.service import delivery_channels
 from eventi_flask.messages.texts import SMS_LIMIT, gsm_length, sms_text
-from eventi_flask.orders.models import Order
 from eventi_flask.web.ticket_links import order_id_from_token
-from tests.conftest import PUBLIC
+from bench.sms_standin import AfricasTalkingStandIn
+from tests.conftest import PUBLIC, shut_down
 from tests.support import DEMO, ROOT, free_port, procfile_command, wait_until
 
 MAIL_FROM = "Eventi Tickets <tickets@eventi.test>"
 REFUSED_PHONE = "0799000403"  # the stand-in answers statusCode 403 InvalidPhoneNumber for it
-AT_STATUS = {100: "Processed", 101: "Success", 102: "Queued", 401: "RiskHold", 402: "InvalidSenderId",
-             403: "InvalidPhoneNumber", 404: "UnsupportedNumberType", 405: "InsufficientBalance",
-             406: "UserInBlacklist", 407: "CouldNotRoute", 409: "DoNotDisturbRejection", 500: "InternalServerError",
-             501: "GatewayError", 502: "RejectedByGateway"}
-
-
 class SmtpServer:
     """tests/smtp_server.py on a spare port; stopped and started again on the same port."""
 
@@ -75,43 +63,6 @@ class SmtpServer:
 
     def to(self, address):
         return [message for message in self.messages() if message["To"] == address]
-
-
-class AfricasTalkingStandIn:
-    """POST /version1/messaging as Africa's Talking documents it: form in, 201 and SMSMessageData out."""
-
-    def __init__(self):
-        self.received = []  # (headers, form) of every request
-        self.codes = {}  # "+2547..." -> the statusCode to answer for it (else 101 Success)
-        self.http_status = None  # set: answer every request with this HTTP error instead
-        self.server = WSGIServer(("127.0.0.1", 0), self, log=None)
-        self.server.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def __call__(self, environ, start_response):
-        body = environ["wsgi.input"].read().decode()
-        form = {key: values[0] for key, values in parse_qs(body).items()}
-        headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items()
-                   if key.startswith("HTTP_")}
-        if environ["PATH_INFO"] != "/version1/messaging" or environ["REQUEST_METHOD"] != "POST":
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found"]
-        if self.http_status is not None:
-            start_response(f"{self.http_status} Error", [("Content-Type", "text/plain")])
-            return [b"The service is unavailable"]
-        self.received.append((headers, form))
-        code = self.codes.get(form.get("to"), 101)
-        answer = {"SMSMessageData": {"Message": "Sent to 1/1 Total Cost: KES 0.8000", "Recipients": [
-            {"statusCode": code, "number": form.get("to"), "status": AT_STATUS[code], "cost": "KES 0.8000",
-             "messageId": f"ATXid_{uuid.uuid4().hex}"}]}}
-        start_response("201 Created", [("Content-Type", "application/json")])
-        return [json.dumps(answer).encode()]
-
-    def to(self, phone):
-        return [form for _, form in self.received if form["to"] == phone]
-
-    def stop(self):
-        self.server.stop()
 
 
 @pytest.fixture
@@ -357,9 +308,7 @@ def test_messages_committed_by_a_worker_that_died_before_sending_are_sent_by_the
         wait_until(lambda: smtp.to(DEMO["email"]) and sms_provider.to(phone(DEMO["phone"])), timeout=5,
                    message="the new worker to send them")
     finally:
-        stop_sender(successor)
-        with successor.app_context():
-            db.engine.dispose()
+        shut_down(successor)
     assert len(smtp.messages()) == 1 and len(sms_provider.received) == 1
 
 
@@ -394,10 +343,8 @@ def test_two_senders_racing_send_each_message_once(app, settings, client, wire, 
     try:
         wait_until(lambda: all(m.state == "sent" for m in outbox(app).values()), timeout=15, message="all sent")
     finally:
-        for each in (app, other):
-            stop_sender(each)
-        with other.app_context():
-            db.engine.dispose()
+        stop_sender(app)
+        shut_down(other)
     assert len(outbox(app)) == 2 * len(orders)
     assert all(m.attempts == 1 for m in outbox(app).values())  # each claimed once, by one of them
     assert len(smtp.messages()) == len(orders) and len(sms_provider.received) == len(orders)

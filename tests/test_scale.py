@@ -21,6 +21,8 @@ from eventi_flask.payhero.sandbox import classic_callback
 from tests.support import REDIS_URL, pending_orders_made_a_while_ago, wait_until
 from tests.test_faults import RedisServer
 
+pytestmark = pytest.mark.load  # thousands of waits: the load group of scripts/test.sh
+
 N = 500
 # ResultCode -> the status the order must end in (API.md's table), cycled over the orders.
 OUTCOMES = [(0, "The service request is processed successfully.", "completed"),

@@ -17,12 +17,12 @@ from sqlalchemy import func, select
 import config
 from eventi_flask import create_app
 from eventi_flask.extensions import db
-from eventi_flask.notify.service import HUB, get_hub
-from eventi_flask.orders import missed_callbacks
+from eventi_flask.notify.service import HUB
 from eventi_flask.orders import service as orders
 from eventi_flask.orders.models import Ticket
 from eventi_flask.payhero import verify
 from eventi_flask.payhero.models import PayheroCallback
+from tests.conftest import shut_down
 from tests.support import DEMO, ROOT, callback_body, reference_asked, wait_until
 
 PAYHERO = "https://payhero.test"
@@ -326,11 +326,7 @@ def other_worker(settings, app):
     """A second worker process (or instance) of the same deployment: same database, same Redis."""
     worker = create_app(config.TestConfig(settings))
     yield worker
-    verify.stop(worker)
-    missed_callbacks.stop(worker)
-    with worker.app_context():
-        get_hub().stop()
-        db.engine.dispose()
+    shut_down(worker)
 
 
 # Several processes on one database: PostgreSQL's (SQLite serves one worker process).

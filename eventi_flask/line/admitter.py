@@ -32,14 +32,16 @@ import time
 
 import gevent
 from flask import current_app
+from sqlalchemy.exc import SQLAlchemyError
 
-from .. import metrics
+from .. import database, metrics
 from ..clock import utcnow
-from ..orders.schemas import isoformat
 from ..errors import ApiError
+from ..extensions import db
 from ..notify.service import get_hub
 from ..orders import service as orders
 from ..orders.admission import EXTENSION as ADMISSION
+from ..orders.schemas import isoformat
 from . import service
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,13 @@ class Admitter:
         store = self.line.store
         try:
             order, _ = orders.create_order(json.loads(place.body), place.order_key)
+        except SQLAlchemyError as exc:  # a request would answer it 503 (errors.py): the same here
+            db.session.rollback()
+            if not database.is_unavailable(exc):
+                raise
+            log.warning("Place %s's order could not be made now (%s); it will be tried again", place.id,
+                        database.cause(exc))
+            return False
         except ApiError as exc:
             if exc.status == 503:  # the database could not take it: nothing was saved or reserved
                 log.warning("Place %s's order could not be made now (%s); it will be tried again", place.id, exc.code)
