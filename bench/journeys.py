@@ -17,6 +17,7 @@ clock on this one machine.  journeys/s = journeys with an outcome / (last
 outcome - first arrival).  With the server's database at hand, duplicate
 orders = orders in the database - distinct orders answered to buyers.
 """
+import argparse
 import asyncio
 import json
 import uuid
@@ -36,7 +37,10 @@ SHED = (429, 503)
 CANCELS, LACKS_FUNDS = "0708000001", "0708000002"
 
 
-def add_arguments(parser, rate=300, buyers=3000):
+def add_arguments(parser, rate=300, buyers=3000, line=False):
+    parser.add_argument("--line", action=argparse.BooleanOptionalAction, default=line,
+                        help=f"the event's line on (past capacity buyers get a place, 202) or off (503 busy, "
+                             f"as before the line); default {'on' if line else 'off'}")
     parser.add_argument("--rate", type=float, default=rate, help=f"buyers arriving per second (default {rate:g})")
     parser.add_argument("-n", "--buyers", type=int, default=buyers, help=f"buyers in all (default {buyers})")
     parser.add_argument("--timeout", type=float, default=55, help="the wait's timeout= (the hold), seconds")
@@ -233,10 +237,26 @@ def callback_delay(args):
     return float(dict(item.partition("=")[::2] for item in args.server_env).get("SANDBOX_CALLBACK_DELAY", CALLBACK_DELAY))
 
 
+def switch_the_line_off(database_url):
+    """[event.line] enabled = false for every event: past capacity, 503 busy and a retry (the modes without a line)."""
+    if database_url is None:
+        return
+    from sqlalchemy import text
+
+    engine = database_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE events SET line_enabled = false"))
+    finally:
+        engine.dispose()
+
+
 async def run_journeys(args, target, journey, buyers, deadline):
     """journey(host, port, buyer, args, deadline) for each buyer, arriving at --rate, ended at `deadline` (the
     loop's time) at the latest; (the workers' usage meanwhile, the profile's top frames, the tickets' messages)."""
     loop = asyncio.get_running_loop()
+    if not args.line:
+        await loop.run_in_executor(None, switch_the_line_off, target.get("database_url"))
     profiler = Profiler(args.profile, target)
     usage = Usage(target).start()
     tasks = await paced(args.rate, [journey(target["host"], target["port"], b, args, deadline) for b in buyers])

@@ -44,7 +44,7 @@ RISE_FROM_S = 10
 
 
 def add_arguments(parser):
-    journeys.add_arguments(parser, rate=600, buyers=6000)
+    journeys.add_arguments(parser, rate=600, buyers=6000, line=True)
     parser.add_argument("--leave-share", type=float, default=0.0,
                         help="share of the queued buyers who stop asking once they have a place (default 0)")
     parser.add_argument("--patience", type=float, default=LINE_PATIENCE,

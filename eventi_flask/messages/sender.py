@@ -179,6 +179,13 @@ class Sender:
                 provider_id = self._send(message)
             except SendFailed as exc:
                 self._record_failure(message, str(exc), exc.permanent)
+            except SQLAlchemyError as exc:
+                if not is_unavailable(exc):
+                    raise
+                # The database is away or every pooled connection busy (a sale opening): the message stays
+                # claimed and is taken again when its lease ends.  Not a bug: no traceback.
+                log.warning("The %s for order %s waits for the database (%s); sent once its claim ends",
+                            CHANNEL_NAMES[message["channel"]], message["order_id"], cause(exc))
             except Exception as exc:  # a bug of ours: tried again, as a provider's failure would be
                 log.exception("Sending the %s for order %s failed", message["channel"], message["order_id"])
                 self._record_failure(message, f"internal error: {type(exc).__name__}", permanent=False)
