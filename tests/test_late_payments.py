@@ -180,6 +180,16 @@ def test_one_payment_never_completes_two_orders(app, client, wire):
 
 # -- M-Pesa's rules --
 
+def test_a_failure_naming_another_orders_receipt_fails_its_order_and_takes_not_the_receipt(app, client, wire):
+    """M-Pesa's failures carry no receipt; one that names another order's (malformed, or replayed) still fails
+    its own order, answered 200 (not 503 from the receipt's unique index), and the receipt stays with the payer."""
+    paid = settled(client, client.post("/api/orders", json=DEMO).get_json())
+    pending = client.post("/api/orders", json={**DEMO, "phone": "0708000004"}).get_json()  # never answered
+    response = client.post(URL, json=late_success(pending, receipt=paid["payment"]["receipt"], result_code=1))
+    assert response.status_code == 200 and response.get_json()["status"] == "failed"
+    assert current(client, pending)["payment"]["receipt"] is None
+    assert current(client, paid) == paid
+
 def test_a_prompt_already_open_on_the_phone_is_409_payment_in_progress(app, client, wire):
     wire.post(f"{PUBLIC}/sandbox/payhero/api/v2/payments", status_code=400, json={
         "error_code": "invalid_argument", "status_code": 400,

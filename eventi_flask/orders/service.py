@@ -502,9 +502,13 @@ def _log_unchanged(row, outcome, transition):
 def _apply(connection, row, transition, outcome):
     """Make `transition` to the order read as `row`; its new body, or None if it changed since it was read."""
     status = transition.status
+    # A failure naming a payment another order holds (M-Pesa's failures carry no receipt; a malformed or
+    # replayed one may) moves this order's status, and takes none of that payment's names: their unique
+    # indexes would refuse the whole callback, and one payment never belongs to two orders.
+    foreign = bool(row["paid_another_order"])
     changes = {
-        "receipt": outcome.receipt or row["receipt"],
-        "payhero_reference": row["payhero_reference"] or outcome.reference,
+        "receipt": row["receipt"] if foreign else outcome.receipt or row["receipt"],
+        "payhero_reference": row["payhero_reference"] or (None if foreign else outcome.reference),
         "checkout_request_id": row["checkout_request_id"] or outcome.checkout_request_id,
         # As _touch() does for ORM changes: the version moves and the change is published.
         "version": row["version"] + 1,
@@ -515,7 +519,7 @@ def _apply(connection, row, transition, outcome):
     else:
         changes.update(status=status.value, result_code=outcome.result_code,
                        result_desc=outcome.result_desc or PLAIN_REASONS.get(outcome.result_code),
-                       receipt=outcome.receipt or None)
+                       receipt=None if foreign else outcome.receipt or None)
     if not rows.update_order(connection, row, changes):
         return None
     codes = []
