@@ -27,6 +27,11 @@ from ..notify.cluster_hub import is_cluster
 from ..notify.redis_hub import RedisHub
 from .local_store import PLACE_TTL_SECONDS, Place
 
+# Connections to Redis per worker for the line: every arriving order (600 a second at sales open) and every
+# waiting page's turn is one script on it, and under a busy event loop each round trip holds its connection
+# for a loop's turn.  The hub's 16 (its cache reads) queued joins for seconds and timed out into 503s.
+POOL_SIZE = 128
+
 # A place and where the line stands (its fields, the head, the tickets gone between them, the
 # line's state and length), for the scripts below.  KEYS: seq queue seen gone pre state ... as _JOIN's.
 _VIEW_OF = """
@@ -247,7 +252,7 @@ class RedisLineStore:
         if is_cluster(url):
             self._client = redis.RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=1)
         else:
-            self._client = RedisHub.cache_client(url)
+            self._client = RedisHub.cache_client(url, max_connections=POOL_SIZE)
         self._scripts = {name: self._client.register_script(source) for name, source in (
             ("join", _JOIN), ("view", _VIEW), ("sweep", _SWEEP), ("take", _TAKE), ("claim", _CLAIM),
             ("reclaim", _RECLAIM), ("finish", _FINISH),

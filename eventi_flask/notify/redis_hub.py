@@ -37,14 +37,14 @@ class RedisHub(Hub):
                                       lambda channel: channel[channel_prefix:].decode())
 
     @staticmethod
-    def cache_client(url, host=None, port=None):
+    def cache_client(url, host=None, port=None, max_connections=CACHE_POOL_SIZE):
         # One quick retry covers a pooled connection gone stale; more would hold up the wait.
         # Bounded: under gevent every concurrent cache read would otherwise open its own
         # connection (a burst of thousands of waits arriving meant hundreds of sockets); past the
         # bound a reader waits for a free connection, up to 2 s, then fails as a Redis error does
         # (and reads the database instead).  Publishing never uses this pool.
         pool = redis.BlockingConnectionPool(
-            **connection_options(url, host, port), max_connections=CACHE_POOL_SIZE, timeout=2, socket_timeout=2,
+            **connection_options(url, host, port), max_connections=max_connections, timeout=2, socket_timeout=2,
             socket_connect_timeout=1,
             health_check_interval=15, retry=Retry(NoBackoff(), 1))
         return redis.Redis(connection_pool=pool)
