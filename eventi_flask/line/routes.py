@@ -1,19 +1,13 @@
 """The line's API: thin views over the service layer."""
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, request
 
 from ..notify.departure import client_socket
-from ..orders.routes import _load
+from ..orders.routes import _load, no_store
 from . import service
 from .schemas import PlaceWaitArgsSchema
 
 bp = Blueprint("line", __name__, url_prefix="/api")
 wait_args_schema = PlaceWaitArgsSchema()
-
-
-def _no_store(body):
-    response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"
-    return response
 
 
 @bp.get("/queue/<place_id>")
@@ -28,7 +22,7 @@ def place(place_id):
         404: NotFound
         503: ServiceUnavailable
     """
-    return _no_store(service.place_by_id(place_id))
+    return no_store(service.place_by_id(place_id))
 
 
 @bp.get("/queue/<place_id>/wait")
@@ -56,4 +50,4 @@ def wait(place_id):
     """
     args = _load(wait_args_schema, request.args, "Bad wait parameters.")
     timeout = args.get("timeout", current_app.config["WAIT_TIMEOUT_DEFAULT"])
-    return _no_store(service.wait_for_place(place_id, timeout, args.get("since"), client_socket(request.environ)))
+    return no_store(service.wait_for_place(place_id, timeout, args.get("since"), client_socket(request.environ)))

@@ -15,6 +15,13 @@ order_create_schema = OrderCreateSchema()
 wait_args_schema = WaitArgsSchema()
 
 
+def no_store(body):
+    """`body` as JSON that no cache keeps: an order or a place is only true for the moment it is read."""
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def _load(schema, data, message):
     try:
         return schema.load(data)
@@ -91,9 +98,7 @@ def get_order(order_id):
         404: NotFound
         503: ServiceUnavailable
     """
-    response = jsonify(service.order_by_id(order_id))
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return no_store(service.order_by_id(order_id))
 
 
 @bp.get("/orders/<order_id>/wait")
@@ -124,6 +129,4 @@ def wait(order_id):
     args = _load(wait_args_schema, request.args, "Bad wait parameters.")
     timeout = args.get("timeout", current_app.config["WAIT_TIMEOUT_DEFAULT"])
     order, _ = service.wait_for_order(order_id, timeout, args.get("since"), client_socket(request.environ))
-    response = jsonify(order)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return no_store(order)
