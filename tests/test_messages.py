@@ -8,24 +8,31 @@ import email
 import email.policy
 import io
 import re
+import secrets
 import subprocess
 import sys
 import time
 
+import gevent
 import psycopg
 import pytest
 import requests
 import requests_mock
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 import config as app_config
 from config import Config, ConfigError
 from eventi_flask import create_app, metrics
+from eventi_flask.clock import as_utc, utcnow
 from eventi_flask.extensions import db
+from eventi_flask.events.models import TicketType
+from eventi_flask.messages import sender as sender_module
 from eventi_flask.messages import start_sender, stop_sender
 from eventi_flask.messages.models import OutboxMessage
-from eventi_flask.messages.service import delivery_channels
+from eventi_flask.messages.sender import Sender
+from eventi_flask.messages.service import delivery_channels, queue_for_completed_order
 from eventi_flask.messages.texts import SMS_LIMIT, gsm_length, sms_text
+from eventi_flask.orders.models import Order, Ticket
 from eventi_flask.web.ticket_links import order_id_from_token
 from bench.sms_standin import AfricasTalkingStandIn
 from tests.conftest import PUBLIC, shut_down
@@ -87,8 +94,11 @@ def messaging_env(smtp, sms_provider):
 
 
 @pytest.fixture
-def settings(settings, smtp, sms_provider):
-    return {**settings, **messaging_env(smtp, sms_provider)}
+def settings(settings, smtp, sms_provider, request):
+    env = {**settings, **messaging_env(smtp, sms_provider)}
+    for marker in reversed(list(request.node.iter_markers("env"))):  # a test's own still wins
+        env.update(marker.kwargs)
+    return env
 
 
 @pytest.fixture
@@ -349,6 +359,148 @@ def test_two_senders_racing_send_each_message_once(app, settings, client, wire, 
     assert all(m.attempts == 1 for m in outbox(app).values())  # each claimed once, by one of them
     assert len(smtp.messages()) == len(orders) and len(sms_provider.received) == len(orders)
     assert sorted(message["To"] for message in smtp.messages()) == sorted(f"racer{n}@example.com" for n in range(12))
+
+
+# -- in batches: the database's work per batch, not per message --
+
+def complete_orders(app, count, prefix="batch"):
+    """`count` orders completed at once, as a sale's callbacks would leave them: each with its ticket and its
+    messages queued (through queue_for_completed_order, the completion's own path), in one commit; their receipts
+    by order id."""
+    with app.app_context():
+        ticket_type = db.session.scalars(select(TicketType).where(TicketType.code == DEMO["ticket_type"])).one()
+        orders = [Order(status="completed", ticket_type_id=ticket_type.id, quantity=1, amount=ticket_type.price,
+                        name="Buyer", email=f"{prefix}{n}@example.com", phone=f"2547{n:08d}",
+                        receipt=f"R{secrets.token_hex(5).upper()}") for n in range(count)]
+        db.session.add_all(orders)
+        db.session.flush()
+        db.session.add_all(Ticket(order_id=order.id, code=secrets.token_hex(8).upper()) for order in orders)
+        for order in orders:
+            queue_for_completed_order(db.session.connection(), db.session,
+                                      {"id": order.id, "phone": order.phone, "email": order.email})
+        db.session.commit()
+        receipts = {order.id: order.receipt for order in orders}
+        db.session.remove()
+        return receipts
+
+
+class Statements:
+    """The SQL statements an app's engine runs (an executemany counts once), by their first word."""
+
+    def __init__(self, app):
+        self.seen = []
+        with app.app_context():
+            self.engine = db.engine
+        event.listen(self.engine, "before_cursor_execute", self._count)
+
+    def _count(self, conn, cursor, statement, parameters, context, executemany):
+        self.seen.append(statement.split(None, 1)[0].upper())
+
+    def claims(self):
+        return sum(1 for statement in self.seen if statement == "WITH")  # the claim: WITH picked ... UPDATE
+
+    def close(self):
+        event.remove(self.engine, "before_cursor_execute", self._count)
+
+
+@pytest.fixture
+def statements(app):
+    counted = Statements(app)
+    yield counted
+    counted.close()
+
+
+def sandbox_lines(log_lines):
+    return [line for line in log_lines if "SMS not sent (SMS_MODE=sandbox)" in line]
+
+
+def receipts_texted(log_lines):
+    """The receipt each sandbox SMS carries (the log masks the phone number), as many times as it was sent."""
+    return sorted(re.search(r"receipt (\S+)\.", line).group(1) for line in sandbox_lines(log_lines))
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
+@pytest.mark.env(SMS_MODE="sandbox", SMTP_URL=None)
+def test_200_orders_completed_at_once_are_sent_in_a_handful_of_statements_each_once(app, statements, log_lines):
+    receipts = complete_orders(app, 200)
+    statements.seen.clear()
+    with app.app_context():
+        handled = Sender(app, sending=True, in_web_worker=True).send_due()
+        db.session.remove()
+    assert handled == 200
+    # 2 batches of 100, each a claim, two reads (orders, tickets), a lock of the claims still held and one
+    # executemany recording every outcome; then the empty claim that ends the round.  It was 3 statements (and
+    # 2 commits) a message.
+    assert statements.seen == ["WITH", "SELECT", "SELECT", "SELECT", "UPDATE"] * 2 + ["WITH"]
+    assert {(m.state, m.attempts) for m in outbox(app).values()} == {("sent", 1)}
+    assert receipts_texted(log_lines) == sorted(receipts.values())  # each order's SMS, once
+    assert all(f"SMS for order {order_id} sent" in log_lines for order_id in receipts)
+
+
+@pytest.fixture
+def texted(monkeypatch):
+    """Every SMS handed to Africa's Talking (or its sandbox) in this process, as (phone, text)."""
+    from eventi_flask.messages.sms import AfricasTalking
+
+    sent, send = [], AfricasTalking.send
+    monkeypatch.setattr(AfricasTalking, "send", lambda self, phone, text: sent.append((phone, text)) or
+                        send(self, phone, text))
+    return sent
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
+@pytest.mark.env(SMS_MODE="sandbox")
+def test_two_senders_on_one_database_share_the_batches_and_never_send_one_twice(app, settings, smtp, texted):
+    complete_orders(app, 150)  # 300 messages: 3 batches
+    other = create_app(app_config.TestConfig({k: v for k, v in settings.items() if v is not None}))
+    senders = [Sender(each, sending=True, in_web_worker=True) for each in (app, other)]
+
+    def send_all(sender):
+        with sender.app.app_context():
+            try:
+                return sender.send_due()
+            finally:
+                db.session.remove()
+
+    try:
+        racing = [gevent.spawn(send_all, sender) for sender in senders]
+        gevent.joinall(racing, timeout=60, raise_error=True)
+    finally:
+        shut_down(other)
+    handled = [greenlet.value for greenlet in racing]
+    assert sum(handled) == 300 and all(handled), handled  # SKIP LOCKED: each claimed batches of its own
+    assert {(m.state, m.attempts) for m in outbox(app).values()} == {("sent", 1)}
+    assert sorted(phone for phone, _ in texted) == sorted(f"2547{n:08d}" for n in range(150))
+    assert sorted(mail["To"] for mail in smtp.messages()) == sorted(f"batch{n}@example.com" for n in range(150))
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
+@pytest.mark.env(SMS_MODE="sandbox", SMTP_URL=None)
+def test_a_sales_completions_are_gathered_into_one_claim(app, statements, log_lines):
+    start_sender(app)
+    wait_until(lambda: statements.claims() >= 1, message="the sender's first look")  # at its start: nothing due
+    claims_before = statements.claims()
+    for _ in range(10):  # ten callbacks' commits, each waking the sender, within its GATHER
+        complete_orders(app, 1)
+    wait_until(lambda: {(m.state, m.attempts) for m in outbox(app).values()} == {("sent", 1)}, timeout=5,
+               message="the ten SMS sent")
+    assert statements.claims() - claims_before <= 2  # not a round per commit
+    assert len(sandbox_lines(log_lines)) == 10
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
+@pytest.mark.env(SMS_MODE="sandbox", SMTP_URL=None)
+def test_claimed_messages_not_started_before_their_claim_could_end_are_given_back(app, monkeypatch, log_lines):
+    complete_orders(app, 3)
+    monkeypatch.setattr(sender_module, "LONGEST_SEND", sender_module.LEASE * 2)  # no send may start
+    with app.app_context():
+        assert Sender(app, sending=True).send_due() == 3
+        db.session.remove()
+    assert not sandbox_lines(log_lines)
+    messages = outbox(app).values()
+    assert {(m.state, m.attempts) for m in messages} == {("pending", 0)}  # as if never claimed
+    assert all(as_utc(m.next_attempt_at) <= utcnow() for m in messages)  # due again at once, not after the lease
+    assert any("3 claimed message(s) not started" in line for line in log_lines)
 
 
 # -- refused for good --

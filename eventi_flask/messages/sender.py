@@ -1,19 +1,26 @@
-"""The sender: takes due messages from the outbox, sends them, records what happened.
+"""The sender: takes due messages from the outbox in batches, sends them, records what happened.
 
 Several senders (every web worker, every instance, a `worker:` process) may run against one
-database.  Each message is claimed before it is sent by one guarded UPDATE that moves its
-`next_attempt_at` past a lease (on PostgreSQL over rows picked FOR UPDATE SKIP LOCKED, so senders
-never queue on each other): only one sender gets it.  The outcome is recorded afterwards; a sender
-that dies between the two leaves the message to be claimed again when the lease ends, so it may be
-sent twice, never lost.  A failure the provider may get over is tried again after a delay that
-doubles (MESSAGES_RETRY) for MESSAGES_RETRY_FOR; a refusal for good is marked failed at once.
+database.  Messages are claimed before they are sent, up to BATCH at once, by one guarded UPDATE
+that moves their `next_attempt_at` past a lease (on PostgreSQL over rows picked FOR UPDATE SKIP
+LOCKED, so senders never queue on each other): only one sender gets each.  The outcomes are recorded
+afterwards, each only if its claim still holds; a sender that dies between the two leaves its messages
+to be claimed again when the lease ends, so they may be sent twice, never lost.  A failure the
+provider may get over is tried again after a delay that doubles (MESSAGES_RETRY) for
+MESSAGES_RETRY_FOR; a refusal for good is marked failed at once.
 
-It runs as one greenlet woken right after a commit that queued messages (service.py), and every
+The database work is per batch, not per message: one claim and two reads (the orders with their
+event, the ticket codes) in one transaction, then no connection while the providers answer, then
+one lock of the still-held claims and one executemany UPDATE for every outcome, in one commit.
+
+It runs as one greenlet woken right after a commit that queued messages (service.py), which first
+waits GATHER for the other completions of a busy moment to be claimed with it, and every
 MESSAGES_SWEEP_INTERVAL for retries that came due and messages queued by other processes.
 """
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import gevent
@@ -30,11 +37,16 @@ from . import texts
 from .delivery import SendFailed
 from .email import SmtpMailer
 from .models import FAILED, PENDING, SENT, OutboxMessage
-from .service import MESSAGES, read_ticket
+from .service import MESSAGES, read_tickets
 from .sms import AfricasTalking
 
 log = logging.getLogger(__name__)
 
+# A woken sender waits this long before it claims: at a sale's opening the orders completed meanwhile (200 a
+# second) are then claimed, read and recorded together rather than a round each.  Well inside the 5 s a
+# message has to leave.
+GATHER = 0.3  # seconds
+BATCH = 100  # messages claimed at once
 CONCURRENCY = 20  # messages sent at once by one sender: each waits on its provider most of its time
 # In a web worker, fewer at once, and none while its event loop runs late: an email is ~5 ms of CPU (its QR
 # codes, MIME), and 20 of them back to back held the loop 100 ms, long enough for admission to shed buyers.
@@ -44,16 +56,27 @@ BUYERS_FIRST_FOR = 30.0  # seconds a web worker's sender waits for its loop to c
 # A claimed message is another sender's to take after this long: more than one send can take (SMTP's
 # and Africa's Talking's timeouts), so a slow send is not sent twice.
 LEASE = timedelta(seconds=300)
+# The longest one send can take: SMTP's 20 s timeout on each of its exchanges (connect, EHLO, STARTTLS, EHLO,
+# login, MAIL, RCPT, DATA).  A batch whose providers hang starts no send later than this before its lease
+# ends; the messages it did not start are given back, due at once.
+LONGEST_SEND = timedelta(seconds=180)
+# A long batch (providers answering slowly) records its outcomes this often, so that a worker stopped
+# mid-batch sends again only what it sent since.
+RECORD_EVERY = 1.0  # seconds
 CHANNEL_NAMES = {"sms": "SMS", "email": "Email"}
 
 _DUE = (MESSAGES.c.state == PENDING, MESSAGES.c.next_attempt_at <= bindparam("now"))
 
 
 def _claim_statement(*where):
+    # Picked once, in a CTE kept MATERIALIZED: as an IN (subquery), PostgreSQL's planner may rescan the locking
+    # subquery for each due row (a nested-loop semi join), and each rescan skips the rows just claimed and picks
+    # the next ones, so the LIMIT held nothing back (measured: 500 due rows, all 500 claimed at once, in 80 ms).
     picked = (select(MESSAGES.c.id).where(*_DUE, *where).order_by(MESSAGES.c.next_attempt_at)
               .limit(bindparam("batch", type_=Integer))
-              .with_for_update(skip_locked=True))  # SQLite has one writer at a time and no FOR UPDATE
-    return (update(MESSAGES).where(MESSAGES.c.id.in_(picked.scalar_subquery()), *_DUE)
+              .with_for_update(skip_locked=True)  # SQLite has one writer at a time and no FOR UPDATE
+              .cte("picked").prefix_with("MATERIALIZED"))
+    return (update(MESSAGES).where(MESSAGES.c.id == picked.c.id, *_DUE)
             .values(next_attempt_at=bindparam("lease_until"), attempts=MESSAGES.c.attempts + 1)
             .returning(MESSAGES.c.id, MESSAGES.c.order_id, MESSAGES.c.channel, MESSAGES.c.recipient,
                        MESSAGES.c.attempts, MESSAGES.c.created_at))
@@ -61,10 +84,54 @@ def _claim_statement(*where):
 
 _CLAIM = _claim_statement()
 _CLAIM_FOR_ORDER = _claim_statement(MESSAGES.c.order_id == bindparam("for_order"))
-# Only the claim that sent it records the outcome: a message claimed again since (its lease ended) is the new claim's.
-_RECORD = update(MESSAGES).where(MESSAGES.c.id == bindparam("message_id"), MESSAGES.c.state == PENDING,
-                                 MESSAGES.c.attempts == bindparam("claimed_attempts"))
+# Only the claim that sent a message records its outcome: one claimed again since (its lease ended) is the new
+# claim's.  The claims still held are locked first (their ids and attempts), so that what is counted as recorded
+# is exactly what was; the UPDATEs keep the guard all the same.
+_HELD = (select(MESSAGES.c.id, MESSAGES.c.attempts)
+         .where(MESSAGES.c.id.in_(bindparam("ids", expanding=True)), MESSAGES.c.state == PENDING)
+         .with_for_update())
+_GUARD = (MESSAGES.c.id == bindparam("message_id"), MESSAGES.c.state == PENDING,
+          MESSAGES.c.attempts == bindparam("claimed_attempts"))
+# Every outcome in one executemany: parameters named apart from the columns (a column's name would be SET too).
+_RECORD = update(MESSAGES).where(*_GUARD).values(
+    state=bindparam("new_state"), last_error=bindparam("error"), provider_message_id=bindparam("provider_id"),
+    sent_at=bindparam("sent", type_=MESSAGES.c.sent_at.type),
+    # Only a retry moves the next attempt; a sent or failed message keeps its claim's.
+    next_attempt_at=func.coalesce(bindparam("retry_at", type_=MESSAGES.c.next_attempt_at.type),
+                                  MESSAGES.c.next_attempt_at))
+# A claimed message whose send never started: due again at once, as if never claimed.
+_RELEASE = update(MESSAGES).where(*_GUARD).values(next_attempt_at=bindparam("due"), attempts=MESSAGES.c.attempts - 1)
 _PENDING = select(func.count(), func.min(MESSAGES.c.created_at)).where(MESSAGES.c.state == PENDING)
+
+
+@dataclass
+class _Outcome:
+    """What became of one claimed message: `outcome` is the metric's (sent, retried, failed); `values` the row's."""
+
+    message: dict
+    outcome: str
+    values: dict
+
+
+@dataclass
+class _Batch:
+    """One claim's messages and their tickets, taken in turn by the sending greenlets, and their outcomes."""
+
+    messages: list
+    tickets: dict
+    last_start: float  # time.monotonic() after which no send starts: its claim could end before it does
+    started: int = 0  # messages[:started] are taken
+    outcomes: list = field(default_factory=list)  # not recorded yet
+
+    def next_message(self):
+        if self.started >= len(self.messages) or time.monotonic() > self.last_start:
+            return None
+        self.started += 1
+        return self.messages[self.started - 1]
+
+    def take_outcomes(self):
+        outcomes, self.outcomes = self.outcomes, []
+        return outcomes
 
 
 class Sender:
@@ -75,7 +142,7 @@ class Sender:
         self.app = app
         self.sending = sending
         self.in_web_worker = in_web_worker
-        self.batch = WEB_CONCURRENCY if in_web_worker else CONCURRENCY
+        self.concurrency = WEB_CONCURRENCY if in_web_worker else CONCURRENCY
         config = app.config
         self.retry_first, self.retry_longest = config["MESSAGES_RETRY"]
         self.retry_for = timedelta(seconds=config["MESSAGES_RETRY_FOR"])
@@ -84,7 +151,7 @@ class Sender:
         self.mailer = SmtpMailer(config) if config["SMTP_URL"] else None
         self._woken = gevent.event.Event()
         self._greenlet = None
-        self._sending = gevent.pool.Pool(self.batch)
+        self._sending = gevent.pool.Pool(self.concurrency)
         self._database_down = False
 
     # -- running --
@@ -98,10 +165,10 @@ class Sender:
         return self
 
     def stop(self):
+        self._sending.kill()  # first: the batch they leave records what they sent
         if self._greenlet is not None:
             self._greenlet.kill()
             self._greenlet = None
-        self._sending.kill()
 
     def run_forever(self):
         next_gauges = 0.0
@@ -122,7 +189,8 @@ class Sender:
                         log.exception("Messages: sending failed")
                 finally:
                     db.session.remove()
-            self._woken.wait(self.interval)
+            if self._woken.wait(self.interval) and self.sending:
+                gevent.sleep(GATHER)  # the wakes meanwhile are this round's: their commits came before its claim
 
     def _database_is(self, up, reason=None):
         if up and self._database_down:
@@ -133,18 +201,17 @@ class Sender:
 
     # -- one round --
     def send_due(self, order_id=None):
-        """Claim and send every due message (only `order_id`'s when given), CONCURRENCY at a time; how many."""
-        sent = 0
+        """Claim and send every due message (only `order_id`'s when given), BATCH at a time; how many."""
+        handled = 0
         while True:
             if self.in_web_worker:
                 self._after_the_buyers()
-            claimed = self._claim(order_id)
-            for message in claimed:
-                self._sending.spawn(self._deliver, message)
-            self._sending.join()
-            sent += len(claimed)
-            if len(claimed) < self.batch:
-                return sent
+            batch = self._claim(order_id)
+            if batch.messages:
+                self._send(batch)
+            handled += len(batch.messages)
+            if len(batch.messages) < BATCH:
+                return handled
 
     def _after_the_buyers(self):
         """Wait while this worker's event loop runs late (a sale opening), up to BUYERS_FIRST_FOR: the buyers'
@@ -158,52 +225,56 @@ class Sender:
             gevent.sleep(0.25)
 
     def _claim(self, order_id):
+        """Claim up to BATCH due messages and read their orders' tickets, in one transaction: a read that fails
+        (the pool exhausted at a sale's opening) gives the claim back rather than leaving it to its lease."""
         now = utcnow()
         try:
             # Only the statement's own parameters: another column's name would be SET (UPDATE's extra values).
-            params = {"now": now, "lease_until": now + LEASE, "batch": self.batch}
+            params = {"now": now, "lease_until": now + LEASE, "batch": BATCH}
             if order_id is not None:
                 params["for_order"] = order_id
-            claimed = db.session.execute(_CLAIM if order_id is None else _CLAIM_FOR_ORDER, params).mappings().all()
-            db.session.commit()
+            messages = db.session.execute(_CLAIM if order_id is None else _CLAIM_FOR_ORDER, params).mappings().all()
+            tickets = read_tickets({message["order_id"] for message in messages}) if messages else {}
+            db.session.commit()  # no connection held while the providers answer
         except SQLAlchemyError:
             db.session.rollback()
             raise
-        return claimed
+        last_start = time.monotonic() + (LEASE - LONGEST_SEND).total_seconds()
+        return _Batch(messages=messages, tickets=tickets, last_start=last_start)
 
-    def _deliver(self, message):
-        """Send one claimed message and record the outcome; never raises (a database failure leaves it claimed:
-        it is sent again once its lease ends)."""
-        with self.app.app_context():
-            try:
-                provider_id = self._send(message)
-            except SendFailed as exc:
-                self._record_failure(message, str(exc), exc.permanent)
-            except SQLAlchemyError as exc:
-                if not is_unavailable(exc):
-                    raise
-                # The database is away or every pooled connection busy (a sale opening): the message stays
-                # claimed and is taken again when its lease ends.  Not a bug: no traceback.
-                log.warning("The %s for order %s waits for the database (%s); sent once its claim ends",
-                            CHANNEL_NAMES[message["channel"]], message["order_id"], cause(exc))
-            except Exception as exc:  # a bug of ours: tried again, as a provider's failure would be
-                log.exception("Sending the %s for order %s failed", message["channel"], message["order_id"])
-                self._record_failure(message, f"internal error: {type(exc).__name__}", permanent=False)
-            else:
-                self._record(message, "sent", state=SENT, sent_at=utcnow(), provider_message_id=provider_id,
-                             last_error=None)
-                log.info("%s for order %s sent%s", CHANNEL_NAMES[message["channel"]], message["order_id"],
-                         f" ({provider_id})" if provider_id else "")
-            finally:
-                db.session.remove()
+    def _send(self, batch):
+        """Send the batch, `concurrency` at a time, recording the outcomes as they come (every RECORD_EVERY) and
+        giving back the messages whose claim would end before their send could."""
+        lanes = [self._sending.spawn(self._lane, batch) for _ in range(min(self.concurrency, len(batch.messages)))]
+        while len(gevent.joinall(lanes, timeout=RECORD_EVERY)) < len(lanes):
+            self._record(batch.take_outcomes())
+        self._record(batch.take_outcomes(), unstarted=batch.messages[batch.started:])
 
-    def _send(self, message):
+    def _lane(self, batch):
+        """One greenlet's share of the batch: the next message not yet taken, until none is left."""
+        with self.app.app_context():  # the ticket link is signed with the app's secret
+            while (message := batch.next_message()) is not None:
+                outcome = self._attempt(message, batch.tickets.get(message["order_id"]))
+                batch.outcomes.append(outcome)  # to the list as it is now: a record may have taken it meanwhile
+                gevent.sleep(0)  # the SMS sandbox never waits: let the loop's waits and callbacks in between
+
+    def _attempt(self, message, ticket):
+        """Send one claimed message; its _Outcome, said in the log.  Never raises."""
+        try:
+            provider_id = self._hand_over(message, ticket)
+        except SendFailed as exc:
+            return self._failure(message, str(exc), exc.permanent)
+        except Exception as exc:  # a bug of ours: tried again, as a provider's failure would be
+            log.exception("Sending the %s for order %s failed", message["channel"], message["order_id"])
+            return self._failure(message, f"internal error: {type(exc).__name__}", permanent=False)
+        log.info("%s for order %s sent%s", CHANNEL_NAMES[message["channel"]], message["order_id"],
+                 f" ({provider_id})" if provider_id else "")
+        return _Outcome(message, "sent", {"new_state": SENT, "sent": utcnow(), "provider_id": provider_id,
+                                          "error": None, "retry_at": None})
+
+    def _hand_over(self, message, ticket):
         from ..web.ticket_links import ticket_url  # the web package imports the orders service, which imports us
 
-        try:
-            ticket = read_ticket(message["order_id"])
-        finally:
-            db.session.commit()  # no connection held while the provider answers
         if ticket is None:
             raise SendFailed("the order is gone", permanent=True)
         link = ticket_url(ticket.order_id)
@@ -216,17 +287,18 @@ class Sender:
             raise SendFailed("SMTP_URL is not set")
         return self.mailer.send(message["recipient"], ticket, link)
 
-    def _record_failure(self, message, reason, permanent):
+    def _failure(self, message, reason, permanent):
         name, order_id = CHANNEL_NAMES[message["channel"]], message["order_id"]
+        unchanged = {"provider_id": None, "sent": None, "error": reason}
         if not permanent and utcnow() - as_utc(message["created_at"]) < self.retry_for:
             delay = self.retry_delay(message["attempts"])
-            self._record(message, "retried", next_attempt_at=utcnow() + timedelta(seconds=delay), last_error=reason)
             log.info("%s for order %s not sent (attempt %d), trying again in %.0fs: %s", name, order_id,
                      message["attempts"], delay, reason)
-            return
-        self._record(message, "failed", state=FAILED, last_error=reason)
+            return _Outcome(message, "retried", {**unchanged, "new_state": PENDING,
+                                                 "retry_at": utcnow() + timedelta(seconds=delay)})
         why = "refused for good" if permanent else f"still failing after {self.retry_for.total_seconds() / 3600:g} h"
         log.warning("%s for order %s failed, %s: %s", name, order_id, why, reason)
+        return _Outcome(message, "failed", {**unchanged, "new_state": FAILED, "retry_at": None})
 
     def retry_delay(self, attempts):
         """Seconds before attempt `attempts` + 1: doubling from the first delay up to the longest, +-10% so that
@@ -234,18 +306,34 @@ class Sender:
         delay = min(self.retry_first * 2 ** max(attempts - 1, 0), self.retry_longest)
         return delay * random.uniform(0.9, 1.1)
 
-    def _record(self, message, outcome, **values):
+    def _record(self, outcomes, unstarted=()):
+        """Record `outcomes` and give back `unstarted`, those whose claim still holds, in one transaction."""
+        if not outcomes and not unstarted:
+            return
+        claims = [outcome.message for outcome in outcomes] + list(unstarted)
         try:
-            recorded = db.session.execute(_RECORD.values(**values), {"message_id": message["id"],
-                                                                     "claimed_attempts": message["attempts"]})
+            attempts = dict(db.session.execute(_HELD, {"ids": [message["id"] for message in claims]}).all())
+            held = [outcome for outcome in outcomes if attempts.get(outcome.message["id"]) == outcome.message["attempts"]]
+            if held:
+                db.session.execute(_RECORD, [{**outcome.values, "message_id": outcome.message["id"],
+                                              "claimed_attempts": outcome.message["attempts"]} for outcome in held])
+            given_back = [{"message_id": message["id"], "claimed_attempts": message["attempts"], "due": utcnow()}
+                          for message in unstarted if attempts.get(message["id"]) == message["attempts"]]
+            if given_back:
+                db.session.execute(_RELEASE, given_back)
             db.session.commit()
         except SQLAlchemyError as exc:
             db.session.rollback()
-            log.warning("%s for order %s: its outcome (%s) could not be recorded (%s); it will be sent again",
-                        CHANNEL_NAMES[message["channel"]], message["order_id"], outcome, type(exc).__name__)
+            for outcome in outcomes:
+                log.warning("%s for order %s: its outcome (%s) could not be recorded (%s); it will be sent again",
+                            CHANNEL_NAMES[outcome.message["channel"]], outcome.message["order_id"], outcome.outcome,
+                            type(exc).__name__)
             return
-        if recorded.rowcount == 1:
-            metrics.messages.labels(message["channel"], outcome).inc()
+        for outcome in held:
+            metrics.messages.labels(outcome.message["channel"], outcome.outcome).inc()
+        if unstarted:
+            log.warning("Messages: %d claimed message(s) not started before their claim could end (the providers are "
+                        "slow); due again at once", len(given_back))
 
     def refresh_gauges(self):
         """eventi_outbox_pending and the age of the oldest pending message, in one query."""

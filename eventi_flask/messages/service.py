@@ -92,15 +92,19 @@ _TICKET = (select(Order.id, Order.name, Order.quantity, Order.receipt, Event.nam
            .join_from(Order, TicketType, Order.ticket_type_id == TicketType.id).join(Event))
 
 
-def read_ticket(order_id):
-    """The TicketMessage of `order_id`, or None; read in this app context's session, which the caller removes."""
-    row = db.session.execute(_TICKET.where(Order.id == order_id)).mappings().first()
-    if row is None:
-        return None
-    codes = db.session.scalars(select(Ticket.code).where(Ticket.order_id == order_id).order_by(Ticket.id)).all()
-    return TicketMessage(order_id=row["id"], name=row["name"], quantity=row["quantity"], receipt=row["receipt"],
-                         event_name=row["event_name"], venue=row["venue"], starts_at=row["starts_at"],
-                         ticket_type_name=row["ticket_type_name"], codes=list(codes))
+def read_tickets(order_ids):
+    """{order id: TicketMessage} of the orders in `order_ids` that exist, in two queries whatever their number (the
+    sender reads a whole batch's at once); in this app context's session, whose transaction the caller ends."""
+    order_ids = list(order_ids)
+    rows = db.session.execute(_TICKET.where(Order.id.in_(order_ids))).all()
+    codes = {}
+    for order_id, code in db.session.execute(select(Ticket.order_id, Ticket.code).where(Ticket.order_id.in_(order_ids))
+                                             .order_by(Ticket.id)):
+        codes.setdefault(order_id, []).append(code)
+    return {row.id: TicketMessage(order_id=row.id, name=row.name, quantity=row.quantity, receipt=row.receipt,
+                                  event_name=row.event_name, venue=row.venue, starts_at=row.starts_at,
+                                  ticket_type_name=row.ticket_type_name, codes=codes.get(row.id, []))
+            for row in rows}
 
 
 def messages_of(order_id):
