@@ -105,8 +105,8 @@ WAITS_ENGINE = "eventi.database.waits"
 def waits_engine():
     """The engine of the waits' reads (orders/batched_reads.py).
 
-    On PostgreSQL, one connection of their own: one greenlet reads for every arriving wait,
-    so one connection is all it needs, and a pool busy with callbacks never makes a storm of
+    On PostgreSQL, a connection of their own per batched reader: one greenlet reads for every
+    arriving wait, so one connection is all it needs, and a pool busy with callbacks never makes a storm of
     waits queue for a connection (a 503 past the pool's timeout), nor the callbacks for the waits.
     Elsewhere (SQLite) the app's engine.
     """
@@ -116,7 +116,8 @@ def waits_engine():
 def _engine_for_waits(app):
     if db.engine.dialect.name != "postgresql":
         return db.engine
-    options = {**app.config["SQLALCHEMY_ENGINE_OPTIONS"], "pool_size": 1, "max_overflow": 0}
+    # One connection per batched reader: the waits' orders, and the Idempotency-Keys of buyers sent to a line.
+    options = {**app.config["SQLALCHEMY_ENGINE_OPTIONS"], "pool_size": 2, "max_overflow": 0}
     engine = create_engine(db.engine.url, **options)
     ping_idle_connections(engine)
     return engine

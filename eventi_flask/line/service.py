@@ -16,6 +16,7 @@ from bisect import bisect_left
 from datetime import timedelta
 
 import gevent
+import gevent.event
 from flask import current_app, jsonify
 from sqlalchemy import select
 
@@ -74,16 +75,33 @@ class EventLine:
 
 
 def event_line(slug):
-    """The event's EventLine, or None for an unknown event; read at most every EVENT_CACHE_SECONDS."""
-    cache = get_line().events
-    now = time.monotonic()
-    cached = cache.get(slug)
-    if cached is not None and cached[0] > now:
+    """The event's EventLine, or None for an unknown event; read at most every EVENT_CACHE_SECONDS, by one
+    greenlet at a time.
+
+    Every POST and every held wait of a sale asks for the same event: when its entry ran out, hundreds
+    of them at once each read it on a pooled connection, the pool ran dry, and POSTs waited seconds for
+    it, then 503 (a sale of 6,000 at 600/s).  Now the first to find it out of date reads it again while
+    the others answer from the entry they have; only an event never read yet makes them wait for that read.
+    """
+    line = get_line()
+    cached = line.events.get(slug)
+    if cached is not None and (cached[0] > time.monotonic() or slug in line.reading):
         return cached[1]
-    event = db.session.scalar(select(Event).where(Event.slug == slug)) if events.SLUG.fullmatch(slug) else None
-    settings = EventLine(event) if event is not None else None
-    db.session.commit()  # the read ends here; the connection goes back
-    cache[slug] = (now + EVENT_CACHE_SECONDS, settings)
+    first = line.reading.get(slug)
+    if first is not None:
+        return first.get()
+    first = line.reading[slug] = gevent.event.AsyncResult()
+    try:
+        event = db.session.scalar(select(Event).where(Event.slug == slug)) if events.SLUG.fullmatch(slug) else None
+        settings = EventLine(event) if event is not None else None
+        db.session.commit()  # the read ends here; the connection goes back
+    except BaseException as exc:
+        first.set_exception(exc)  # those waiting for this first read fail as it did (a 503)
+        raise
+    finally:
+        del line.reading[slug]
+    line.events[slug] = (time.monotonic() + EVENT_CACHE_SECONDS, settings)
+    first.set(settings)
     return settings
 
 
@@ -347,6 +365,7 @@ class Line:
         self.store = store
         self.store_errors = store_errors
         self.events = {}  # slug -> (until, EventLine)
+        self.reading = {}  # slug -> AsyncResult of the read under way (event_line)
         self.patience = app.config["LINE_PATIENCE"]
         self._held = {}  # slug -> {place id: held waits}
         self._toucher = None

@@ -8,7 +8,7 @@ def init_app(app):
     commands.init_app(app)
     from ..notify.service import get_hub
     from .batched_reads import BatchedReads
-    from .service import BATCHED_READS, current_versions, read_orders
+    from .service import BATCHED_KEY_READS, BATCHED_READS, current_versions, read_keys_used, read_orders
 
     def in_app_context(function):
         # Run from greenlets of their own, outside any request.
@@ -18,6 +18,7 @@ def init_app(app):
         return run
 
     app.extensions[BATCHED_READS] = BatchedReads(in_app_context(read_orders))
+    app.extensions[BATCHED_KEY_READS] = BatchedReads(in_app_context(read_keys_used))
     with app.app_context():
         get_hub().set_version_source(in_app_context(current_versions))
     missed_callbacks.init_app(app)

@@ -20,7 +20,8 @@ BATCH_SIZE = 500
 
 
 class BatchedReads:
-    """read(order_id) -> the order's public body or None, read together with the orders others are waiting for."""
+    """read(order_id) -> the order's public body or None, read together with the orders others are waiting for
+    (the same for any key read in batches: `read_many(keys)` -> {key: value} for those found)."""
 
     def __init__(self, read_orders, batch_size=BATCH_SIZE):
         self._read_orders = read_orders  # ids -> {id: body} for those that exist; raises while the database is away

@@ -149,6 +149,7 @@ _ANSWER_KEY = update(KEYS).where(*_KEY_OF_ORDER).values(status_code=bindparam("s
                                                         answer=bindparam("answer", type_=KEYS.c.answer.type))
 _SAVE_NOTE_AND_ANSWER = _SAVE_AND_NOTE.add_cte(_ANSWER_KEY.cte("answered"))
 _READ_KEY = select(KEYS).where(KEYS.c.key == bindparam("key_value"))
+_KEYS_USED = select(KEYS.c.key).where(KEYS.c.key.in_(bindparam("keys", expanding=True)))
 _RELEASE_KEY = delete(KEYS).where(*_KEY_OF_ORDER)
 _PURGE_KEYS = delete(KEYS).where(KEYS.c.created_at < bindparam("before"))
 
@@ -310,6 +311,11 @@ def answer_key(connection, key, order_id, status_code, answer=None):
 def read_key(connection, key):
     """The Idempotency-Key's row (key, body_hash, order_id, status_code, answer, created_at), or None."""
     return connection.execute(_READ_KEY, {"key_value": key}).mappings().first()
+
+
+def keys_used(connection, keys):
+    """Those of the Idempotency-Keys `keys` that made (or are making) an order."""
+    return set(connection.execute(_KEYS_USED, {"keys": list(keys)}).scalars())
 
 
 def release_key(connection, key, order_id):
