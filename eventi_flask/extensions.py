@@ -1,8 +1,8 @@
 """The bare extension objects, created once and bound in create_app()."""
+from flask import g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
-from flask import g
 from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session as FlaskSession
 from sqlalchemy.orm import DeclarativeBase
