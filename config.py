@@ -166,7 +166,11 @@ class Config:
         # hide_parameters: a failed statement's log line never carries a phone, email or callback body.
         # No pool_pre_ping: create_app pings only connections that sat idle (ping_idle_connections).
         self.SQLALCHEMY_ENGINE_OPTIONS = {"hide_parameters": True}
+        # SQLite: callbacks use the app's engine (one writer at a time); see database.callbacks_engine.
+        self.DB_CALLBACK_POOL_SIZE = None
         if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
+            # The callbacks' own connections, which order creations cannot take (database.callbacks_engine).
+            self.DB_CALLBACK_POOL_SIZE = read_number(env, "DB_CALLBACK_POOL_SIZE", 4, minimum=1)
             # Held waits give their connection back, so a small pool serves many.
             self.SQLALCHEMY_ENGINE_OPTIONS.update(
                 pool_size=read_number(env, "DB_POOL_SIZE", 10, minimum=1),

@@ -6,14 +6,15 @@ tests the ones that sat idle) and the pool opens new ones as soon as the databas
 """
 import logging
 import time
+from contextlib import contextmanager
 
-from flask import current_app
+from flask import current_app, g
 from sqlalchemy import create_engine, event
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from . import metrics, sqlite
-from .extensions import db
+from .extensions import SESSION_ENGINE, db
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,16 @@ def ping_idle_connections(engine):
 
 
 class DatabaseWatch:
-    """Follows one engine: a failed connection attempt means the database is away; the next
-    connection that succeeds means it is back.  A connection dropped mid-query alone is not an
-    outage (the pool reconnects at once); if it was one, the reconnect fails and says so."""
+    """Follows the engines of one database: a failed connection attempt means the database is
+    away; the next connection that succeeds, on any of them, means it is back.  A connection
+    dropped mid-query alone is not an outage (the pool reconnects at once); if it was one, the
+    reconnect fails and says so."""
 
-    def __init__(self, engine):
+    def __init__(self, *engines):
         self.down_since = None
-        event.listen(engine, "handle_error", self._on_error)
-        event.listen(engine, "connect", self._on_connect)
+        for engine in dict.fromkeys(engines):  # each once (SQLite's callbacks engine is the app's)
+            event.listen(engine, "handle_error", self._on_error)
+            event.listen(engine, "connect", self._on_connect)
 
     def _on_error(self, context):
         # No connection and not a pre-ping: opening a new connection failed.
@@ -100,6 +103,12 @@ class DatabaseWatch:
 
 
 WAITS_ENGINE = "eventi.database.waits"
+CALLBACKS_ENGINE = "eventi.database.callbacks"
+# How long a callback waits for one of its own connections before it is answered 503: while the
+# database is slow rather than down, a late 200 beats a 503 from a sender that never resends.
+# Within what a callback's sender waits: the bench's PayHero-like sender and Heroku's router
+# give up at 30 s (PayHero documents no timeout of its own); the callback's work needs the rest.
+CALLBACK_POOL_TIMEOUT = 20.0
 
 
 def waits_engine():
@@ -113,12 +122,49 @@ def waits_engine():
     return current_app.extensions[WAITS_ENGINE]
 
 
-def _engine_for_waits(app):
+def callbacks_engine():
+    """The engine that settles payments: PayHero's callbacks, re-verifying them, and asking
+    PayHero about an order whose callback never came (payhero/, orders/missed_callbacks.py,
+    reconcile).
+
+    On PostgreSQL, DB_CALLBACK_POOL_SIZE connections of their own, which order creations cannot
+    take: at sales open every connection of the app's pool can be busy with buyers queued on a
+    ticket type's row, and PayHero never resends a callback answered 503 (issue 24).  A callback
+    holds its connection for milliseconds (none while PayHero is asked), so a few serve hundreds
+    a second; past that they wait CALLBACK_POOL_TIMEOUT for one.  Elsewhere (SQLite, one writer
+    at a time) the app's engine.
+    """
+    return current_app.extensions[CALLBACKS_ENGINE]
+
+
+@contextmanager
+def on_callbacks_engine():
+    """db.session on callbacks_engine() for the block, then back on the app's engine.
+
+    It holds for the whole app context, across db.session.remove().  The block starts with no
+    transaction open on the session and ends with none: its connection goes back to the
+    callbacks' pool whatever happened.  Nested, or on SQLite (the app's engine), it changes nothing.
+    """
+    engine = callbacks_engine()
+    if engine is db.engine or g.get(SESSION_ENGINE) is engine:
+        yield
+        return
+    if db.session().in_transaction():
+        raise RuntimeError("on_callbacks_engine() with a transaction open on the app's engine: end it first")
+    setattr(g, SESSION_ENGINE, engine)
+    try:
+        yield
+    finally:
+        db.session.close()
+        g.pop(SESSION_ENGINE)
+
+
+def _engine_of_its_own(app, **pool):
+    """On PostgreSQL, a second engine on the app's database with the app's options but `pool`;
+    elsewhere (SQLite) the app's engine."""
     if db.engine.dialect.name != "postgresql":
         return db.engine
-    # One connection per batched reader: the waits' orders, and the Idempotency-Keys of buyers sent to a line.
-    options = {**app.config["SQLALCHEMY_ENGINE_OPTIONS"], "pool_size": 2, "max_overflow": 0}
-    engine = create_engine(db.engine.url, **options)
+    engine = create_engine(db.engine.url, **{**app.config["SQLALCHEMY_ENGINE_OPTIONS"], **pool})
     ping_idle_connections(engine)
     return engine
 
@@ -128,6 +174,10 @@ def init_app(app):
         if db.engine.dialect.name == "sqlite":
             sqlite.init_engine(db.engine)
         ping_idle_connections(db.engine)
-        app.extensions[WATCH] = DatabaseWatch(db.engine)
-        app.extensions[WAITS_ENGINE] = _engine_for_waits(app)
+        # One connection per batched reader: the waits' orders, and the Idempotency-Keys of buyers sent to a line.
+        app.extensions[WAITS_ENGINE] = _engine_of_its_own(app, pool_size=2, max_overflow=0)
+        app.extensions[CALLBACKS_ENGINE] = callbacks = _engine_of_its_own(
+            app, pool_size=app.config["DB_CALLBACK_POOL_SIZE"], max_overflow=0, pool_timeout=CALLBACK_POOL_TIMEOUT)
+        # A callback may be the only request a quiet worker gets: its engine says when the database goes too.
+        app.extensions[WATCH] = DatabaseWatch(db.engine, callbacks)
     metrics.database_available.set(1)

@@ -91,6 +91,7 @@ def shut_down(app):
         db.session.remove()
         db.engine.dispose()
         database.waits_engine().dispose()
+        database.callbacks_engine().dispose()
 
 
 @pytest.fixture

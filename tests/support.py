@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -205,6 +206,31 @@ def callback_body(order, result_code=0, amount=None, shape="classic", desc=None)
                             order["payment"]["checkout_request_id"] or "ws_CO_x", order["id"],
                             order["amount"] if amount is None else amount, "254712345678", result_code,
                             desc or result_description(result_code))
+
+
+@contextmanager
+def buyers_holding_every_connection(app):
+    """Every connection of `app`'s pool checked out, each in a transaction left open, one of them
+    holding the demo ticket type's row as a buyer's reservation does: sales open (issue 24).
+    Yields the pool; an order made meanwhile would wait its 10 s for a connection, then 503."""
+    from sqlalchemy import select
+
+    from eventi_flask.events.models import TicketType
+    from eventi_flask.extensions import db
+
+    with app.app_context():  # not kept: a request meanwhile must push its own
+        engine = db.engine
+    pool = engine.pool
+    connections = [engine.connect() for _ in range(pool.size() + pool._max_overflow)]
+    try:
+        connections[0].execute(select(TicketType.id).where(TicketType.code == DEMO["ticket_type"]).with_for_update())
+        for connection in connections[1:]:
+            connection.exec_driver_sql("SELECT 1")
+        assert pool.checkedout() == len(connections)
+        yield pool
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 # -- event files (API.md), as an organizer writes them --

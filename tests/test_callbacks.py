@@ -11,7 +11,7 @@ from eventi_flask.events.models import TicketType
 from eventi_flask.orders.models import Ticket
 from eventi_flask.payhero.models import PayheroCallback
 from tests.conftest import PUBLIC, forward_to
-from tests.support import DEMO, callback_body, wait_until
+from tests.support import DEMO, buyers_holding_every_connection, callback_body, wait_until
 
 URL = "/api/payhero/callback?token=sandbox"
 
@@ -50,6 +50,27 @@ def test_success_completes_the_order_and_issues_tickets(app, client, order, shap
     assert done["status"] == "completed" and done["version"] == order["version"] + 1
     assert done["payment"]["receipt"] and done["payment"]["result_code"] == 0
     assert len(done["tickets"]) == 2 and len({t["code"] for t in done["tickets"]}) == 2
+    assert [row[:2] for row in stored(app)] == [("applied", order["id"])]
+
+
+@pytest.mark.env(DB_POOL_SIZE="2", DB_MAX_OVERFLOW="1")
+def test_a_callback_is_applied_at_once_while_buyers_hold_every_pooled_connection(backend, app, client, order):
+    """PayHero never resends: a callback must not wait behind buyers for a database connection (issue 24)."""
+    if backend != "postgres-redis":
+        pytest.skip("SQLite: one writer at a time, in turn; callbacks use the app's engine")
+    import gevent
+
+    from tests.test_missed_callbacks import held_wait
+
+    waiting = held_wait(app, client, order)
+    with buyers_holding_every_connection(app):
+        paying = gevent.spawn(client.post, URL, json=callback_body(order))
+        # Well before the app's pool would give up (10 s, then a 503 PayHero never resends).
+        response = paying.get(timeout=5)
+        assert response.status_code == 200 and response.get_json()["status"] == "completed"
+        assert waiting.get(timeout=5).get_json()["status"] == "completed"  # the buyer's page learns it
+    done = client.get(f"/api/orders/{order['id']}").get_json()
+    assert done["status"] == "completed" and len(done["tickets"]) == 2
     assert [row[:2] for row in stored(app)] == [("applied", order["id"])]
 
 

@@ -32,6 +32,12 @@ def test_postgresql_prepares_no_statement_on_the_server_unless_asked():
     assert connect_args(DB_PREPARED_STATEMENTS="1")["prepare_threshold"] == 5
 
 
+def test_postgresql_keeps_connections_for_callbacks_that_orders_cannot_take():
+    assert Config({"DATABASE_URL": "postgres://u@h/d"}).DB_CALLBACK_POOL_SIZE == 4
+    assert Config({"DATABASE_URL": "postgres://u@h/d", "DB_CALLBACK_POOL_SIZE": "8"}).DB_CALLBACK_POOL_SIZE == 8
+    assert Config({}).DB_CALLBACK_POOL_SIZE is None  # SQLite: callbacks use the app's engine
+
+
 def test_a_certificate_requirement_is_added_to_a_tls_redis_url_that_does_not_say_one():
     def url(raw, **env):
         return Config({"REDIS_URL": raw, **env}).REDIS_URL
@@ -89,6 +95,7 @@ def test_an_order_with_no_callback_is_asked_about_after_the_prompt_had_its_time_
     ({k: v for k, v in LIVE.items() if k != "SECRET_KEY"}, "SECRET_KEY"),  # it signs the ticket links
     ({"DATABASE_URL": "postgres://u@h/d", "DB_PREPARED_STATEMENTS": "perhaps"}, "DB_PREPARED_STATEMENTS"),
     ({"DATABASE_URL": "postgres://u@h/d", "DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT"),
+    ({"DATABASE_URL": "postgres://u@h/d", "DB_CALLBACK_POOL_SIZE": "0"}, "DB_CALLBACK_POOL_SIZE"),  # none left for callbacks
     ({"REDIS_SSL_CERT_REQS": "off"}, "REDIS_SSL_CERT_REQS"),
     ({"ORDER_SHED_LAG": "0.1"}, "ORDER_SHED_LAG"),  # two figures: where shedding starts, where it is total
     ({"ORDER_SHED_LAG": "0.3,0.1"}, "ORDER_SHED_LAG"),

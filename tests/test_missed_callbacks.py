@@ -17,7 +17,7 @@ from eventi_flask.notify.service import HUB
 from eventi_flask.orders import missed_callbacks
 from eventi_flask.orders.history import timeline
 from eventi_flask.orders.models import Order, as_utc, utcnow
-from tests.support import DEMO, callback_body, free_port, get_wait, wait_until
+from tests.support import DEMO, buyers_holding_every_connection, callback_body, free_port, get_wait, wait_until
 from tests.test_reconcile import QUEUED_FOREVER, lost_callbacks  # noqa: F401 (a fixture)
 from tests.test_verification import CALLBACK, LIVE, RECEIPT, PayHeroStandIn, other_worker  # noqa: F401 (a fixture)
 
@@ -58,6 +58,18 @@ def test_sandbox_order_whose_callback_was_lost_is_settled_by_asking_once(app, cl
     assert counted(metrics.payments_asked, outcome="completed") == completed + 1
     shown = app.test_cli_runner().invoke(args=["orders", "show", order["id"]]).output
     assert "asked PayHero" in shown and "no callback after 0.3 s: transaction-status SUCCESS -> settled: completed" in shown
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
+@pytest.mark.env(**FAST, SANDBOX_CALLBACK_DELAY="0", DB_POOL_SIZE="2", DB_MAX_OVERFLOW="1")
+def test_a_lost_callback_is_settled_by_asking_while_buyers_hold_every_pooled_connection(app, client, lost_callbacks):  # noqa: F811
+    """The worker's asking settles on the callbacks' connections, as a callback would (issue 24)."""
+    order = client.post("/api/orders", json=DEMO).get_json()
+    waiting = held_wait(app, client, order)
+    with buyers_holding_every_connection(app):
+        answered = waiting.get(timeout=8).get_json()  # asked 0.3 s after the push; the app's pool gives up at 10 s
+    assert answered["status"] == "completed" and len(answered["tickets"]) == 1
+    assert [note["result"] for note in asked_notes(app, order)] == ["settled: completed"]
 
 
 @pytest.mark.env(PAYHERO_ASK_AFTER="0.2,0.4", RECONCILE_EXPIRE_AFTER="1.5", SANDBOX_CALLBACK_DELAY="0")

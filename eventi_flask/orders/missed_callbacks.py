@@ -121,24 +121,27 @@ class MissedCallbacks:
     def ask_due(self):
         """Ask PayHero about every order due now, once; seconds until the next look."""
         now = utcnow()
-        try:
-            earliest = db.session.execute(_EARLIEST_DUE).scalar()
-            db.session.commit()
-            if earliest is None or as_utc(earliest) > now:
-                next_push_due = now + timedelta(seconds=self.schedule[0])
-                due = min(as_utc(earliest), next_push_due) if earliest is not None else next_push_due
-                return min(max((due - now).total_seconds(), 0.05), IDLE_LOOK)
-            claimed = db.session.execute(_CLAIM, {"now": now, "lease_until": now + timedelta(seconds=ASK_LEASE)}).all()
-            db.session.commit()
-        finally:
-            db.session.remove()  # no connection held while PayHero is asked
+        # On the callbacks' connections, as each ask: this settles what a lost callback would have,
+        # and buyers holding every connection of the app's pool at sales open must not delay it.
+        with database.on_callbacks_engine():
+            try:
+                earliest = db.session.execute(_EARLIEST_DUE).scalar()
+                db.session.commit()
+                if earliest is None or as_utc(earliest) > now:
+                    next_push_due = now + timedelta(seconds=self.schedule[0])
+                    due = min(as_utc(earliest), next_push_due) if earliest is not None else next_push_due
+                    return min(max((due - now).total_seconds(), 0.05), IDLE_LOOK)
+                claimed = db.session.execute(_CLAIM, {"now": now, "lease_until": now + timedelta(seconds=ASK_LEASE)}).all()
+                db.session.commit()
+            finally:
+                db.session.remove()  # no connection held while PayHero is asked
         for order_id, reference, asks, created_at in claimed:
             self._asking.spawn(self._ask_in_context, order_id, reference, asks, as_utc(created_at))
         self._asking.join()
         return 0 if claimed else BUSY_LOOK  # more may be due; or others took these
 
     def _ask_in_context(self, order_id, reference, asks, created_at):
-        with self.app.app_context():
+        with self.app.app_context(), database.on_callbacks_engine():
             try:
                 self.ask(order_id, reference, asks, created_at)
             except SQLAlchemyError as exc:  # the claim's lease runs out and the order is asked about again

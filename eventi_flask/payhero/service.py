@@ -85,7 +85,8 @@ class StoredCallback:
 def record_refused_body(content_type, remote_addr, length):
     """A body too large to read is still a callback received: keep a trace of it."""
     log.info("PAYHERO Callback received")
-    StoredCallback(b"", content_type, remote_addr).save("too_large", f"{length} bytes, over the 64 KB limit; body not kept")
+    with database.on_callbacks_engine():
+        StoredCallback(b"", content_type, remote_addr).save("too_large", f"{length} bytes, over the 64 KB limit; body not kept")
 
 
 def token_matches(given):
@@ -97,26 +98,33 @@ def token_matches(given):
 
 
 def handle_callback(raw_body, content_type, token, remote_addr=None):
-    """Return (status code, body) for one callback.  Every body is stored."""
+    """Return (status code, body) for one callback.  Every body is stored.
+
+    On the callbacks' own connections (database.callbacks_engine): buyers holding every
+    connection of the app's pool at sales open neither delay a callback nor make it a 503.
+    """
     started = time.monotonic()
     log.info("PAYHERO Callback received")
     record = StoredCallback(raw_body, content_type, remote_addr)
-    try:
-        return _handle(record, raw_body, content_type, token)
-    except (ApiError, PoolTimeout):
-        raise  # answered as such; a pool timeout has no connection to store the body with
-    except SQLAlchemyError as exc:
-        kept = record.save_after_error(exc)
-        log.warning("PayHero callback not applied (%s), database error: %s",
-                    "body kept" if kept else "not stored", database.cause(exc))
-        # Nothing was applied: a 503 makes PayHero send it again rather than give up.
-        raise ApiError(503, "try_again", "The payment could not be recorded just now; please send it again.",
-                       headers={"Retry-After": "5"}) from exc
-    except Exception as exc:  # a bug of ours: still keep the body, then answer 500
-        record.save_after_error(exc)
-        raise
-    finally:
-        metrics.callback_duration.observe(time.monotonic() - started)
+    with database.on_callbacks_engine():
+        try:
+            return _handle(record, raw_body, content_type, token)
+        except (ApiError, PoolTimeout):
+            # Answered as such.  A pool timeout: the callbacks' connections all stayed busy for
+            # CALLBACK_POOL_TIMEOUT (a database that slow), and none is free to store the body with.
+            raise
+        except SQLAlchemyError as exc:
+            kept = record.save_after_error(exc)
+            log.warning("PayHero callback not applied (%s), database error: %s",
+                        "body kept" if kept else "not stored", database.cause(exc))
+            # Nothing was applied: a 503 makes PayHero send it again rather than give up.
+            raise ApiError(503, "try_again", "The payment could not be recorded just now; please send it again.",
+                           headers={"Retry-After": "5"}) from exc
+        except Exception as exc:  # a bug of ours: still keep the body, then answer 500
+            record.save_after_error(exc)
+            raise
+        finally:
+            metrics.callback_duration.observe(time.monotonic() - started)
 
 
 def _handle(record, raw_body, content_type, token):

@@ -19,6 +19,7 @@ import gevent
 from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
+from .. import database
 from ..errors import ApiError
 from ..extensions import db
 from ..orders import service as orders
@@ -90,7 +91,7 @@ def _reverify(app, order_id, schedule, callback_reference):
     check = {}
     for after in schedule:
         gevent.sleep(max(0.0, started + after - time.monotonic()))
-        with app.app_context():
+        with app.app_context(), database.on_callbacks_engine():  # settles as a callback would: on its connections
             try:
                 settled, check = _settle(order_id, started, callback_reference)
             except SQLAlchemyError as exc:  # the database is down: ask again at the next step
@@ -102,7 +103,7 @@ def _reverify(app, order_id, schedule, callback_reference):
                 db.session.remove()
         if settled:
             return
-    with app.app_context():
+    with app.app_context(), database.on_callbacks_engine():
         try:
             orders.save_note(order_id, NOTE, {**check, "after_seconds": schedule[-1], "result": "left to reconcile"})
         except SQLAlchemyError:
