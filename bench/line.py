@@ -272,4 +272,5 @@ def summary(result):
             f"last admitted at {result['last_admitted_after_s']} s; estimates honest {result['estimate_honest_share']}, "
             f"largest rise {result['estimate_largest_rise_pct']} %; "
             f"worker CPU {result['worker_cpu_ms_per_journey']} ms/journey{journeys.stand_ins_cpu(result)}; "
-            f"errors {result['buyer_errors']}{delivery.summary(result['messages'] and result['messages'].get('delivered'))}")
+            f"errors {result['buyer_errors']}"
+            f"{delivery.summary(result['messages'] and result['messages'].get('delivered'))}")
