@@ -15,6 +15,7 @@ import importlib
 import resource
 import sys
 
+from .delivery import providers
 from .server import DEFAULT_REDIS_URL, redis_cluster, serve
 
 MODES = {
@@ -74,6 +75,8 @@ def check(top, args):
     """Refuse, in one line, what would only fail later."""
     if args.url and (args.workers or args.no_redis or args.server_env or args.database != "postgres"):
         top.error("--workers, --database, --no-redis and --server-env configure a server we start: not with --url")
+    if args.url and getattr(args, "messages", "sandbox") != "sandbox":
+        top.error("--messages (--deliver) configures a server we start: not with --url")
     if args.no_redis and (args.workers or 1) > 1:
         top.error("--no-redis needs one worker (the in-process hub reaches only its own)")
     for item in args.server_env:
@@ -107,7 +110,9 @@ def main(argv=None):
     runs = []
     with redis_cluster() if getattr(module, "USES_CLUSTER", False) and not args.url else contextlib.nullcontext() as cluster_url:
         for i in range(args.repeat):
-            with serve(args, module.SERVER, cluster_url) as target:
+            with providers(args) as (provider_env, provider_entries), \
+                    serve(args, {**module.SERVER, **provider_env}, cluster_url) as target:
+                target.update(provider_entries)
                 result = asyncio.run(module.run(args, target))
             result["target"] = {k: v for k, v in target.items() if k in ("url", "workers", "worker_pids")}
             runs.append(result)

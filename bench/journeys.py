@@ -25,6 +25,7 @@ from datetime import datetime
 
 from eventi_flask.payhero.sandbox import read_reference
 
+from . import delivery
 from .client import ORDER_BODY, Conn, paced, post_order
 from .page import Watch, backoff, follow, story
 from .results import count_by, latency, rounded, spread
@@ -47,6 +48,13 @@ def add_arguments(parser, rate=300, buyers=3000, line=False):
     parser.add_argument("--order-timeout", type=float, default=30,
                         help="seconds a buyer waits for the POST's answer before retrying it (same key)")
     parser.add_argument("--give-up", type=float, default=120, help="seconds after arriving a buyer gives up")
+    parser.add_argument("--messages", choices=delivery.MESSAGES, default="sandbox",
+                        help="the tickets' SMS and email: sandbox (the SMS logged, no email; the default), deliver "
+                             "(to a real SMTP server and an Africa's Talking stand-in, each paid order's counted: "
+                             "bench/delivery.py), off (SMS_MODE=off, no SMTP_URL: no outbox, for CPU per journey "
+                             "without it)")
+    parser.add_argument("--deliver", dest="messages", action="store_const", const="deliver",
+                        help="--messages deliver: every paid order must get exactly one SMS and one email")
 
 
 def phone_and_outcome(i):
@@ -253,7 +261,8 @@ def switch_the_line_off(database_url):
 
 async def run_journeys(args, target, journey, buyers, deadline):
     """journey(host, port, buyer, args, deadline) for each buyer, arriving at --rate, ended at `deadline` (the
-    loop's time) at the latest; (the workers' usage meanwhile, the profile's top frames, the tickets' messages)."""
+    loop's time) at the latest; (the workers' usage meanwhile, the profile's top frames, the tickets' messages:
+    with --deliver, what the stand-ins received under "delivered")."""
     loop = asyncio.get_running_loop()
     if not args.line:
         await loop.run_in_executor(None, switch_the_line_off, target.get("database_url"))
@@ -267,7 +276,10 @@ async def run_journeys(args, target, journey, buyers, deadline):
     # The tickets' messages leave after their payments (later still while the workers are busy): their CPU
     # belongs to the journeys, so the workers are measured until the outbox is empty.
     messages = await loop.run_in_executor(None, messages_once_sent, target.get("database_url"), OUTBOX_DRAIN_S)
-    return usage.stop(), profiler.stop(), messages
+    used, profile = usage.stop(), profiler.stop()
+    if messages is not None and target.get("delivery"):  # read after the measured part: not the journeys' CPU
+        messages["delivered"] = await loop.run_in_executor(None, target["delivery"].report, target["database_url"])
+    return used, profile, messages
 
 
 def journey_outcomes(buyers, finished, wrong, used, profile, messages, failures):
@@ -276,6 +288,8 @@ def journey_outcomes(buyers, finished, wrong, used, profile, messages, failures)
     if messages and (messages["orders_missing_a_message"] or messages["claimed_more_than_once"]):
         failures.append(f"messages: {messages['orders_missing_a_message']} paid orders without each of theirs sent, "
                         f"{messages['claimed_more_than_once']} messages claimed more than once")
+    if messages and messages.get("delivered"):
+        failures += delivery.failures(messages["delivered"])
     cpu = worker_cpu_total(used)
     return {
         "outcomes": count_by(b.watch.status for b in finished),
@@ -304,5 +318,12 @@ def summary(result):
             f"{latency('time to be served', result['time_to_served_ms'])}; "
             f"wrong outcomes {result['wrong_outcomes']}, duplicate orders {result['duplicate_orders']}, "
             f"buyers needing a retry {result['buyers_needing_a_retry']}, errors {result['buyer_errors']}; "
-            f"messages {result['messages'] and result['messages']['by_channel_and_state']}; "
-            f"worker CPU {result['worker_cpu_percent']} %")
+            f"messages {result['messages'] and result['messages']['by_channel_and_state']}"
+            f"{delivery.summary(result['messages'] and result['messages'].get('delivered'))}; "
+            f"worker CPU {result['worker_cpu_percent']} % ({result['worker_cpu_ms_per_journey']} ms/journey)"
+            f"{stand_ins_cpu(result)}")
+
+
+def stand_ins_cpu(result):
+    """A clause for a summary line: the delivery stand-ins' CPU ('' without --deliver)."""
+    return "" if result.get("stand_ins_cpu_s") is None else f", stand-ins CPU {result['stand_ins_cpu_s']} s"

@@ -28,7 +28,7 @@ import random
 import time
 from datetime import datetime
 
-from . import journeys
+from . import delivery, journeys
 from .client import Conn, HttpError, Pool
 from .journeys import (Buyer, callback_delay, journey_outcomes, orders_in_database, post_until_answered,
                        run_journeys, updated_ms)
@@ -271,4 +271,6 @@ def summary(result):
             f"paid {result['tickets_paid']}; goodput {result['journeys_per_second']} journeys/s, "
             f"last admitted at {result['last_admitted_after_s']} s; estimates honest {result['estimate_honest_share']}, "
             f"largest rise {result['estimate_largest_rise_pct']} %; "
-            f"worker CPU {result['worker_cpu_ms_per_journey']} ms/journey; errors {result['buyer_errors']}")
+            f"worker CPU {result['worker_cpu_ms_per_journey']} ms/journey{journeys.stand_ins_cpu(result)}; "
+            f"errors {result['buyer_errors']}"
+            f"{delivery.summary(result['messages'] and result['messages'].get('delivered'))}")

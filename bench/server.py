@@ -24,7 +24,8 @@ DEFAULT_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 class Target(dict):
-    """The server under load: url, host, port, master_pid, worker_pids, workers, database_url, redis_url."""
+    """The server under load: url, host, port, master_pid, worker_pids, workers, database_url, redis_url (and,
+    with --deliver, its message providers' stand-ins: delivery, stand_ins_pid)."""
 
     @property
     def worker_pid(self):
@@ -137,10 +138,12 @@ def open_fds(pid):
 
 
 class Usage:
-    """CPU of each worker and of this load generator over the measured part of a run, and peak RSS."""
+    """CPU of each worker, of this load generator and of the delivery stand-ins (--deliver: a child process of
+    their own) over the measured part of a run, and peak RSS."""
 
     def __init__(self, target):
         self.pids = list(target["worker_pids"])
+        self.stand_ins_pid = target.get("stand_ins_pid")
         self.rss_peak = 0.0
         self.fds_peak = 0
         self._sampler = None
@@ -148,6 +151,7 @@ class Usage:
     def start(self):
         self.cpu0 = [cpu_seconds(pid) for pid in self.pids]
         self.client0 = time.process_time()
+        self.stand_ins0 = cpu_seconds(self.stand_ins_pid) if self.stand_ins_pid else None
         self.wall0 = time.monotonic()
         if self.pids:
             self._sampler = asyncio.ensure_future(self._sample())
@@ -160,17 +164,20 @@ class Usage:
             await asyncio.sleep(0.25)
 
     def stop(self):
-        """{"worker_cpu_s": [...], "worker_cpu_percent": [...], "client_cpu_s", "wall_s", peaks}."""
+        """{"worker_cpu_s": [...], "worker_cpu_percent": [...], "client_cpu_s", "stand_ins_cpu_s" (None without
+        them), "wall_s", peaks}."""
         if self._sampler:
             self._sampler.cancel()
         wall = time.monotonic() - self.wall0
         used = [None if a is None or b is None else b - a
                 for a, b in zip(self.cpu0, (cpu_seconds(pid) for pid in self.pids))]
+        stand_ins = cpu_seconds(self.stand_ins_pid) if self.stand_ins0 is not None else None
         return {
             "wall_s": round(wall, 2),
             "worker_cpu_s": [None if u is None else round(u, 2) for u in used],
             "worker_cpu_percent": [None if u is None else round(100 * u / wall, 1) for u in used],
             "client_cpu_s": round(time.process_time() - self.client0, 2),
+            "stand_ins_cpu_s": None if stand_ins is None else round(stand_ins - self.stand_ins0, 2),
             "worker_rss_mb_peak": round(self.rss_peak, 1) if self.pids else None,
             "worker_open_files_peak": self.fds_peak if self.pids else None,
         }

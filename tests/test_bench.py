@@ -48,6 +48,21 @@ def test_journeys_end_in_the_outcome_each_phone_decides(tmp_path):
     assert run["outcome_after_callback_ms"]["n"] == 40 and run["callback_delay_s"] == 0.5
 
 
+def test_journeys_deliver_each_paid_order_one_sms_and_one_email_to_real_providers(tmp_path):
+    line, run = run_mode(tmp_path, "journeys", "--deliver", "--buyers", "20", "--rate", "20", "--timeout", "20",
+                         "--server-env", "SANDBOX_CALLBACK_DELAY=0.5")
+    delivered = run["messages"]["delivered"]
+    # Of 20 buyers 17 pay: what the SMTP server and the Africa's Talking stand-in received, by receipt.
+    assert run["outcomes"]["completed"] == delivered["paid_orders"] == delivered["orders_with_one_of_each"] == 17
+    for channel in ("sms", "email"):
+        assert delivered[channel]["received"] == 17 and delivered[channel]["after_completion_ms"]["n"] == 17
+        assert delivered[channel]["orders_without"] == delivered[channel]["orders_with_more_than_one"] == 0
+        assert 0 < delivered[channel]["after_completion_ms"]["max"] < 60_000
+    assert delivered["received_for_no_paid_order"] == delivered["received_by_another_recipient"] == 0
+    assert "one SMS and one email each 17" in line and run["stand_ins_cpu_s"] is not None
+    assert run["failures"] == [] and run["worker_cpu_ms_per_journey"] > 0
+
+
 def test_overload_serves_every_buyer_once_and_makes_no_duplicate(tmp_path):
     _, run = run_mode(tmp_path, "overload", "--buyers", "40", "--rate", "40", "--timeout", "20",
                       "--server-env", "SANDBOX_CALLBACK_DELAY=0.5")
