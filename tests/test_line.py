@@ -314,7 +314,18 @@ def test_the_measured_rate_falls_gently_so_an_estimate_never_jumps_up_by_a_fifth
         shown.append(ahead / outflow.measured)
     assert outflow.measured > 0
     assert all(later <= earlier * 1.2 for earlier, later in zip(shown, shown[1:]))
-    assert shown[0] == pytest.approx((3000 - 60) / 60)  # the first measurement is taken as it is
+    assert shown[0] == pytest.approx((3000 - 60) / (20 + (60 - 20) * 0.2))  # smoothed from the first outflow
+
+
+def test_a_new_lead_and_a_forming_line_do_not_make_the_estimates_jump():
+    from eventi_flask.line.admitter import Outflow
+
+    forming = Outflow(start=40, cap=None)
+    forming.measure(3, 0, 1.0)  # the first tick found the first three buyers only
+    assert forming.measured >= 40 * 0.98
+    taking_over = Outflow(start=40, cap=None, measured=62.5)  # the last lead published 62.5 a second
+    taking_over.measure(0, 0, 1.0)  # its first tick made nobody's order yet
+    assert taking_over.measured == pytest.approx(62.5 * 0.98)
 
 
 def test_the_outflow_follows_answer_times_within_its_cap():
