@@ -214,6 +214,28 @@ def test_the_wait_answers_when_the_place_moves_and_when_it_is_admitted(app, clie
     assert admitted["version"] > moved["version"]
 
 
+@pytest.mark.env(LINE_FORCE="1", LINE_START_RATE="1", LINE_TICK="0.5")
+def test_a_page_asking_again_at_once_is_placed_from_memory_until_its_turn(app, client, wire, monkeypatch):
+    set_event(app, line_max_rate=1)  # one admission a second: the last place moves once a second, then is admitted
+    places = [join(client).get_json()["queue"] for _ in range(6)]
+    store = app.extensions[LINE].store
+    reads = []
+    view = store.view
+    monkeypatch.setattr(store, "view", lambda slug, place_id, *args, **kw: reads.append(place_id) or view(
+        slug, place_id, *args, **kw))
+
+    last, seen = places[-1], []
+    answer = client.get(f"/api/queue/{last['id']}/wait?since={last['version']}&timeout=10").get_json()
+    while answer["status"] == "queued":
+        seen.append(answer["position"])
+        answer = client.get(f"/api/queue/{last['id']}/wait?since={answer['version']}&timeout=10").get_json()
+    assert answer["status"] == "admitted" and answer["order"]["event"] == "test-this-end-to-end"
+    assert seen == sorted(seen, reverse=True) and seen[-1] == 1, seen  # it only moved forward, to the front
+    # Its first wait read it, and its turn (read until its order was made); the waits between were placed
+    # by the ticks alone.  Read at each wait, it would be at least one read per answer.
+    assert len(seen) >= 4 and len(reads) < len(seen), (reads, seen)
+
+
 def test_the_event_shows_its_line(client):
     line = client.get("/api/events/test-this-end-to-end").get_json()["line"]
     assert line == {"length": 0, "serving_rate": 0.0, "estimated_wait_s": 0}

@@ -31,6 +31,7 @@ from .local_store import PLACE_TTL_SECONDS, Place
 # waiting page's turn is one script on it, and under a busy event loop each round trip holds its connection
 # for a loop's turn.  The hub's 16 (its cache reads) queued joins for seconds and timed out into 503s.
 POOL_SIZE = 128
+ACTIVE_MARK_MS = 1000  # an event's line is marked active (line:events) at most this often per process
 
 # A place and where the line stands (its fields, the head, the tickets gone between them, the
 # line's state and length), for the scripts below.  KEYS: seq queue seen gone pre state ... as _JOIN's.
@@ -249,6 +250,7 @@ class RedisLineStore:
 
     def __init__(self, url, prefix=""):
         self.prefix = prefix
+        self._active_marked = {}  # slug -> when this process last marked the event's line active (ms)
         if is_cluster(url):
             self._client = redis.RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=1)
         else:
@@ -280,8 +282,10 @@ class RedisLineStore:
         outcome = ("none", "joined", "existing")[reply[0]]
         if outcome == "none":
             return outcome, None, None
-        if outcome == "joined":
+        if outcome == "joined" and now_ms - self._active_marked.get(slug, 0) >= ACTIVE_MARK_MS:
+            # Once a second per event and worker, not per join: the admitters only need to know it is alive.
             self._client.zadd(self._events, {slug: now_ms})
+            self._active_marked[slug] = now_ms
         return (outcome, *_view(reply[1]))
 
     def view(self, slug, place_id, now_ms, touch=True):

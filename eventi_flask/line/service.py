@@ -39,6 +39,7 @@ WAITING = ("queued", "admitting")  # admitting: its order is being made; the pag
 REFRESH_AHEAD_PER_SECOND = 20
 REFRESH_MOST = 20.0
 EVENT_CACHE_SECONDS = 5.0
+KNOWN_PLACES_MOST = 50_000  # places a worker remembers between a page's waits (a few hundred bytes each)
 DEGRADED_READ_SECONDS = 3.0  # an arriving order reads its event's line settings from this worker's memory
 
 
@@ -241,16 +242,23 @@ def estimated_wait(ahead, view, settings):
     return int(math.ceil(staying / rate + settings.seconds_to_opening(utcnow())))
 
 
-def _read(place_id):
+def _read(place_id, known_will_do=False):
+    """(slug, settings, (Place, view)) from the store; with `known_will_do`, from this worker's memory when
+    the place is known here as queued and its line's last tick, a moment old, says it still is."""
     slug = slug_of(place_id)
     settings = event_line(slug)
     line = get_line()
+    if known_will_do and settings is not None:
+        known = line.known_place(slug, place_id)
+        if known is not None:
+            return slug, settings, known
     try:
         view = line.store.view(slug, place_id, now_ms())
     except line.store_errors as exc:
         raise store_unavailable(exc) from None
     if view is None or settings is None:
         raise ApiError(404, "place_not_found", "No place in a line with that id.")
+    line.remember(place_id, *view)
     return slug, settings, view
 
 
@@ -288,7 +296,9 @@ def wait_for_place(place_id, timeout, since, client=None):
     """GET /api/queue/<id>/wait: the long poll.  Without `since`, at once.  Otherwise held until the
     place is served, refused or left, or it moved and has been held refresh_after(ahead) seconds, or
     `timeout` runs out.  Holds no database connection; wakes on the line's one message per tick."""
-    slug, settings, (place, view) = _read(place_id)
+    # A page asks again as soon as it is answered: that wait's place is known here, and the line's tick of a
+    # moment ago places it without a store read (a third of a held wait's CPU at a sale of 6,000).
+    slug, settings, (place, view) = _read(place_id, known_will_do=since is not None)
     answer = place_body(place, view, settings)
     if since is None or answer["status"] != "queued":
         return answer
@@ -324,6 +334,7 @@ def wait_for_place(place_id, timeout, since, client=None):
             elif tick is None or tick["tick"] <= view["tick"]:
                 continue
             else:
+                line.saw_tick(slug, tick)
                 fresh = moved(view, tick, place)
             if fresh is None:
                 place, view = _read(place_id)[2]
@@ -366,10 +377,34 @@ class Line:
         self.store_errors = store_errors
         self.events = {}  # slug -> (until, EventLine)
         self.reading = {}  # slug -> AsyncResult of the read under way (event_line)
+        self.places = {}  # place id -> (Place, view) as last read here, for the queued places (known_place)
+        self.ticks = {}  # slug -> (monotonic seconds, the line's last tick seen here)
+        self.tick_seconds = app.config["LINE_TICK"]
         self.patience = app.config["LINE_PATIENCE"]
         self._held = {}  # slug -> {place id: held waits}
         self._toucher = None
         self.admitter = Admitter(app, self)
+
+    def remember(self, place_id, place, view):
+        if place.status == "queued":
+            if len(self.places) >= KNOWN_PLACES_MOST:
+                del self.places[next(iter(self.places))]  # the longest known
+            self.places[place_id] = (place, view)
+        else:
+            self.places.pop(place_id, None)
+
+    def saw_tick(self, slug, tick):
+        self.ticks[slug] = (time.monotonic(), tick)
+
+    def known_place(self, slug, place_id):
+        """(Place, view) of a place known here as queued, moved by the line's last tick when that tick came
+        within two ticks; None when it may have changed (its turn came, it left, the pre-queue was shuffled)."""
+        known, seen = self.places.get(place_id), self.ticks.get(slug)
+        if known is None or seen is None or time.monotonic() - seen[0] > 2 * self.tick_seconds:
+            return None
+        place, view = known
+        fresh = moved(view, seen[1], place) if seen[1]["tick"] > view["tick"] else view
+        return (place, fresh) if fresh is not None else None
 
     def holding(self, slug, place_id, change):
         """A wait on the place begins (+1) or ends (-1): while held, its page counts as asking."""
