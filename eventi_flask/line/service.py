@@ -6,6 +6,7 @@ line's head (the lowest ticket still waiting) and its own, less those gone out o
 or told sold out).  So a move of the line is one small message per event (admitter.py publishes it
 through the notification hub), and every held wait of every worker works out its own place from it.
 """
+import dataclasses
 import hashlib
 import json
 import logging
@@ -171,6 +172,7 @@ def route_order(data, key):
     if outcome == "none":
         return None
     line.admitter.start()
+    line.remember(found.id, found, view)  # its page's first wait, a moment from now, is placed from memory
     if outcome == "existing":
         return _answer_again(found, view, place["body_hash"], settings)
     return _queued_response(place_body(found, view, settings))
@@ -389,7 +391,8 @@ class Line:
         if place.status == "queued":
             if len(self.places) >= KNOWN_PLACES_MOST:
                 del self.places[next(iter(self.places))]  # the longest known
-            self.places[place_id] = (place, view)
+            # Without the order's body and key (a wait never needs them): ~1 KB less a place.
+            self.places[place_id] = (dataclasses.replace(place, body="", body_hash="", order_key=""), view)
         else:
             self.places.pop(place_id, None)
 
