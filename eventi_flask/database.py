@@ -130,8 +130,10 @@ def callbacks_engine():
     On PostgreSQL, DB_CALLBACK_POOL_SIZE connections of their own, which order creations cannot
     take: at sales open every connection of the app's pool can be busy with buyers queued on a
     ticket type's row, and PayHero never resends a callback answered 503 (issue 24).  A callback
-    holds its connection for milliseconds (none while PayHero is asked), so a few serve hundreds
-    a second; past that they wait CALLBACK_POOL_TIMEOUT for one.  Elsewhere (SQLite, one writer
+    holds its connection for a few statements (none while PayHero is asked), but on a worker
+    holding 10,000 waits each statement also waits its turn of the event loop: 4 connections
+    capped it near 150 callbacks a second and made each wait 0.4-0.8 s for one (p50), 8 made it
+    35 ms, 16 made it 15 ms; hence 10.  Past them callbacks wait CALLBACK_POOL_TIMEOUT for one.  Elsewhere (SQLite, one writer
     at a time) the app's engine.
     """
     return current_app.extensions[CALLBACKS_ENGINE]

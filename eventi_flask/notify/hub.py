@@ -178,6 +178,12 @@ class Hub:
     def waiter_count(self):
         return self._count
 
+    def recheck_orders(self, order_ids):
+        """Ask the waiters of these orders (only) to read them again from the database."""
+        for order_id in order_ids:
+            for waiter in list(self._waiters.get(order_id, ())):
+                waiter.ask_recheck()
+
     def wake_all(self):
         """Ask every waiter to re-read its order (or, shutting down, to answer with what it has)."""
         for waiters in list(self._waiters.values()):
