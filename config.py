@@ -170,11 +170,11 @@ class Config:
         self.DB_CALLBACK_POOL_SIZE = None
         if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
             # The callbacks' own connections, which order creations cannot take (database.callbacks_engine).
-            self.DB_CALLBACK_POOL_SIZE = read_number(env, "DB_CALLBACK_POOL_SIZE", 10, minimum=1)
+            self.DB_CALLBACK_POOL_SIZE = read_number(env, "DB_CALLBACK_POOL_SIZE", 16, minimum=1)
             # Held waits give their connection back, so a small pool serves many.
             self.SQLALCHEMY_ENGINE_OPTIONS.update(
                 pool_size=read_number(env, "DB_POOL_SIZE", 10, minimum=1),
-                max_overflow=read_number(env, "DB_MAX_OVERFLOW", 20, minimum=0),
+                max_overflow=read_number(env, "DB_MAX_OVERFLOW", 14, minimum=0),
                 pool_timeout=10,
                 connect_args={
                     # psycopg prepares a statement on the server after 5 runs on one connection;

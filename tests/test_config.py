@@ -33,7 +33,7 @@ def test_postgresql_prepares_no_statement_on_the_server_unless_asked():
 
 
 def test_postgresql_keeps_connections_for_callbacks_that_orders_cannot_take():
-    assert Config({"DATABASE_URL": "postgres://u@h/d"}).DB_CALLBACK_POOL_SIZE == 10
+    assert Config({"DATABASE_URL": "postgres://u@h/d"}).DB_CALLBACK_POOL_SIZE == 16
     assert Config({"DATABASE_URL": "postgres://u@h/d", "DB_CALLBACK_POOL_SIZE": "8"}).DB_CALLBACK_POOL_SIZE == 8
     assert Config({}).DB_CALLBACK_POOL_SIZE is None  # SQLite: callbacks use the app's engine
 
