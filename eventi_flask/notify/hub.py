@@ -116,7 +116,9 @@ class Hub:
         self._waiters = {}  # order id -> set of Waiters
         self._count = 0
         self._version_source = None
-        self._recheck_now = gevent.event.Event()
+        self._recheck_now = gevent.event.Event()  # set: re-check every held order now
+        self._recheck_some = set()  # orders to re-check with the next pass (recheck_orders)
+        self._recheck_some_now = gevent.event.Event()
         self._poller = None
 
     # -- the interface the wait route and the service layer use --
@@ -179,10 +181,10 @@ class Hub:
         return self._count
 
     def recheck_orders(self, order_ids):
-        """Ask the waiters of these orders (only) to read them again from the database."""
-        for order_id in order_ids:
-            for waiter in list(self._waiters.get(order_id, ())):
-                waiter.ask_recheck()
+        """Re-check these orders (only) against the database: gathered into the next pass's one query, their
+        waiters woken if they changed (10,000 subscriptions confirmed late make a few queries, not 10,000 reads)."""
+        self._recheck_some.update(order_ids)
+        self._recheck_some_now.set()  # the re-check greenlet runs: it started with the first waiter
 
     def wake_all(self):
         """Ask every waiter to re-read its order (or, shutting down, to answer with what it has)."""
@@ -255,15 +257,18 @@ class Hub:
     def _recheck_forever(self):
         while True:
             interval = self.recheck_interval if self.connected else self.degraded_interval
-            self._recheck_now.wait(interval)
+            gevent.wait([self._recheck_now, self._recheck_some_now], timeout=interval, count=1)
+            every = self._recheck_now.is_set() or not self._recheck_some_now.is_set()  # asked to, or it is time
             self._recheck_now.clear()
+            self._recheck_some_now.clear()
+            some, self._recheck_some = self._recheck_some, set()
             try:
-                self._recheck_once()
+                self._recheck_once(None if every else some)
             except Exception:
                 log.exception("Re-checking held orders against the database failed")
 
-    def _recheck_once(self):
-        ids = list(self._waiters)
+    def _recheck_once(self, only=None):
+        ids = list(self._waiters) if only is None else [order_id for order_id in only if order_id in self._waiters]
         if not ids or self._version_source is None:
             return
         versions = self._version_source(ids)
