@@ -274,13 +274,10 @@ class Admitter:
             db.session.rollback()
             if not database.is_unavailable(exc):
                 raise
-            log.warning("Place %s's order could not be made now (%s); it will be tried again", place.id,
-                        database.cause(exc))
-            return False
+            return self._not_now(place, database.cause(exc))
         except ApiError as exc:
             if exc.status == 503:  # the database could not take it: nothing was saved or reserved
-                log.warning("Place %s's order could not be made now (%s); it will be tried again", place.id, exc.code)
-                return False
+                return self._not_now(place, exc.code)
             error = {"http_status": exc.status, "code": exc.code, "message": exc.message, "fields": exc.fields}
             status = "sold_out" if exc.code == "sold_out" else "refused"
             store.finish(slug, place.id, status, "error", error)
@@ -297,6 +294,12 @@ class Admitter:
         store.finish(slug, place.id, "admitted", "order", order)
         metrics.line_admitted.labels(slug, "admitted").inc()
         return True
+
+    @staticmethod
+    def _not_now(place, why):
+        """The database could not take the place's order: said, and False (its turn is tried again)."""
+        log.warning("Place %s's order could not be made now (%s); it will be tried again", place.id, why)
+        return False
 
     def _publish(self, slug, state, outflow):
         """The line's move, for every held wait of every worker: one message on the event's channel."""

@@ -20,11 +20,11 @@ BATCH_SIZE = 500
 
 
 class BatchedReads:
-    """read(order_id) -> the order's public body or None, read together with the orders others are waiting for
-    (the same for any key read in batches: `read_many(keys)` -> {key: value} for those found)."""
+    """read(key) -> its value or None, read together with the keys others are waiting for: the waits' orders
+    (order id -> public body), the Idempotency-Keys of buyers sent to a line (key -> True when used)."""
 
-    def __init__(self, read_orders, batch_size=BATCH_SIZE):
-        self._read_orders = read_orders  # ids -> {id: body} for those that exist; raises while the database is away
+    def __init__(self, read_many, batch_size=BATCH_SIZE):
+        self._read_many = read_many  # keys -> {key: value} for those found; raises while the database is away
         self._batch_size = batch_size
         self._queued = {}  # order id -> AsyncResult, shared by every wait queued for it
         self._reader = None
@@ -44,7 +44,7 @@ class BatchedReads:
                 ids = list(itertools.islice(self._queued, self._batch_size))
                 batch = {order_id: self._queued.pop(order_id) for order_id in ids}
                 try:
-                    bodies = self._read_orders(ids)
+                    bodies = self._read_many(ids)
                 except Exception as exc:
                     # Each wait of the batch answers as its own read would have: a 503 while the database is away.
                     for result in batch.values():
