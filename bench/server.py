@@ -137,9 +137,19 @@ def open_fds(pid):
         return None
 
 
+def machine_busy_jiffies():
+    """(busy, all) jiffies of every CPU since boot, from /proc/stat (steal counted busy: not ours to use)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 class Usage:
     """CPU of each worker, of this load generator and of the delivery stand-ins (--deliver: a child process of
-    their own) over the measured part of a run, and peak RSS."""
+    their own) over the measured part of a run, peak RSS, the whole machine's busy share, and how late this
+    generator's own event loop ran (a late loop measures its own lateness into every answer time)."""
+
+    LAG_PROBE_S = 0.02
 
     def __init__(self, target):
         self.pids = list(target["worker_pids"])
@@ -153,12 +163,26 @@ class Usage:
         self.client0 = time.process_time()
         self.stand_ins0 = cpu_seconds(self.stand_ins_pid) if self.stand_ins_pid else None
         self.wall0 = time.monotonic()
+        self.machine0 = machine_busy_jiffies()
+        self.lags_ms = []
+        self.timeline = []  # the workers' CPU seconds in each quarter second
+        self._lag_probe = asyncio.ensure_future(self._probe_lag())
         if self.pids:
             self._sampler = asyncio.ensure_future(self._sample())
         return self
 
-    async def _sample(self):
+    async def _probe_lag(self):
         while True:
+            started = time.perf_counter()
+            await asyncio.sleep(self.LAG_PROBE_S)
+            self.lags_ms.append((time.perf_counter() - started - self.LAG_PROBE_S) * 1000)
+
+    async def _sample(self):
+        last = self.cpu0
+        while True:
+            now = [cpu_seconds(pid) for pid in self.pids]
+            self.timeline.append(sum(b - a for a, b in zip(last, now) if a is not None and b is not None))
+            last = now
             self.rss_peak = max(self.rss_peak, sum(rss_mb(pid) or 0 for pid in self.pids))
             self.fds_peak = max(self.fds_peak, sum(open_fds(pid) or 0 for pid in self.pids))
             await asyncio.sleep(0.25)
@@ -168,7 +192,11 @@ class Usage:
         them), "wall_s", peaks}."""
         if self._sampler:
             self._sampler.cancel()
+        from .results import spread  # results imports this module
+
+        self._lag_probe.cancel()
         wall = time.monotonic() - self.wall0
+        busy, every = (b - a for a, b in zip(self.machine0, machine_busy_jiffies()))
         used = [None if a is None or b is None else b - a
                 for a, b in zip(self.cpu0, (cpu_seconds(pid) for pid in self.pids))]
         stand_ins = cpu_seconds(self.stand_ins_pid) if self.stand_ins0 is not None else None
@@ -177,7 +205,12 @@ class Usage:
             "worker_cpu_s": [None if u is None else round(u, 2) for u in used],
             "worker_cpu_percent": [None if u is None else round(100 * u / wall, 1) for u in used],
             "client_cpu_s": round(time.process_time() - self.client0, 2),
+            "client_loop_lag_ms": spread(self.lags_ms),
+            "machine_busy_percent": round(100 * busy / every, 1) if every else None,
             "stand_ins_cpu_s": None if stand_ins is None else round(stand_ins - self.stand_ins0, 2),
+            # the workers' CPU, % of one core, in each second of the run: a burst's saturation shows here
+            "worker_cpu_percent_by_second": [round(sum(self.timeline[i:i + 4]) * 100)
+                                             for i in range(1, len(self.timeline), 4)],
             "worker_rss_mb_peak": round(self.rss_peak, 1) if self.pids else None,
             "worker_open_files_peak": self.fds_peak if self.pids else None,
         }
@@ -325,6 +358,8 @@ class Profiler:
         own, busy = {}, 0
         for line in Path(self.path).read_text().splitlines():
             stack, _, count = line.rpartition(" ")
+            if not count.isdigit():  # a line cut short when py-spy stopped
+                continue
             frames = [frame_name(f) for f in stack.split(";") if f.strip()]
             if not frames or any(idle in frames[-1] for idle in self.IDLE):
                 continue
