@@ -236,6 +236,26 @@ def test_a_page_asking_again_at_once_is_placed_from_memory_until_its_turn(app, c
     assert len(seen) >= 4 and len(reads) < len(seen), (reads, seen)
 
 
+@pytest.mark.env(LINE_FORCE="1", LINE_START_RATE="5", LINE_TICK="0.1")
+def test_a_place_far_back_sleeps_through_the_ticks_and_answers_its_latest_place(app, client, wire, monkeypatch):
+    set_event(app, line_max_rate=5)  # five a second: the last of 80 moves every other tick, yet answers after 4 s
+    places = [join(client).get_json()["queue"] for _ in range(80)]
+    last = places[-1]
+    from eventi_flask.notify.hub import Waiter
+
+    wakes = []
+    wait = Waiter.wait
+    monkeypatch.setattr(Waiter, "wait", lambda self, timeout: wakes.append(timeout) or wait(self, timeout))
+
+    answer = client.get(f"/api/queue/{last['id']}/wait?since={last['version']}&timeout=2").get_json()
+    # Held through ~20 ticks that each moved the line: woken by none of them (its refresh is 4 s away), it
+    # answers at its timeout with where the line has got to, not where it stood when the wait began.
+    assert answer["status"] == "queued" and answer["version"] > last["version"]
+    now = place(client, last["id"])["position"]
+    assert answer["position"] < last["position"] and abs(answer["position"] - now) <= 2, (last, answer, now)
+    assert len(wakes) <= 2, wakes
+
+
 def test_the_event_shows_its_line(client):
     line = client.get("/api/events/test-this-end-to-end").get_json()["line"]
     assert line == {"length": 0, "serving_rate": 0.0, "estimated_wait_s": 0}

@@ -42,10 +42,14 @@ class WaitLimitReached(Exception):
 class Waiter:
     """One held request.  Woken with a message (an order change), a request to re-check, or its client leaving."""
 
-    __slots__ = ("order_id", "seen_version", "message", "recheck", "client_left", "_event", "_client_watcher", "_owner")
+    __slots__ = ("order_id", "seen_version", "message", "recheck", "client_left", "wants", "_event", "_client_watcher",
+                 "_owner")
 
     def __init__(self, order_id):
         self.order_id = order_id
+        # wants(message) -> bool, or None for every message: asked by the delivering loop itself, so that a
+        # message this waiter would only read and go back to sleep on costs no switch to its greenlet.
+        self.wants = None
         self.seen_version = None
         self.message = None
         self.recheck = False
@@ -88,6 +92,8 @@ class Waiter:
             watcher.close()
 
     def deliver(self, message):
+        if self.wants is not None and not self.wants(message):
+            return
         if self.message is None or message["version"] > self.message["version"]:
             self.message = message
         self._event.set()
