@@ -15,6 +15,7 @@ from eventi_flask import create_app
 from eventi_flask.events import service as events
 from eventi_flask.events.models import Event, TicketType
 from eventi_flask.extensions import db
+from eventi_flask.line import service as line_service
 from eventi_flask.line.service import LINE, tick_channel
 from eventi_flask.orders.models import Order
 from tests.conftest import shut_down
@@ -104,6 +105,25 @@ def test_past_capacity_an_order_joins_the_line_instead_of_503(app, client, wire)
     assert answer.status_code == 202 and answer.get_json()["status"] == "queued"
     assert order_rows(app) == []  # nothing reserved yet
     assert served(client, answer.get_json()["queue"]["id"])["status"] == "admitted"
+
+
+def test_buyers_arriving_faster_than_orders_are_served_form_a_line_in_order(app, client, wire, monkeypatch):
+    # No worker is shedding, but four buyers arrive within one window of the line's serving rate (max_rate 4
+    # a second: one order made at once a quarter second): the first is served at once, the rest join behind
+    # it, every worker and instance counting together (API.md: "formed only when buyers arrive faster than
+    # its orders are served"), rather than each worker making as many as it can until its loop falls behind.
+    set_event(app, line_max_rate=4)
+    frozen = line_service.now_ms()
+    monkeypatch.setattr(line_service, "now_ms", lambda: frozen)  # all four arrive in one window
+    answers = [join(client) for _ in range(4)]
+
+    assert [a.status_code for a in answers] == [201, 202, 202, 202]
+    assert [a.get_json()["queue"]["position"] for a in answers[1:]] == [1, 2, 3]
+    monkeypatch.undo()
+    outcomes = [served(client, a.get_json()["queue"]["id"]) for a in answers[1:]]
+    assert [o["status"] for o in outcomes] == ["admitted"] * 3
+    made = [row.id for row in order_rows(app)]
+    assert made == [answers[0].get_json()["id"], *(o["order"]["id"] for o in outcomes)]  # in the order they came
 
 
 @pytest.mark.env(ORDER_SHED_LAG="0,0")

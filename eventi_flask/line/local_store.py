@@ -12,6 +12,16 @@ import random
 import time
 
 PLACE_TTL_SECONDS = 24 * 3600  # as long as an Idempotency-Key answers (orders.service.IDEMPOTENCY_KEY_TTL)
+# Orders made at once (no line) are counted in windows this long: at most the serving rate's share of each.
+DIRECT_WINDOW_MS = 250
+
+
+def direct_allowance(rate, floor, cap):
+    """Orders one DIRECT_WINDOW_MS window may make at once: the serving rate (at least `floor`, at most `cap`)."""
+    rate = max(rate, floor)
+    if cap:
+        rate = min(rate, cap)
+    return max(int(rate * DIRECT_WINDOW_MS / 1000), 1)
 
 
 @dataclasses.dataclass
@@ -56,6 +66,7 @@ class _Line:
         self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "epoch": 0, "opened": None}
         self.lease = None  # (owner, expires at)
         self.last_join_ms = 0
+        self.direct = (None, 0)  # (window, orders made at once in it)
 
     def head(self):
         return next(iter(self.queue.values())) if self.queue else self.seq + 1
@@ -78,13 +89,18 @@ class LocalLineStore:
             line = self._lines[slug] = _Line()
         return line
 
-    def join(self, slug, place, key_hash, now_ms, pre, force):
+    def join(self, slug, place, key_hash, now_ms, pre, force, direct=(0, 0)):
         line = self._line(slug)
         existing = self._places.get(self._keys.get((slug, key_hash))) if key_hash else None
         if existing is not None and existing.status != "left":
             return ("existing", *self.view(slug, existing.id, now_ms, touch=False))
         if not force and not line.queue:
-            return "none", None, None
+            window, made = line.direct
+            window_now = now_ms // DIRECT_WINDOW_MS
+            made = made + 1 if window == window_now else 1
+            line.direct = (window_now, made)
+            if made <= direct_allowance(line.state["rate"], *direct):
+                return "none", None, None
         line.seq += 1
         joined = Place(id=place["id"], ticket=line.seq, status="queued", body=place["body"],
                        body_hash=place["body_hash"], order_key=place["order_key"], type=place["type"],

@@ -18,6 +18,7 @@ alone.  REDIS_PREFIX goes in front of every name.
     line:{s}:lease      the admitter's lease: its owner, expiring (SET NX PX)
     line:{s}:place:<id> HASH one place (24 h)
     line:{s}:key:<hash> the place an Idempotency-Key took (24 h)
+    line:{s}:direct:<n> orders made at once (nobody waiting) in window n (DIRECT_WINDOW_MS)
 """
 import json
 
@@ -25,7 +26,7 @@ import redis
 
 from ..notify.cluster_hub import is_cluster
 from ..notify.redis_hub import RedisHub
-from .local_store import PLACE_TTL_SECONDS, Place
+from .local_store import DIRECT_WINDOW_MS, PLACE_TTL_SECONDS, Place
 
 # Connections to Redis per worker for the line: every arriving order (600 a second at sales open) and every
 # waiting page's turn is one script on it, and under a busy event loop each round trip holds its connection
@@ -49,7 +50,7 @@ end
 
 # Join, or answer the place the key already holds.  A place that left gives its key back.
 # KEYS: seq queue seen gone pre state place key (`line:{s}:key:` alone: no key); ARGV: id body body_hash
-# order_key type quantity now_ms pre(0/1) force(0/1) ttl.  Returns {outcome, view_of(the place)}:
+# order_key type quantity now_ms pre(0/1) force(0/1) ttl direct_floor direct_cap window_ms.  Returns {outcome, view_of(the place)}:
 # outcome 0 no line, 1 joined, 2 existing.
 _JOIN = _VIEW_OF + """
 local keyed = string.sub(KEYS[8], -4) ~= 'key:'
@@ -62,7 +63,13 @@ if keyed then
   end
 end
 if ARGV[9] ~= '1' and redis.call('ZCARD', KEYS[2]) == 0 then
-  return {0}
+  -- Nobody waits: made at once, unless this window's share of the serving rate is taken (local_store.direct_allowance).
+  local rate = math.max(tonumber(redis.call('HGET', KEYS[6], 'rate') or '0'), tonumber(ARGV[11]))
+  if tonumber(ARGV[12]) > 0 then rate = math.min(rate, tonumber(ARGV[12])) end
+  local window = string.sub(KEYS[1], 1, -4) .. 'direct:' .. math.floor(tonumber(ARGV[7]) / tonumber(ARGV[13]))
+  local made = redis.call('INCR', window)
+  if made == 1 then redis.call('PEXPIRE', window, 2 * tonumber(ARGV[13])) end
+  if made <= math.max(math.floor(rate * tonumber(ARGV[13]) / 1000), 1) then return {0} end
 end
 local ticket = redis.call('INCR', KEYS[1])
 redis.call('HSET', KEYS[7], 'id', ARGV[1], 'ticket', ticket, 'status', 'queued', 'body', ARGV[2],
@@ -273,12 +280,14 @@ class RedisLineStore:
 
     # -- joining and reading --
 
-    def join(self, slug, place, key_hash, now_ms, pre, force):
+    def join(self, slug, place, key_hash, now_ms, pre, force, direct=(0, 0)):
         """Join, or find the place `key_hash` holds: (outcome, Place, view), the outcome "joined" or
-        "existing"; ("none", None, None) when the line is empty and `force` is not set."""
+        "existing"; ("none", None, None) when the line is empty, `force` is not set and the orders made at
+        once this window are within the serving rate (`direct`: its floor and cap, local_store.direct_allowance)."""
         reply = self._run("join", slug, self._names(f"place:{place['id']}", f"key:{key_hash or ''}"),
                           (place["id"], place["body"], place["body_hash"], place["order_key"], place["type"],
-                           place["quantity"], now_ms, int(pre), int(force), PLACE_TTL_SECONDS))
+                           place["quantity"], now_ms, int(pre), int(force), PLACE_TTL_SECONDS, *direct,
+                           DIRECT_WINDOW_MS))
         outcome = ("none", "joined", "existing")[reply[0]]
         if outcome == "none":
             return outcome, None, None

@@ -138,7 +138,9 @@ def route_order(data, key):
     """None to make the order now; else the answer to give (202 with a place, or a place's outcome).
 
     The order joins its event's line when this worker would shed it, when the line already has
-    people in it (a later arrival must not overtake them), before sales_start within
+    people in it (a later arrival must not overtake them), when buyers arrive faster than orders are
+    served (more orders made at once, every worker and instance together, than the line's serving rate
+    allows: at least LINE_START_RATE a second, at most max_rate), before sales_start within
     pre_queue_minutes, or always with LINE_FORCE.  503 busy only when it would be shed and there is
     no line to hold it (switched off for the event, or its store failing).
     """
@@ -164,7 +166,8 @@ def route_order(data, key):
              "order_key": key if key is not None else f"line:{place_id}",
              "type": data["ticket_type"], "quantity": data["quantity"]}
     try:
-        outcome, found, view = line.store.join(settings.slug, place, _key_hash(key), now_ms(), pre, force)
+        outcome, found, view = line.store.join(settings.slug, place, _key_hash(key), now_ms(), pre, force,
+                                               (current_app.config["LINE_START_RATE"], settings.max_rate or 0))
     except line.store_errors as exc:
         if force:
             raise store_unavailable(exc) from None
