@@ -21,7 +21,7 @@ from eventi_flask.messages import stop_sender  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
 from eventi_flask.orders import missed_callbacks  # noqa: E402
 from eventi_flask.payhero import sandbox, verify  # noqa: E402
-from tests.support import REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
+from tests.support import QUIET_LINE, REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
 
 # PayHero and our own callback URL live on this host in unit tests; requests-mock
 # carries both to the app in-process (see `wire`).
@@ -50,6 +50,7 @@ def settings(backend, tmp_path, request):
         "ORDER_LIMIT_PER_PHONE": "off",
         "ORDER_LIMIT_PER_CLIENT": "off",
         "DATABASE_URL": f"sqlite:///{tmp_path}/test.sqlite3",
+        **QUIET_LINE,
     }
     if backend == "postgres-redis":
         env["DATABASE_URL"] = request.getfixturevalue("pg_url")

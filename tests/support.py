@@ -22,6 +22,10 @@ PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres:postgr
 DEMO = {"event": "test-this-end-to-end", "ticket_type": "early-bird", "quantity": 1,
         "name": "Wanjiku Kamau", "email": "wanjiku@example.com", "phone": "0712345678"}
 
+# A test's setup that makes tens or hundreds of orders back to back is not a crowd at sales open: the line
+# forms from buyers' arrival rate (API.md "The line") only where a test asks for it (tests/test_line.py).
+QUIET_LINE = {"LINE_START_RATE": "100000"}
+
 
 def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
@@ -78,6 +82,7 @@ class LiveServer:
             "PUBLIC_BASE_URL": self.url,
             "ORDER_LIMIT_PER_PHONE": "off",
             "ORDER_LIMIT_PER_CLIENT": "off",
+            **QUIET_LINE,
             **{k: str(v) for k, v in env.items() if v is not None},
         }
         for name, value in env.items():

@@ -170,6 +170,7 @@ def test_a_place_whose_page_stopped_asking_is_left_and_the_line_goes_on(app, cli
     assert place(client, gone)["status"] == "left"
 
 
+@pytest.mark.env(LINE_START_RATE="40")  # four a tick: the late arrivals find the early ones still in line
 def test_the_pre_queue_is_shuffled_at_opening_and_later_arrivals_join_behind(app, client, wire):
     import_event(app, event_file(sales_start=when(seconds=3)))
     body = {**DEMO, "event": "sauti-live", "ticket_type": "regular", "quantity": 1}
