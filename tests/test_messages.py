@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import requests
 import requests_mock
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 import config as app_config
 from config import Config, ConfigError
@@ -36,7 +36,7 @@ from eventi_flask.orders.models import Order, Ticket
 from eventi_flask.web.ticket_links import order_id_from_token
 from bench.sms_standin import AfricasTalkingStandIn
 from tests.conftest import PUBLIC, shut_down
-from tests.support import DEMO, ROOT, free_port, procfile_command, wait_until
+from tests.support import DEMO, ROOT, Statements, free_port, procfile_command, wait_until
 
 MAIL_FROM = "Eventi Tickets <tickets@eventi.test>"
 REFUSED_PHONE = "0799000403"  # the stand-in answers statusCode 403 InvalidPhoneNumber for it
@@ -382,25 +382,6 @@ def complete_orders(app, count, prefix="batch"):
         receipts = {order.id: order.receipt for order in orders}
         db.session.remove()
         return receipts
-
-
-class Statements:
-    """The SQL statements an app's engine runs (an executemany counts once), by their first word."""
-
-    def __init__(self, app):
-        self.seen = []
-        with app.app_context():
-            self.engine = db.engine
-        event.listen(self.engine, "before_cursor_execute", self._count)
-
-    def _count(self, conn, cursor, statement, parameters, context, executemany):
-        self.seen.append(statement.split(None, 1)[0].upper())
-
-    def claims(self):
-        return sum(1 for statement in self.seen if statement == "WITH")  # the claim: WITH picked ... UPDATE
-
-    def close(self):
-        event.remove(self.engine, "before_cursor_execute", self._count)
 
 
 @pytest.fixture
