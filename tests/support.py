@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import requests
+from sqlalchemy import event
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -236,6 +237,35 @@ def buyers_holding_every_connection(app):
     finally:
         for connection in connections:
             connection.close()
+
+
+class Statements:
+    """The SQL statements an app's engine runs (an executemany counts once), by their first word; `commits`: how
+    many transactions it committed.  `engine_of(app)`: which engine (the app's own by default).
+
+    On PostgreSQL each is a round trip, and so is each COMMIT; psycopg sends a transaction's BEGIN on its own too."""
+
+    def __init__(self, app, engine_of=None):
+        from eventi_flask.extensions import db
+
+        self.seen, self.commits = [], 0
+        with app.app_context():
+            self.engine = engine_of() if engine_of else db.engine
+        event.listen(self.engine, "before_cursor_execute", self._count)
+        event.listen(self.engine, "commit", self._committed)
+
+    def _count(self, conn, cursor, statement, parameters, context, executemany):
+        self.seen.append(statement.split(None, 1)[0].upper())
+
+    def _committed(self, conn):
+        self.commits += 1
+
+    def claims(self):
+        return sum(1 for statement in self.seen if statement == "WITH")  # the claim: WITH picked ... UPDATE
+
+    def close(self):
+        event.remove(self.engine, "before_cursor_execute", self._count)
+        event.remove(self.engine, "commit", self._committed)
 
 
 # -- event files (API.md), as an organizer writes them --

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import requests
 import requests_mock
-from sqlalchemy import event, select
+from sqlalchemy import insert, select
 
 import config as app_config
 from config import Config, ConfigError
@@ -30,13 +30,13 @@ from eventi_flask.messages import sender as sender_module
 from eventi_flask.messages import start_sender, stop_sender
 from eventi_flask.messages.models import OutboxMessage
 from eventi_flask.messages.sender import Sender
-from eventi_flask.messages.service import delivery_channels, queue_for_completed_order
+from eventi_flask.messages.service import delivery_channels, outbox_rows, wake_after_commit
 from eventi_flask.messages.texts import SMS_LIMIT, gsm_length, sms_text
 from eventi_flask.orders.models import Order, Ticket
 from eventi_flask.web.ticket_links import order_id_from_token
 from bench.sms_standin import AfricasTalkingStandIn
 from tests.conftest import PUBLIC, shut_down
-from tests.support import DEMO, ROOT, free_port, procfile_command, wait_until
+from tests.support import DEMO, ROOT, Statements, free_port, procfile_command, wait_until
 
 MAIL_FROM = "Eventi Tickets <tickets@eventi.test>"
 REFUSED_PHONE = "0799000403"  # the stand-in answers statusCode 403 InvalidPhoneNumber for it
@@ -365,7 +365,7 @@ def test_two_senders_racing_send_each_message_once(app, settings, client, wire, 
 
 def complete_orders(app, count, prefix="batch"):
     """`count` orders completed at once, as a sale's callbacks would leave them: each with its ticket and its
-    messages queued (through queue_for_completed_order, the completion's own path), in one commit; their receipts
+    messages queued (outbox_rows, as the completion makes them), in one commit; their receipts
     by order id."""
     with app.app_context():
         ticket_type = db.session.scalars(select(TicketType).where(TicketType.code == DEMO["ticket_type"])).one()
@@ -375,32 +375,14 @@ def complete_orders(app, count, prefix="batch"):
         db.session.add_all(orders)
         db.session.flush()
         db.session.add_all(Ticket(order_id=order.id, code=secrets.token_hex(8).upper()) for order in orders)
-        for order in orders:
-            queue_for_completed_order(db.session.connection(), db.session,
-                                      {"id": order.id, "phone": order.phone, "email": order.email})
+        queued = [row for order in orders for row in outbox_rows({"id": order.id, "phone": order.phone,
+                                                                  "email": order.email})]
+        db.session.execute(insert(OutboxMessage), queued)
+        wake_after_commit(db.session)
         db.session.commit()
         receipts = {order.id: order.receipt for order in orders}
         db.session.remove()
         return receipts
-
-
-class Statements:
-    """The SQL statements an app's engine runs (an executemany counts once), by their first word."""
-
-    def __init__(self, app):
-        self.seen = []
-        with app.app_context():
-            self.engine = db.engine
-        event.listen(self.engine, "before_cursor_execute", self._count)
-
-    def _count(self, conn, cursor, statement, parameters, context, executemany):
-        self.seen.append(statement.split(None, 1)[0].upper())
-
-    def claims(self):
-        return sum(1 for statement in self.seen if statement == "WITH")  # the claim: WITH picked ... UPDATE
-
-    def close(self):
-        event.remove(self.engine, "before_cursor_execute", self._count)
 
 
 @pytest.fixture

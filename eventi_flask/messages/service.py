@@ -1,10 +1,11 @@
 """The tickets' messages: written to the outbox with the order's completion, listed, sent again.
 
-orders.service._apply calls queue_for_completed_order() in the transaction that completes an
-order (every path does: a callback, a late success, reconcile, re-verification), so the order is
-never completed without its messages, nor its messages written for an order that is not.  After
-that transaction commits, this process's sender is woken (sender.py); a message it does not send
-(another process completed the order, or this one stopped) is found by a sweep.
+orders.service._apply writes the outbox_rows() of an order in the transaction that completes it (every
+path does: a callback, a late success, reconcile, re-verification; on PostgreSQL in the very statement
+that completes it), so the order is never completed without its messages, nor its messages written for
+an order that is not.  After that transaction commits, this process's sender is woken (sender.py,
+wake_after_commit); a message it does not send (another process completed the order, or this one
+stopped) is found by a sweep.
 """
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,17 +41,19 @@ def delivery_channels(config=None):
                  if channel != "sms" or config["SMS_MODE"] == "africastalking")
 
 
-def queue_for_completed_order(connection, session, order):
-    """Write `order`'s messages (a row with id, phone, email) on `connection`, in the transaction that completes
-    it; its sender is woken after `session` commits.  One statement, nothing rendered."""
+def outbox_rows(order):
+    """`order`'s messages (a row with id, phone, email) as outbox rows, one a channel configured, nothing rendered:
+    the caller writes them in the transaction that completes it, then wake_after_commit()."""
     config = current_app.config
     now = utcnow()
     recipients = {"sms": order["phone"], "email": order["email"]}
-    rows = [{"order_id": order["id"], "channel": channel, "recipient": recipients[channel], "state": PENDING,
+    return [{"order_id": order["id"], "channel": channel, "recipient": recipients[channel], "state": PENDING,
              "attempts": 0, "next_attempt_at": now, "created_at": now} for channel in queued_channels(config)]
-    if rows:
-        connection.execute(_QUEUE, rows)
-        session.info[_WAKE] = current_app.extensions[SENDER]
+
+
+def wake_after_commit(session):
+    """Wake this process's sender once `session` commits: it wrote messages (outbox_rows) in its transaction."""
+    session.info[_WAKE] = current_app.extensions[SENDER]
 
 
 @event.listens_for(Session, "after_commit")

@@ -4,7 +4,9 @@ These use SQLAlchemy Core rather than the ORM, with every statement built once
 here and given its values as parameters at execution: no unit of work, no
 identity map, no per-call statement building or cache-key hashing.  That took
 a callback from 12 round trips and 5.5 ms of CPU to 7 and 2.6 ms
-(scripts/bench_callback.py; BENCHMARKS.md).
+(scripts/bench_callback.py; BENCHMARKS.md); on PostgreSQL its writes are now one
+statement (change_order), so a paid callback is 4 round trips: BEGIN, the locking
+read, that statement, COMMIT.
 Creating an order is one statement that reserves the tickets and inserts the
 order (see create_order for why).  The rarer changes stay in the ORM (service.py).
 On PostgreSQL an order's two statements, each its own transaction, go straight
@@ -14,17 +16,22 @@ execution context around them were a fifth of an order's CPU (BENCHMARKS.md).
 A row is a mapping of the orders table's columns plus `ticket_type_code` and
 `event_slug`: what schemas.order_body() needs to answer.
 """
+from dataclasses import dataclass
+from typing import Callable
+
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Boolean, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm.exc import StaleDataError
 
 from .. import metrics
 from ..events.models import Event, TicketType
+from ..messages.models import OutboxMessage
 from .models import IdempotencyKey, Order, OrderLogEntry, Ticket
 
 ORDERS, TICKETS, TICKET_TYPES, EVENTS = Order.__table__, Ticket.__table__, TicketType.__table__, Event.__table__
-ORDER_LOG, KEYS = OrderLogEntry.__table__, IdempotencyKey.__table__
+ORDER_LOG, KEYS, MESSAGES = OrderLogEntry.__table__, IdempotencyKey.__table__, OutboxMessage.__table__
 
 _ORDER_ROW = (
     select(ORDERS, TICKET_TYPES.c.code.label("ticket_type_code"), EVENTS.c.slug.label("event_slug"))
@@ -66,6 +73,62 @@ _RELEASE_TICKETS = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("t
 _HOLD_AGAIN = (update(TICKET_TYPES).where(TICKET_TYPES.c.id == bindparam("ticket_type_id"),
                                           TICKET_TYPES.c.capacity - TICKET_TYPES.c.reserved >= bindparam("quantity"))
                .values(reserved=TICKET_TYPES.c.reserved + bindparam("quantity")))
+
+# -- a payment's change (service._apply) --
+# On PostgreSQL one statement after the locking read, rather than four or five: the order's guarded
+# UPDATE, its tickets, its messages (the outbox), the tickets it gives back and the row recording the
+# payment (a stored callback).  On a worker holding thousands of waits each round trip waits its turn
+# of the event loop, and a storm's slow runs grew in psycopg's sends of those statements (BENCHMARKS.md).
+# Every column a change may set, the row's own value where it does not: one statement for every change.
+_CHANGE_COLUMNS = ("status", "result_code", "result_desc", "receipt", "payhero_reference", "checkout_request_id",
+                   "refund_due", "version", "updated_at")
+_CHANGED = (_UPDATE_ORDER.values({name: bindparam(name, type_=ORDERS.c[name].type) for name in _CHANGE_COLUMNS})
+            .returning(ORDERS.c.id, ORDERS.c.ticket_type_id, ORDERS.c.quantity).cte("changed"))
+# The rest only FROM changed, so only if the guarded UPDATE was made; rows given as one array per column.
+_MESSAGE_COLUMNS = ("channel", "recipient", "state", "attempts", "next_attempt_at", "created_at")
+
+
+def _each(name, column):
+    return func.unnest(bindparam(name, type_=postgresql.ARRAY(column.type)))
+
+
+_TICKETS_ADDED = (insert(TICKETS)
+                  .from_select(["order_id", "code"], select(_CHANGED.c.id, _each("codes", TICKETS.c.code)))
+                  .cte("tickets_added"))
+_MESSAGES_QUEUED = (insert(MESSAGES).from_select(["order_id", *_MESSAGE_COLUMNS],
+                                                 select(_CHANGED.c.id, *(_each("message_" + name, MESSAGES.c[name])
+                                                                        for name in _MESSAGE_COLUMNS)))
+                    .cte("messages_queued"))
+# A ticket type's row is what buyers queue on: not touched at all unless the change gives tickets back.
+_TICKETS_RELEASED = (update(TICKET_TYPES)
+                     .where(TICKET_TYPES.c.id == _CHANGED.c.ticket_type_id, bindparam("releases", type_=Boolean))
+                     .values(reserved=TICKET_TYPES.c.reserved - _CHANGED.c.quantity)
+                     .cte("tickets_released"))
+_QUEUE_MESSAGES = insert(MESSAGES)  # SQLite: as many rows as given, one executemany
+_CHANGE = (select(func.count().label("changed")).select_from(_CHANGED)
+           .add_cte(_TICKETS_ADDED, _MESSAGES_QUEUED, _TICKETS_RELEASED))
+_CHANGE_RECORDED = {}  # RowWrite.statement -> _CHANGE with that row written too, built once for each
+
+
+@dataclass(frozen=True)
+class RowWrite:
+    """A row of its caller's own, written with an order's change (change_order) or alone (write_row): an
+    INSERT or UPDATE of one row, RETURNING its id, built once, its parameters named apart from the
+    order's (prefixed); `written(id)` is told the row's id once it is sent."""
+
+    statement: object
+    params: dict
+    written: Callable
+
+
+def _change_recorded(statement):
+    try:
+        return _CHANGE_RECORDED[statement]
+    except KeyError:
+        recorded = statement.cte("recorded")
+        _CHANGE_RECORDED[statement] = _CHANGE.add_columns(select(recorded.c.id).scalar_subquery().label("recorded"))
+        return _CHANGE_RECORDED[statement]
+
 
 # -- creating an order --
 # The ticket type as the API names it (event slug, type code), and whether it has room.
@@ -245,6 +308,44 @@ def update_order(connection, row, changes):
 
 def add_tickets(connection, order_id, codes):
     connection.execute(_INSERT_TICKET, [{"order_id": order_id, "code": code} for code in codes])
+
+
+def change_order(connection, row, changes, codes=(), messages=(), releases=False, record=None):
+    """Write `changes` to the order read as `row` and, only if it was written: add its tickets `codes`, queue
+    its `messages` (outbox rows, the columns of _MESSAGE_COLUMNS), give its tickets back if `releases`, and
+    write `record` (a RowWrite).  False, and nothing written, if the order changed since it was read.
+
+    On PostgreSQL one statement, which the row lock the caller holds (find_for_payment) always lets through;
+    on SQLite one statement each, as they were before.
+    """
+    if connection.dialect.name != "postgresql":
+        if not update_order(connection, row, changes):
+            return False
+        if codes:
+            add_tickets(connection, row["id"], codes)
+        if messages:
+            connection.execute(_QUEUE_MESSAGES, list(messages))
+        if releases:
+            release_tickets(connection, row["ticket_type_id"], row["quantity"])
+        if record is not None:
+            write_row(connection, record)
+        return True
+    params = {"order_id": row["id"], "read_version": row["version"], "codes": list(codes), "releases": releases,
+              **{name: row[name] for name in _CHANGE_COLUMNS}, **changes,
+              **{"message_" + name: [message[name] for message in messages] for name in _MESSAGE_COLUMNS}}
+    if record is None:
+        return connection.execute(_CHANGE, params).scalar_one() == 1
+    written = connection.execute(_change_recorded(record.statement), {**params, **record.params}).one()
+    if written.changed != 1:
+        # The record was written all the same: this must fail the transaction, not be decided again.
+        raise StaleDataError(f"Order {row['id']} changed under its row lock")
+    record.written(written.recorded)
+    return True
+
+
+def write_row(connection, write):
+    """Write `write` (a RowWrite) alone, in the connection's transaction."""
+    write.written(connection.execute(write.statement, write.params).scalar_one())
 
 
 def release_tickets(connection, ticket_type_id, quantity):

@@ -455,17 +455,21 @@ def _payment_keys(outcome, order_id=None):
             ("payhero_reference", outcome.reference)]
 
 
-def apply_payment_outcome(outcome, order_id=None, record=None):
+def apply_payment_outcome(outcome, order_id=None, record=None, record_row=None):
     """Find the order `outcome` is about (or `order_id`), apply it under a row lock; commit.
 
     Returns (Transition, order body), or (None, None) when no order matches.
     The lock makes concurrent repeats of one callback queue up: the first one
     moves the order, the others find it final and change nothing.
     `record(order_id, transition)` runs in the same transaction, so a stored
-    callback commits together with its effect.
+    callback commits together with its effect.  `record_row(order_id, transition)`
+    says the same as one row to write (a rows.RowWrite), and makes no write itself:
+    it is written with the order's change, in the same statement on PostgreSQL
+    (rows.change_order), or alone when nothing changes.
     """
     connection = db.session.connection()
     transition = body = None
+    unwritten = record_row  # until a change writes it
     while True:
         row = rows.find_for_payment(connection, _payment_keys(outcome, order_id), lock=True,
                                     receipt=outcome.receipt, reference=outcome.reference)
@@ -476,14 +480,18 @@ def apply_payment_outcome(outcome, order_id=None, record=None):
             _log_unchanged(row, outcome, transition)
             body = _row_body(row, connection)
             break
-        body = _apply(connection, row, transition, outcome)
+        body = _apply(connection, row, transition, outcome, record_row and record_row(row["id"], transition))
         if body is not None:
+            unwritten = None
             break
         # Changed since we read it (SQLite only: see rows.py): decide again on what it is now.
         if held_again:
             rows.release_tickets(connection, row["ticket_type_id"], row["quantity"])
+    found_id = row["id"] if row is not None else None
+    if unwritten is not None:
+        rows.write_row(connection, unwritten(found_id, transition))
     if record is not None:
-        record(row["id"] if row is not None else None, transition)
+        record(found_id, transition)
     db.session.commit()
     if transition is not None and transition.decision is Decision.REFUND_DUE:
         metrics.payments_refund_due.inc()
@@ -509,8 +517,9 @@ def _log_unchanged(row, outcome, transition):
                     row["id"], outcome.receipt, outcome.reference)
 
 
-def _apply(connection, row, transition, outcome):
-    """Make `transition` to the order read as `row`; its new body, or None if it changed since it was read."""
+def _apply(connection, row, transition, outcome, record=None):
+    """Make `transition` to the order read as `row`, written with `record` (a rows.RowWrite, or None); its
+    new body, or None if it changed since it was read (nothing written then)."""
     status = transition.status
     # A failure naming a payment another order holds (M-Pesa's failures carry no receipt; a malformed or
     # replayed one may) moves this order's status, and takes none of that payment's names: their unique
@@ -530,18 +539,16 @@ def _apply(connection, row, transition, outcome):
         changes.update(status=status.value, result_code=outcome.result_code,
                        result_desc=outcome.result_desc or PLAIN_REASONS.get(outcome.result_code),
                        receipt=None if foreign else outcome.receipt or None)
-    if not rows.update_order(connection, row, changes):
+    completes = transition.decision is Decision.APPLY and status is Status.COMPLETED
+    codes = [_ticket_code() for _ in range(row["quantity"])] if completes else []
+    queued = messages.outbox_rows(row) if completes else []  # its SMS and email, sent after the commit
+    if not rows.change_order(connection, row, changes, codes, queued, transition.releases_tickets, record):
         return None
-    codes = []
+    if queued:
+        messages.wake_after_commit(db.session)
     if transition.decision is Decision.REFUND_DUE:
         log.warning("Refund due: order %s is %s and has no tickets left to give, but M-Pesa receipt %s paid KES %s "
                     "for it (see `flask orders unsettled`)", row["id"], row["status"], changes["receipt"], row["amount"])
-    elif status is Status.COMPLETED:
-        codes = [_ticket_code() for _ in range(row["quantity"])]
-        rows.add_tickets(connection, row["id"], codes)
-        messages.queue_for_completed_order(connection, db.session, row)  # its SMS and email, sent after the commit
-    elif transition.releases_tickets:
-        rows.release_tickets(connection, row["ticket_type_id"], row["quantity"])
     body = order_body({**row, **changes}, codes)
     notify_after_commit(db.session, body)
     if transition.decision is Decision.APPLY:

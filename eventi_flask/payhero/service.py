@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import database, metrics
 from ..errors import ApiError
 from ..extensions import db
+from ..orders import rows
 from ..orders import service as orders
 from ..orders.models import utcnow
 from ..orders.schemas import field_errors
@@ -25,9 +26,14 @@ from .verify import amount_doubt, ask_payhero, reverify_later, unconfirmed
 log = logging.getLogger(__name__)
 
 CALLBACKS = PayheroCallback.__table__
-# Built once: this is the hot path.
-_INSERT_CALLBACK = insert(CALLBACKS).returning(CALLBACKS.c.id)
-_UPDATE_CALLBACK = update(CALLBACKS).where(CALLBACKS.c.id == bindparam("callback_id"))
+# Built once: this is the hot path.  Its parameters named apart from an order's: on PostgreSQL the
+# record goes in the statement that applies it (rows.change_order).
+_VALUES = {name: bindparam("callback_" + name, type_=CALLBACKS.c[name].type)
+           for name in ("received_at", "content_type", "remote_addr", "body", "outcome", "detail", "order_id")}
+_INSERT_CALLBACK = insert(CALLBACKS).values(_VALUES).returning(CALLBACKS.c.id)
+_UPDATE_CALLBACK = (update(CALLBACKS).where(CALLBACKS.c.id == bindparam("callback_id"))
+                    .values({name: _VALUES[name] for name in ("outcome", "detail", "order_id")})
+                    .returning(CALLBACKS.c.id))
 RECEIVED = "received"  # stored, not yet handled (only while PayHero is asked to confirm it)
 
 
@@ -53,13 +59,19 @@ class StoredCallback:
 
     def write(self, outcome, detail=None, order_id=None):
         """Write the record, or its new outcome, in the current transaction; the caller commits."""
-        connection = db.session.connection()
+        rows.write_row(db.session.connection(), self.row(outcome, detail, order_id))
+
+    def row(self, outcome, detail=None, order_id=None):
+        """The record, or its new outcome, as a rows.RowWrite: written by whoever sends it, in its transaction."""
         values = {"outcome": outcome, "detail": detail, "order_id": order_id}
         if self.id is None:
-            self._written = (connection.execute(_INSERT_CALLBACK, {**self.values, **values}).scalar_one(), outcome)
+            statement, values = _INSERT_CALLBACK, {**self.values, **values}
         else:
-            connection.execute(_UPDATE_CALLBACK, {"callback_id": self.id, **values})
-            self._written = (self.id, outcome)
+            statement, values = _UPDATE_CALLBACK, {"id": self.id, **values}
+
+        def written(callback_id):
+            self._written = (callback_id, outcome)
+        return rows.RowWrite(statement, {"callback_" + name: value for name, value in values.items()}, written)
 
     def committed(self):
         self.id, outcome = self._written
@@ -157,10 +169,10 @@ def _handle(record, raw_body, content_type, token):
                 reverify_later(order_id, callback.reference)
                 return 200, {"received": True, "order": order_id, "status": found["status"]}
 
-    def write_record(found_id, transition):
-        record.write(transition.decision.value if transition else "unknown_order", order_id=found_id)
+    def record_row(found_id, transition):
+        return record.row(transition.decision.value if transition else "unknown_order", order_id=found_id)
 
-    transition, order = orders.apply_payment_outcome(outcome, order_id, record=write_record)
+    transition, order = orders.apply_payment_outcome(outcome, order_id, record_row=record_row)
     record.committed()
     if transition is None:
         raise ApiError(404, "order_not_found", "No order matches this payment's reference.")
