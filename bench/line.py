@@ -29,7 +29,7 @@ import time
 from datetime import datetime
 
 from . import delivery, journeys
-from .client import Conn, HttpError, Pool
+from .client import ORDER_BODY, Conn, HttpError, Pool
 from .journeys import (Buyer, callback_delay, journey_outcomes, orders_in_database, post_until_answered,
                        run_journeys, updated_ms)
 from .page import Watch, ask, follow, reconnect_after
@@ -137,6 +137,32 @@ def fairness(buyers, joined=lambda buyer: buyer.came_at):
     return worst, pair
 
 
+async def watch_the_line(host, port, shown):
+    """What the event's page says of its line, (serving_rate, length) once a second, appended to `shown`."""
+    conn = Conn(host, port)
+    try:
+        while True:
+            try:
+                answer = await conn.request("GET", f"/api/events/{ORDER_BODY['event']}")
+                line = answer.json().get("line") or {}
+                shown.append((line.get("serving_rate"), line.get("length")))
+            except (OSError, HttpError, ValueError):
+                shown.append(None)
+                conn.close()
+                conn = Conn(host, port)
+            await asyncio.sleep(1)
+    finally:
+        conn.close()
+
+
+def per_second(offsets_s):
+    """[how many of these moments fell in second 0, 1, ...]."""
+    counts = {}
+    for offset in offsets_s:
+        counts[int(offset)] = counts.get(int(offset), 0) + 1
+    return [counts.get(second, 0) for second in range(max(counts, default=-1) + 1)]
+
+
 def story_of(buyer, started_wall):
     """A buyer's place for a report: when it joined and was admitted (seconds into the run), its first answer."""
     return {"buyer": buyer.index, "came_s": rounded(buyer.came_at - started_wall, 3),
@@ -199,7 +225,11 @@ async def run(args, target):
     buyers = [LineBuyer(i, chooser.random() < args.leave_share) for i in range(args.buyers)]
     started, started_wall = loop.time(), time.time()
     deadline = started + args.buyers / args.rate + args.give_up + args.timeout + 2 * args.patience + 30
+    shown = []
+    watcher = asyncio.ensure_future(watch_the_line(host, port, shown))
     used, profile, messages = await run_journeys(args, target, journey, buyers, deadline)
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
 
     answers = [a for b in buyers for a in b.answers]
     queued = [b for b in buyers if b.place is not None]
@@ -251,6 +281,10 @@ async def run(args, target):
         "tickets_pending": pending,
         "journeys": len(finished),
         "journeys_per_second": rounded(len(finished) / (last - started)) if last and last > started else None,
+        # the outflow as the buyers saw it: how many were admitted in each second of the run; beside it the
+        # serving rate and the length the event's page showed (GET /api/events/<slug>), once a second
+        "admitted_by_second": per_second((b.admitted_at - started_wall for b in admitted)),
+        "line_shown_by_second": shown,
         "last_admitted_after_s": rounded(max((b.admitted_at for b in admitted), default=started_wall) - started_wall),
         "time_to_admitted_ms": spread((b.admitted_at - b.joined_at) * 1000 for b in admitted),
         "estimate_honest_share": rounded(sum(1 for b in queued_admitted if honest(b)) / len(queued_admitted), 3)
