@@ -157,7 +157,7 @@ def live_server_factory(tmp_path_factory):
 
     def start(**env):
         log_path = tmp_path_factory.mktemp("gunicorn") / "server.log"
-        server = LiveServer(env, log_path)
+        server = LiveServer({**QUIET_LINE, **env}, log_path)  # not the benchmarks' servers: only the tests'
         servers.append(server)
         return server.start()
 

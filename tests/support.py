@@ -83,7 +83,6 @@ class LiveServer:
             "PUBLIC_BASE_URL": self.url,
             "ORDER_LIMIT_PER_PHONE": "off",
             "ORDER_LIMIT_PER_CLIENT": "off",
-            **QUIET_LINE,
             **{k: str(v) for k, v in env.items() if v is not None},
         }
         for name, value in env.items():

@@ -16,7 +16,7 @@ import gevent
 import pytest
 import requests
 
-from tests.support import DEMO, ROOT, LiveServer, free_port, wait_until
+from tests.support import DEMO, QUIET_LINE, ROOT, LiveServer, free_port, wait_until
 
 NO_CALLBACK = {**DEMO, "phone": "0708000004"}  # the sandbox never calls back: the test sends the callbacks
 CALLBACK = "/api/payhero/callback?token=sandbox"
@@ -74,7 +74,7 @@ def cluster():
 @pytest.fixture
 def server(cluster, tmp_path):
     # Held orders re-checked against the database every 0.5 s: the outage meets those re-checks too.
-    live = LiveServer({"WEB_CONCURRENCY": "2", "DATABASE_URL": cluster.url, "WAIT_RECHECK_INTERVAL": "0.5"},
+    live = LiveServer({**QUIET_LINE, "WEB_CONCURRENCY": "2", "DATABASE_URL": cluster.url, "WAIT_RECHECK_INTERVAL": "0.5"},
                       tmp_path / "server.log")
     try:
         yield live.start()

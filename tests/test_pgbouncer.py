@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from eventi_flask.orders.reconcile import EXPIRED_REASON
-from tests.support import DEMO, PG_ADMIN_URL, ROOT, LiveServer, free_port, wait_until
+from tests.support import DEMO, PG_ADMIN_URL, QUIET_LINE, ROOT, LiveServer, free_port, wait_until
 
 PAYMENTS = 80
 CUSTOMERS_AT_ONCE = 10
@@ -95,7 +95,7 @@ def pgbouncer():
 
 @pytest.fixture
 def server_behind(pgbouncer, tmp_path):
-    server = LiveServer({"WEB_CONCURRENCY": "2", "SANDBOX_CALLBACK_DELAY": "0.2", "DB_POOL_SIZE": "2",
+    server = LiveServer({**QUIET_LINE, "WEB_CONCURRENCY": "2", "SANDBOX_CALLBACK_DELAY": "0.2", "DB_POOL_SIZE": "2",
                          "DB_MAX_OVERFLOW": "2"},
                         tmp_path / "server.log")
     server.web_env["DATABASE_URL"] = pgbouncer.url(server.db_name)

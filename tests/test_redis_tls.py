@@ -10,7 +10,7 @@ import requests
 import config
 from eventi_flask import create_app
 from eventi_flask.extensions import db
-from tests.support import LiveServer, callback_body, free_port, wait_until
+from tests.support import QUIET_LINE, LiveServer, callback_body, free_port, wait_until
 
 NO_CALLBACK = "0708000004"  # the sandbox never calls back: the test sends the callback
 
@@ -66,7 +66,7 @@ def tls_redis(tmp_path):
 
 @pytest.mark.live
 def test_the_long_poll_is_answered_over_tls_redis(tls_redis, tmp_path):
-    server = LiveServer({"WEB_CONCURRENCY": "2", "REDIS_URL": tls_redis.url(), "REDIS_PREFIX": "tls:"},
+    server = LiveServer({**QUIET_LINE, "WEB_CONCURRENCY": "2", "REDIS_URL": tls_redis.url(), "REDIS_PREFIX": "tls:"},
                         tmp_path / "server.log")
     try:
         server.start()
