@@ -7,7 +7,7 @@ each held one at --rate (200/s): callback -> answer p50/p99/max.
 """
 from . import held
 
-SERVER = {"WEB_CONCURRENCY": "1"}
+SERVER = held.SERVER
 
 
 def add_arguments(parser):
