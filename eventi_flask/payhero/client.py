@@ -1,21 +1,54 @@
 """The PayHero API client (live, or the built-in sandbox: same wire format).
 
 A payment POST is never retried: it may already have reached the customer's
-phone, and a second STK push would ask them to pay twice.
+phone, and a second STK push would ask them to pay twice.  So a kept-alive
+connection is not reused once it has been idle long enough for the server to
+be closing it (IDLE_REUSE_MOST): a request sent as the server closes answers
+"Remote end closed connection without response", and the buyer is refused.
 """
 import logging
 import os
+import time
 
 import gevent
 import requests
 import requests.adapters
 import requests.utils
+import urllib3
 from flask import current_app
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "eventi.payhero"
 POOL_SIZE = 200  # kept-alive connections to PayHero per process
+# Seconds a kept-alive connection may have been idle and still be reused: under the shortest keep-alive a
+# server is likely to have (gunicorn's 5 s, the sandbox's; nginx 75 s).  At a sale's opening 1-2 buyers a
+# run were refused with RemoteDisconnected, each sent on a connection the sandbox closed that instant.
+IDLE_REUSE_MOST = 4.0
+
+
+class _FreshConnections:
+    """A pool that closes, rather than reuses, a connection idle for more than IDLE_REUSE_MOST seconds
+    (urllib3 then opens a new one for the request, as it does for a connection found dropped)."""
+
+    def _put_conn(self, conn):
+        if conn is not None:
+            conn.idle_since = time.monotonic()
+        super()._put_conn(conn)
+
+    def _get_conn(self, timeout=None):
+        conn = super()._get_conn(timeout)
+        if time.monotonic() - getattr(conn, "idle_since", float("inf")) > IDLE_REUSE_MOST:
+            conn.close()
+        return conn
+
+
+class FreshHTTPConnectionPool(_FreshConnections, urllib3.HTTPConnectionPool):
+    pass
+
+
+class FreshHTTPSConnectionPool(_FreshConnections, urllib3.HTTPSConnectionPool):
+    pass
 
 
 def pooled_session(base_url, size=POOL_SIZE):
@@ -24,6 +57,7 @@ def pooled_session(base_url, size=POOL_SIZE):
     once here rather than on every request (scanning os.environ was a tenth of the client's CPU per order)."""
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=size)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": FreshHTTPConnectionPool, "https": FreshHTTPSConnectionPool}
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     session.proxies = requests.utils.get_environ_proxies(base_url)
