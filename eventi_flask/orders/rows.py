@@ -4,7 +4,7 @@ These use SQLAlchemy Core rather than the ORM, with every statement built once
 here and given its values as parameters at execution: no unit of work, no
 identity map, no per-call statement building or cache-key hashing.  That took
 a callback from 12 round trips and 5.5 ms of CPU to 7 and 2.6 ms
-(scripts/bench_callback.py; BENCHMARKS.md); on PostgreSQL its writes are now one
+(docs/benchmarks-history.md); on PostgreSQL its writes are now one
 statement (change_order), so a paid callback is 4 round trips: BEGIN, the locking
 read, that statement, COMMIT.
 Creating an order is one statement that reserves the tickets and inserts the
