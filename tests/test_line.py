@@ -1,4 +1,5 @@
 """The line (issue 23): a fair waiting room instead of 503 busy, served in join order, once each."""
+import math
 import tomllib
 import uuid
 
@@ -406,6 +407,40 @@ def test_the_outflow_follows_answer_times_within_its_cap():
     assert outflow.rate == 40
     outflow.adjust(shed_share=1, backlog=True)  # the worker itself says it is past capacity
     assert outflow.rate == pytest.approx(32)
+
+
+@pytest.mark.env(LINE_FORCE="1", LINE_TICK="0.1", LINE_START_RATE="40")
+def test_a_line_that_ran_long_enough_teaches_the_next_where_to_start(app, client, wire, settings, monkeypatch):
+    # At an opening nearly everyone joins within seconds, before the line has measured anything: their
+    # estimates use the start rate.  A line served long enough leaves its average for the next one (and a
+    # restarted instance), so a rehearsal, or the last sale, sets it rather than LINE_START_RATE's guess.
+    from eventi_flask.line import admitter, service
+
+    monkeypatch.setattr(admitter, "LEARN_AFTER_SECONDS", 0.5)
+    monkeypatch.setattr(service, "EVENT_CACHE_SECONDS", 0.0)  # the start rate read again at each ask
+    set_event(app, line_max_rate=None)
+    line = app.extensions[LINE]
+    assert line.store.learned_rate() is None
+    places = [join(client).get_json()["queue"]["id"] for _ in range(30)]
+    assert all(served(client, p)["status"] == "admitted" for p in places)
+    wait_until(line.store.learned_rate, message="a rate learned")
+    line.stop()  # no more ticks: the rate learned is the line's last word
+    learned = line.store.learned_rate()
+    assert 0 < learned != 40
+
+    # With Redis, the next deploy or another instance knows it; in the process, this one does.
+    later = create_app(config.TestConfig(settings)) if "REDIS_URL" in settings else app
+    try:
+        with later.app_context():
+            assert later.extensions[LINE].start_rate() == pytest.approx(learned)
+            # a fresh line's first estimate: 100 ahead over the learned rate, not over 40
+            view = {"rate": 0.0, "share": 0.0}
+            estimate = service.estimated_wait(100, view, service.EventLine(db.session.scalar(select(Event))))
+            assert estimate == math.ceil(100 / learned)
+            db.session.remove()
+    finally:
+        if later is not app:
+            shut_down(later)
 
 
 DEAD_REDIS = f"redis://127.0.0.1:{free_port()}/0"

@@ -82,6 +82,7 @@ class LocalLineStore:
         self._lines = {}  # slug -> _Line
         self._places = {}  # id -> Place
         self._keys = {}  # (slug, key hash) -> place id
+        self._learned_rate = None
 
     def _line(self, slug):
         line = self._lines.get(slug)
@@ -136,6 +137,12 @@ class LocalLineStore:
     def summary(self, slug):
         line = self._line(slug)
         return {"length": len(line.queue), **line.state}
+
+    def learned_rate(self):
+        return self._learned_rate
+
+    def learn_rate(self, rate):
+        self._learned_rate = rate
 
     def lease(self, slug, owner, ttl_ms):
         line = self._line(slug)

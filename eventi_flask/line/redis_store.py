@@ -19,6 +19,7 @@ alone.  REDIS_PREFIX goes in front of every name.
     line:{s}:place:<id> HASH one place (24 h)
     line:{s}:key:<hash> the place an Idempotency-Key took (24 h)
     line:{s}:direct:<n> orders made at once (nobody waiting) in window n (DIRECT_WINDOW_MS)
+    line:rate           the serving rate the service's last line averaged: where the next one starts
 """
 import json
 
@@ -32,6 +33,7 @@ from .local_store import DIRECT_WINDOW_MS, PLACE_TTL_SECONDS, Place
 # waiting page's turn is one script on it, and under a busy event loop each round trip holds its connection
 # for a loop's turn.  The hub's 16 (its cache reads) queued joins for seconds and timed out into 503s.
 POOL_SIZE = 128
+LEARNED_RATE_TTL_SECONDS = 90 * 24 * 3600  # a rate learned at one sale still describes the service at the next
 ACTIVE_MARK_MS = 1000  # an event's line is marked active (line:events) at most this often per process
 
 # A place and where the line stands (its fields, the head, the tickets gone between them, the
@@ -277,6 +279,14 @@ class RedisLineStore:
     @property
     def _events(self):
         return f"{self.prefix}line:events"
+
+    def learned_rate(self):
+        """The serving rate the service's last line averaged (line:rate), or None before any line."""
+        value = self._client.get(f"{self.prefix}line:rate")
+        return float(value) if value is not None else None
+
+    def learn_rate(self, rate):
+        self._client.set(f"{self.prefix}line:rate", repr(rate), ex=LEARNED_RATE_TTL_SECONDS)
 
     # -- joining and reading --
 

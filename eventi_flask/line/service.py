@@ -167,7 +167,7 @@ def route_order(data, key):
              "type": data["ticket_type"], "quantity": data["quantity"]}
     try:
         outcome, found, view = line.store.join(settings.slug, place, _key_hash(key), now_ms(), pre, force,
-                                               (current_app.config["LINE_START_RATE"], settings.max_rate or 0))
+                                               (line.start_rate(), settings.max_rate or 0))
     except line.store_errors as exc:
         if force:
             raise store_unavailable(exc) from None
@@ -240,7 +240,7 @@ def place_body(place, view, settings):
 def estimated_wait(ahead, view, settings):
     """Seconds until the turn of a place with `ahead` people before it: those who will still be
     there (some leave: the measured share) over the measured serving rate, plus the time to sales_start."""
-    rate = view["rate"] or settings.max_rate or current_app.config["LINE_START_RATE"]
+    rate = view["rate"] or settings.max_rate or get_line().start_rate()
     if settings.max_rate:
         rate = min(rate, settings.max_rate)
     staying = ahead * (1 - min(view["share"], 0.9))
@@ -412,9 +412,24 @@ class Line:
         self.ticks = {}  # slug -> (monotonic seconds, the line's last tick seen here)
         self.tick_seconds = app.config["LINE_TICK"]
         self.patience = app.config["LINE_PATIENCE"]
+        self.configured_start_rate = app.config["LINE_START_RATE"]
+        self._start_rate = (0.0, self.configured_start_rate)  # (until, rate): start_rate()
         self._held = {}  # slug -> {place id: held waits}
         self._toucher = None
         self.admitter = Admitter(app, self)
+
+    def start_rate(self):
+        """Where a line starts before it has measured anything: the rate the service's last line averaged (the
+        store keeps it), else LINE_START_RATE; read from the store at most every EVENT_CACHE_SECONDS."""
+        until, rate = self._start_rate
+        if until < time.monotonic():
+            try:
+                learned = self.store.learned_rate()
+            except self.store_errors:
+                learned = None  # the store's failure shows where it matters (a join); this is an estimate
+            rate = learned or self.configured_start_rate
+            self._start_rate = (time.monotonic() + EVENT_CACHE_SECONDS, rate)
+        return rate
 
     def remember(self, place_id, place, view):
         if place.status == "queued":
