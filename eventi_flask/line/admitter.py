@@ -228,8 +228,9 @@ class Admitter:
             return
         # One message per tick while anyone waits or is being served: each wait works out its place from it.
         outflow.measure(len(taken), left, seconds)
-        if outflow.average() is not None and not settings.max_rate:  # a capped line measures its cap, not the service
-            store.learn_rate(outflow.average())
+        average = outflow.average()
+        if average is not None and not settings.max_rate:  # a capped line measures its cap, not the service
+            store.learn_rate(average)
         state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share)
         self._publish(slug, state, outflow)
         metrics.line_length.labels(slug).set(state["length"])

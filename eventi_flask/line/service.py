@@ -288,18 +288,21 @@ def changed(view, tick, place):
     return tick["epoch"] != view["epoch"] or place.ticket < tick["head"] or _holds(tick["gone"], place.ticket)
 
 
+def _gone_ahead(tick, place):
+    """Tickets gone out of the middle between `tick`'s head and the place."""
+    return bisect_left(tick["gone"], place.ticket) - bisect_left(tick["gone"], tick["head"])
+
+
 def ahead_at(tick, place):
     """The people ahead of an unchanged place as of `tick`."""
-    gone_ahead = bisect_left(tick["gone"], place.ticket) - bisect_left(tick["gone"], tick["head"])
-    return max(place.ticket - tick["head"] - gone_ahead, 0)
+    return max(place.ticket - tick["head"] - _gone_ahead(tick, place), 0)
 
 
 def moved(view, tick, place):
     """The view as of `tick`, or None when the place itself changed (changed()): read it again."""
     if changed(view, tick, place):
         return None
-    gone_ahead = bisect_left(tick["gone"], place.ticket) - bisect_left(tick["gone"], tick["head"])
-    return {**view, "head": tick["head"], "gone_ahead": gone_ahead, "tick": tick["tick"], "rate": tick["rate"],
+    return {**view, "head": tick["head"], "gone_ahead": _gone_ahead(tick, place), "tick": tick["tick"], "rate": tick["rate"],
             "share": tick["share"], "length": tick["length"]}
 
 
@@ -336,10 +339,11 @@ def wait_for_place(place_id, timeout, since, client=None):
         # waiter woke every second to find it had nothing to answer yet, a loop turn of 100-300 ms during
         # which every POST waited.  Now only a tick that ends the wait, or answers a move, wakes it.
         tick = message.get("order")
-        if tick is not None:
-            line.saw_tick(slug, tick)
-        if tick is None or tick["tick"] <= view["tick"] or changed(view, tick, place):
-            return tick is not None and tick["tick"] > view["tick"]
+        if tick is None or tick["tick"] <= view["tick"]:
+            return False
+        line.saw_tick(slug, tick)
+        if changed(view, tick, place):
+            return True  # its turn came, it left, or the line was shuffled: read it again
         ahead = ahead_at(tick, place)
         return ahead + 1 != position and time.monotonic() - started >= refresh_after(ahead)
 
@@ -363,8 +367,7 @@ def wait_for_place(place_id, timeout, since, client=None):
                 fresh = view
             elif tick is None or tick["tick"] <= view["tick"]:
                 continue
-            else:
-                line.saw_tick(slug, tick)
+            else:  # wants() let it through, and told the line of the tick
                 fresh = moved(view, tick, place)
             if fresh is None:
                 place, view = _read(place_id)[2]
@@ -441,7 +444,10 @@ class Line:
             self.places.pop(place_id, None)
 
     def saw_tick(self, slug, tick):
-        self.ticks[slug] = (time.monotonic(), tick)
+        # Told by every wait the tick reaches (wants()): kept once per tick, not once per wait.
+        seen = self.ticks.get(slug)
+        if seen is None or seen[1] is not tick:
+            self.ticks[slug] = (time.monotonic(), tick)
 
     def known_place(self, slug, place_id):
         """(Place, view) of a place known here as queued, moved by the line's last tick when that tick came
