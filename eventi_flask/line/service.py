@@ -430,7 +430,8 @@ class Line:
                 learned = self.store.learned_rate()
             except self.store_errors:
                 learned = None  # the store's failure shows where it matters (a join); this is an estimate
-            rate = learned or self.configured_start_rate
+            # LINE_START_RATE stays a floor: the learned rate raises the start, never lowers what was set.
+            rate = max(learned or 0.0, self.configured_start_rate)
             self._start_rate = (time.monotonic() + EVENT_CACHE_SECONDS, rate)
         return rate
 
