@@ -1,5 +1,6 @@
 """The line (issue 23): a fair waiting room instead of 503 busy, served in join order, once each."""
 import math
+import time
 import tomllib
 import uuid
 
@@ -262,6 +263,39 @@ def test_a_page_asking_again_at_once_is_placed_from_memory_until_its_turn(app, c
     # placed by the ticks alone (read at each wait, it would be one read per answer).  Its turn is read until
     # its order is made: as often as a slow machine takes.
     assert len(seen) >= 4 and reads.count("queued") <= 2, (reads, seen)
+
+
+@pytest.mark.env(LINE_FORCE="1", LINE_TICK="0.2")
+def test_a_wait_whose_order_is_being_made_is_told_by_the_tick_after_it_is_made(app, client, wire, monkeypatch):
+    """Its order takes a second and a half to make (PayHero slow to take the push): its wait reads the
+    place once when its turn comes, and once when a tick says the order was made; not at each tick between."""
+    from eventi_flask.line import admitter
+
+    create_order, made_at = admitter.orders.create_order, []
+
+    def slow_push(*args, **kwargs):
+        gevent.sleep(1.5)
+        try:
+            return create_order(*args, **kwargs)
+        finally:
+            made_at.append(time.monotonic())
+
+    monkeypatch.setattr(admitter.orders, "create_order", slow_push)
+    store = app.extensions[LINE].store
+    reads, view = [], store.view
+
+    def counted_view(slug, place_id, *args, **kw):
+        found = view(slug, place_id, *args, **kw)
+        reads.append(found[0].status if found else None)
+        return found
+
+    monkeypatch.setattr(store, "view", counted_view)
+    first = join(client).get_json()["queue"]
+    answer = client.get(f"/api/queue/{first['id']}/wait?since={first['version']}&timeout=10").get_json()
+    answered_at = time.monotonic()
+    assert answer["status"] == "admitted" and answer["order"]["event"] == "test-this-end-to-end"
+    assert reads.count("admitting") <= 1, reads  # ~7 ticks while its order was made: each read it before
+    assert answered_at - made_at[0] < 1.0  # the tick after it was made said so (ticks of 0.2 s)
 
 
 @pytest.mark.env(LINE_FORCE="1", LINE_START_RATE="5", LINE_TICK="0.1")

@@ -60,6 +60,7 @@ class _Line:
         self.seen = {}  # id -> ms, waiting places only
         self.gone = []  # sorted tickets that left other than at the head
         self.admitting = {}  # id -> ms
+        self.done = []  # tickets whose turn ended (admitted or refused) since the last tick
         self.ready = collections.deque()  # ids taken, in order, not yet claimed
         self.latencies = []
         self.pre = set()
@@ -225,6 +226,7 @@ class LocalLineStore:
         place.status, place.version = status, line.final_version()
         setattr(place, field, value)
         line.admitting.pop(place_id, None)
+        line.done.append(place.ticket)
         return place.version
 
     def close(self, slug, ticket_type, min_quantity, status, error):
@@ -259,8 +261,9 @@ class LocalLineStore:
         line.state.update(tick=line.state["tick"] + 1, rate=rate, share=share)
         head = line.head()
         del line.gone[:bisect.bisect_left(line.gone, head)]
+        done, line.done = sorted(line.done), []
         return {"tick": line.state["tick"], "head": head, "length": len(line.queue), "gone": list(line.gone),
-                "epoch": line.state["epoch"], "admitting": len(line.admitting)}
+                "epoch": line.state["epoch"], "admitting": len(line.admitting), "done": done}
 
     def ready(self):
         return True, "line in-process"

@@ -11,6 +11,7 @@ alone.  REDIS_PREFIX goes in front of every name.
     line:{s}:gone       ZSET of tickets that left the queue other than at its head (left, sold out)
     line:{s}:admitting  ZSET place id -> when it was taken, then claimed (ms), until its order is made
     line:{s}:ready      LIST of place ids taken, in order, for any worker to claim and make the order
+    line:{s}:done       ZSET of tickets whose turn ended (admitted or refused) since the last tick
     line:{s}:claimers   ZSET of the workers claiming lately -> when (ms): each claims its share
     line:{s}:latencies  LIST of admitted orders' answer times, reported by every worker, read by the admitter
     line:{s}:pre        SET of place ids that joined before sales opened (shuffled at opening)
@@ -159,11 +160,13 @@ end
 return out
 """
 
-# A place's outcome.  KEYS: place admitting state; ARGV: id status field json
+# A place's outcome, and its ticket in the next tick's `done`.  KEYS: place admitting state done; ARGV: id status field json
 _FINISH = """
 local version = 2 * tonumber(redis.call('HGET', KEYS[3], 'tick') or '0') + 1
 redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4], 'version', version)
 redis.call('ZREM', KEYS[2], ARGV[1])
+local ticket = redis.call('HGET', KEYS[1], 'ticket')
+if ticket then redis.call('ZADD', KEYS[4], ticket, ticket) end
 return version
 """
 
@@ -214,16 +217,19 @@ redis.call('HINCRBY', KEYS[3], 'epoch', 1)
 return #ids
 """
 
-# One move of the line: the tick, the measured rate, the tickets gone ahead of the head trimmed.
-# KEYS: queue gone state seq admitting; ARGV: rate share.  Returns {tick, head, length, gone..., admitting}.
+# One move of the line: the tick, the measured rate, the tickets gone ahead of the head trimmed, the
+# tickets done since the last tick taken.  KEYS: queue gone state seq admitting done; ARGV: rate share.
+# Returns {tick, head, length, {gone...}, epoch, admitting, {done...}}.
 _ADVANCE = """
 local tick = redis.call('HINCRBY', KEYS[3], 'tick', 1)
 redis.call('HSET', KEYS[3], 'rate', ARGV[1], 'share', ARGV[2])
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local head = first[2] and tonumber(first[2]) or (tonumber(redis.call('GET', KEYS[4]) or '0') + 1)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. head)
+local done = redis.call('ZRANGE', KEYS[6], 0, -1)
+redis.call('DEL', KEYS[6])
 return {tick, head, redis.call('ZCARD', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1),
-        redis.call('HGET', KEYS[3], 'epoch') or '0', redis.call('ZCARD', KEYS[5])}
+        redis.call('HGET', KEYS[3], 'epoch') or '0', redis.call('ZCARD', KEYS[5]), done}
 """
 
 # The lease: taken when free, renewed by its owner.  KEYS: lease; ARGV: owner ttl_ms
@@ -377,7 +383,7 @@ class RedisLineStore:
         return [float(value) for value in pipe.execute()[0]]
 
     def finish(self, slug, place_id, status, field, value):
-        return int(self._run("finish", slug, (f"place:{place_id}", "admitting", "state"),
+        return int(self._run("finish", slug, (f"place:{place_id}", "admitting", "state", "done"),
                              (place_id, status, field, json.dumps(value, separators=(",", ":")))))
 
     def close(self, slug, ticket_type, min_quantity, status, error):
@@ -391,10 +397,10 @@ class RedisLineStore:
         return self._client.scard(self._key(slug, "pre"))
 
     def advance(self, slug, rate, share):
-        tick, head, length, gone, epoch, admitting = self._run(
-            "advance", slug, ("queue", "gone", "state", "seq", "admitting"), (repr(rate), repr(share)))
+        tick, head, length, gone, epoch, admitting, done = self._run(
+            "advance", slug, ("queue", "gone", "state", "seq", "admitting", "done"), (repr(rate), repr(share)))
         return {"tick": int(tick), "head": int(head), "length": int(length), "gone": sorted(int(t) for t in gone),
-                "epoch": int(epoch), "admitting": int(admitting)}
+                "epoch": int(epoch), "admitting": int(admitting), "done": sorted(int(t) for t in done)}
 
     def ready(self):
         try:

@@ -39,9 +39,10 @@ WAITING = ("queued", "admitting")  # admitting: its order is being made; the pag
 # REFRESH_MOST seconds far back, so 10,000 waiting cost a few hundred answers a second, not 10,000.
 REFRESH_AHEAD_PER_SECOND = 20
 REFRESH_MOST = 20.0
-EVENT_CACHE_SECONDS = 5.0
+EVENT_CACHE_SECONDS = 5.0  # an arriving order reads its event's line settings from this worker's memory
 KNOWN_PLACES_MOST = 50_000  # places a worker remembers between a page's waits (a few hundred bytes each)
-DEGRADED_READ_SECONDS = 3.0  # an arriving order reads its event's line settings from this worker's memory
+ADMITTING_READ_SECONDS = 5.0  # a place whose order is being made is read again this often without a tick's word
+DEGRADED_READ_SECONDS = 3.0  # while the hub has lost Redis, a held place is read this often
 
 
 def get_line():
@@ -284,8 +285,15 @@ def tick_channel(slug):
 
 def changed(view, tick, place):
     """True when `tick` (the admitter's message) changed the place itself: its turn came, it left or was
-    told sold out, or the pre-queue was shuffled."""
-    return tick["epoch"] != view["epoch"] or place.ticket < tick["head"] or _holds(tick["gone"], place.ticket)
+    told sold out, or the pre-queue was shuffled; for a place whose order is being made, when it was made
+    (or refused)."""
+    if tick["epoch"] != view["epoch"]:
+        return True
+    if place.status == "admitting":
+        # Its turn is behind the head from now on: asking the store each tick until its order was made cost
+        # two or three reads a buyer (a third of the line's waits' CPU at a sale of 6,000).
+        return _holds(tick.get("done", ()), place.ticket)
+    return place.ticket < tick["head"] or _holds(tick["gone"], place.ticket)
 
 
 def _gone_ahead(tick, place):
@@ -333,6 +341,11 @@ def wait_for_place(place_id, timeout, since, client=None):
         raise ApiError(503, "server_busy", "This server is holding as many waits as it can.", headers={"Retry-After": "2"})
     line = get_line()
     line.holding(slug, place_id, +1)
+    read_at = started
+
+    def overdue():
+        # Its order is being made, and no tick has said it was made for a while (a tick message lost): read it.
+        return place.status == "admitting" and time.monotonic() - read_at >= ADMITTING_READ_SECONDS
 
     def wants(message):
         # Asked by the hub's loop for each tick, before waking this wait's greenlet: at a sale of 6,000 every
@@ -342,8 +355,8 @@ def wait_for_place(place_id, timeout, since, client=None):
         if tick is None or tick["tick"] <= view["tick"]:
             return False
         line.saw_tick(slug, tick)
-        if changed(view, tick, place):
-            return True  # its turn came, it left, or the line was shuffled: read it again
+        if changed(view, tick, place) or overdue():
+            return True  # its turn came or ended, it left, or the line was shuffled: read it again
         ahead = ahead_at(tick, place)
         return ahead + 1 != position and time.monotonic() - started >= refresh_after(ahead)
 
@@ -368,9 +381,10 @@ def wait_for_place(place_id, timeout, since, client=None):
             elif tick is None or tick["tick"] <= view["tick"]:
                 continue
             else:  # wants() let it through, and told the line of the tick
-                fresh = moved(view, tick, place)
+                fresh = None if overdue() else moved(view, tick, place)
             if fresh is None:
                 place, view = _read(place_id)[2]
+                read_at = time.monotonic()
             else:
                 view = fresh
             answer = place_body(place, view, settings)
