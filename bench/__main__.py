@@ -54,6 +54,9 @@ def add_server_arguments(parser):
     out.add_argument("--repeat", type=int, default=1, help="runs, each on a fresh server (default 1)")
     out.add_argument("--json", help="where to write the results (default bench-results/<mode>-<time>.json)")
     out.add_argument("--profile", metavar="FILE", help="py-spy the workers during the load (collapsed stacks)")
+    out.add_argument("--profile-rate", type=int, default=250, metavar="HZ",
+                     help="py-spy's samples a second (default 250; on 2 cores under a full load, 50 slows the "
+                          "workers less)")
 
 
 def parser():

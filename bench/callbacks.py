@@ -25,7 +25,7 @@ async def run(args, target):
     callbacks = Pool(target["host"], target["port"], args.callback_connections)
     orders, create_rate = await create_orders(api, args.n, args.create_concurrency, NO_CALLBACK_PHONE)
     watches = [Watch(order) for order in orders]
-    profiler = Profiler(args.profile, target)
+    profiler = Profiler(args.profile, target, args.profile_rate)
     usage = Usage(target).start()
     m0 = await scrape(api)
     paid = await pay(callbacks, watches, args.rate, args.token)

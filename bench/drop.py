@@ -80,7 +80,7 @@ async def run(args, target):
             answers.append(await post_order(conn, body, timeout=args.order_timeout))
             conn.close()
 
-    profiler = Profiler(args.profile, target)
+    profiler = Profiler(args.profile, target, args.profile_rate)
     usage = Usage(target).start()
     await asyncio.gather(*(buyer() for _ in range(args.concurrency)))
     used = usage.stop()

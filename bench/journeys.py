@@ -266,7 +266,7 @@ async def run_journeys(args, target, journey, buyers, deadline):
     loop = asyncio.get_running_loop()
     if not args.line:
         await loop.run_in_executor(None, switch_the_line_off, target.get("database_url"))
-    profiler = Profiler(args.profile, target)
+    profiler = Profiler(args.profile, target, args.profile_rate)
     usage = Usage(target).start()
     tasks = await paced(args.rate, [journey(target["host"], target["port"], b, args, deadline) for b in buyers])
     await asyncio.wait(tasks, timeout=max(5, deadline - loop.time()))

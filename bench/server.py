@@ -339,13 +339,13 @@ class Profiler:
 
     IDLE = ("run (gevent/hub.py)", "wait (gevent/_hub_primitives.py)")  # the hub waiting for I/O
 
-    def __init__(self, path, target):
+    def __init__(self, path, target, rate=250):
         self.path, self.proc = path, None
         pid = target.get("master_pid") or target.worker_pid
         if path and pid:
             py_spy = Path(sys.executable).parent / "py-spy"
             self.proc = subprocess.Popen(
-                [str(py_spy), "record", "--pid", str(pid), "--subprocesses", "--rate", "250", "--nonblocking",
+                [str(py_spy), "record", "--pid", str(pid), "--subprocesses", "--rate", str(rate), "--nonblocking",
                  "--format", "raw", "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)  # let it attach before the load starts
 
