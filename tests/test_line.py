@@ -449,6 +449,27 @@ def test_the_outflow_follows_answer_times_within_its_cap():
     assert outflow.rate == pytest.approx(32)
 
 
+def test_after_a_burst_the_outflow_is_back_at_its_start_at_once():
+    """The arrivals' burst slows every answer and cuts the outflow far below where it started; once the
+    answers are quick again it goes back to that start in one tick (a rate the service took), not in
+    tenths from the trough."""
+    from eventi_flask.line.admitter import Outflow
+
+    outflow = Outflow(start=40, cap=None)
+    for _ in range(6):  # ten seconds of joins: every answer slow
+        outflow.latencies = [2.0] * 10
+        outflow.adjust(shed_share=0.3, backlog=True)
+    assert outflow.rate < 40 / 3
+    outflow.latencies = [0.2] * 10
+    outflow.adjust(shed_share=0, backlog=True)
+    assert outflow.rate == 40
+    outflow.latencies = [0.2] * 10
+    outflow.adjust(shed_share=0, backlog=True)
+    assert outflow.rate == pytest.approx(45)  # and on up in small steps
+    outflow.adjust(shed_share=0.2, backlog=True)  # late but not shedding half: held, even below the start
+    assert outflow.rate == pytest.approx(45)
+
+
 @pytest.mark.env(LINE_FORCE="1", LINE_TICK="0.1", LINE_START_RATE="40")
 def test_a_line_that_ran_long_enough_teaches_the_next_where_to_start(app, client, wire, settings, monkeypatch):
     # At an opening nearly everyone joins within seconds, before the line has measured anything: their
