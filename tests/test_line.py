@@ -36,6 +36,20 @@ def place(client, place_id):
     return response.get_json()
 
 
+def store_reads(app, monkeypatch):
+    """The place's status at each read of a place from the line's store, as the test goes on."""
+    store, reads = app.extensions[LINE].store, []
+    view = store.view
+
+    def counted_view(slug, place_id, *args, **kw):
+        found = view(slug, place_id, *args, **kw)
+        reads.append(found[0].status if found else None)
+        return found
+
+    monkeypatch.setattr(store, "view", counted_view)
+    return reads
+
+
 def served(client, place_id):
     """The place once it is no longer waiting (asking keeps it in the line meanwhile)."""
     return wait_until(lambda: (lambda p: p if p["status"] != "queued" else None)(place(client, place_id)),
@@ -241,16 +255,7 @@ def test_the_wait_answers_when_the_place_moves_and_when_it_is_admitted(app, clie
 def test_a_page_asking_again_at_once_is_placed_from_memory_until_its_turn(app, client, wire, monkeypatch):
     set_event(app, line_max_rate=1)  # one admission a second: the last place moves once a second, then is admitted
     places = [join(client).get_json()["queue"] for _ in range(6)]
-    store = app.extensions[LINE].store
-    reads = []  # the place's status at each read of it from the store
-    view = store.view
-
-    def counted_view(slug, place_id, *args, **kw):
-        found = view(slug, place_id, *args, **kw)
-        reads.append(found[0].status if found else None)
-        return found
-
-    monkeypatch.setattr(store, "view", counted_view)
+    reads = store_reads(app, monkeypatch)
 
     last, seen = places[-1], []
     answer = client.get(f"/api/queue/{last['id']}/wait?since={last['version']}&timeout=10").get_json()
@@ -281,15 +286,7 @@ def test_a_wait_whose_order_is_being_made_is_told_by_the_tick_after_it_is_made(a
             made_at.append(time.monotonic())
 
     monkeypatch.setattr(admitter.orders, "create_order", slow_push)
-    store = app.extensions[LINE].store
-    reads, view = [], store.view
-
-    def counted_view(slug, place_id, *args, **kw):
-        found = view(slug, place_id, *args, **kw)
-        reads.append(found[0].status if found else None)
-        return found
-
-    monkeypatch.setattr(store, "view", counted_view)
+    reads = store_reads(app, monkeypatch)
     first = join(client).get_json()["queue"]
     answer = client.get(f"/api/queue/{first['id']}/wait?since={first['version']}&timeout=10").get_json()
     answered_at = time.monotonic()
