@@ -67,11 +67,12 @@ def phone_and_outcome(i):
 
 
 class Buyer:
-    __slots__ = ("index", "phone", "expected", "arrived_at", "served_at", "order_ids", "answers", "watch", "error")
+    __slots__ = ("index", "phone", "expected", "key", "arrived_at", "served_at", "order_ids", "answers", "watch", "error")
 
     def __init__(self, index):
         self.index = index
         self.phone, self.expected = phone_and_outcome(index)
+        self.key = uuid.uuid4().hex  # its Idempotency-Key, the same on every retry
         self.arrived_at = self.served_at = self.watch = self.error = None
         self.order_ids = set()  # every distinct order the server answered this buyer: exactly one, or a duplicate
         self.answers = []  # (status or error name, ms) of every POST
@@ -100,7 +101,7 @@ async def post_until_answered(conn, buyer, args, accepted=(200, 201)):
     status is `accepted`, or None (the connection closed) when refused or not answered within --give-up."""
     loop = asyncio.get_running_loop()
     body = json.dumps({**ORDER_BODY, "phone": buyer.phone}).encode()
-    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    headers = {"Idempotency-Key": buyer.key}
     give_up = loop.time() + args.give_up
     failures = 0
     while True:
@@ -145,6 +146,28 @@ def orders_in_database(database_url):
             return connection.execute(text("SELECT count(*) FROM orders")).scalar()
     finally:
         engine.dispose()
+
+
+def unanswered_orders(result):
+    count = result.get("orders_of_unanswered_buyers")
+    return f" (and {count} made for buyers whose answer was lost and who gave up)" if count else ""
+
+
+def orders_of_unanswered_buyers(database_url, buyers):
+    """Orders made for buyers who were never answered them: a request whose answer was lost (timed out, its
+    connection cut), and no retry with the same Idempotency-Key before the buyer gave up.  Not duplicates: the
+    key makes at most one order a buyer.  None without the database."""
+    if not database_url:
+        return None
+    from sqlalchemy import text
+
+    engine = database_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            made = dict(connection.execute(text("SELECT key, order_id FROM idempotency_keys")).all())
+    finally:
+        engine.dispose()
+    return sum(1 for b in buyers if b.key in made and made[b.key] not in b.order_ids)
 
 
 OUTBOX_DRAIN_S = 120  # seconds the run waits, after the last journey, for the outbox to empty
@@ -204,7 +227,8 @@ async def run(args, target):
     served = [b for b in buyers if b.served_at is not None]
     answered_ids = {i for b in buyers for i in b.order_ids}
     in_database = orders_in_database(target.get("database_url"))
-    duplicates = None if in_database is None else in_database - len(answered_ids)
+    unanswered = orders_of_unanswered_buyers(target.get("database_url"), buyers)
+    duplicates = None if in_database is None else in_database - len(answered_ids) - unanswered
     last = max((b.watch.answered_at for b in finished), default=None)
     failures = []
     if wrong:
@@ -229,6 +253,7 @@ async def run(args, target):
         "not_served": len(buyers) - len(served),
         "orders_in_database": in_database,
         "duplicate_orders": duplicates,
+        "orders_of_unanswered_buyers": unanswered,
         "outcome_after_callback_ms": spread(
             b.watch.answered_wall * 1000 - callback_due_ms(b.watch.order, delay) for b in finished
             if callback_due_ms(b.watch.order, delay) is not None),
@@ -316,8 +341,8 @@ def summary(result):
             f"shed {result['shed']} ({result['shed_share']}), served {result['served']} "
             f"(exactly once {result['served_exactly_once']}), "
             f"{latency('time to be served', result['time_to_served_ms'])}; "
-            f"wrong outcomes {result['wrong_outcomes']}, duplicate orders {result['duplicate_orders']}, "
-            f"buyers needing a retry {result['buyers_needing_a_retry']}, errors {result['buyer_errors']}; "
+            f"wrong outcomes {result['wrong_outcomes']}, duplicate orders {result['duplicate_orders']}"
+            f"{unanswered_orders(result)}, buyers needing a retry {result['buyers_needing_a_retry']}, errors {result['buyer_errors']}; "
             f"messages {result['messages'] and result['messages']['by_channel_and_state']}"
             f"{delivery.summary(result['messages'] and result['messages'].get('delivered'))}; "
             f"worker CPU {result['worker_cpu_percent']} % ({result['worker_cpu_ms_per_journey']} ms/journey)"

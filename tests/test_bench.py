@@ -71,6 +71,27 @@ def test_overload_serves_every_buyer_once_and_makes_no_duplicate(tmp_path):
     assert run["order_answer_ms"]["n"] == run["order_answers"] >= 40
 
 
+def test_an_order_made_for_a_buyer_whose_answer_was_lost_is_not_a_duplicate():
+    """A buyer whose POST timed out after its order was made, and who gave up before asking again with the
+    same Idempotency-Key, left an order nobody was answered: counted apart, not as a duplicate."""
+    import psycopg
+
+    from bench.journeys import Buyer, orders_of_unanswered_buyers
+    from tests.support import create_database, drop_database
+
+    answered, gave_up, never_made = Buyer(0), Buyer(1), Buyer(2)
+    answered.order_ids.add("order-a")
+    name, url = create_database()
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE idempotency_keys (key varchar PRIMARY KEY, order_id varchar)")
+            conn.execute("INSERT INTO idempotency_keys VALUES (%s, 'order-a'), (%s, 'order-b')",
+                         (answered.key, gave_up.key))
+        assert orders_of_unanswered_buyers(url, [answered, gave_up, never_made]) == 1
+    finally:
+        drop_database(name)
+
+
 def test_line_answers_every_buyer_at_once_and_serves_each_once_in_the_order_they_joined(tmp_path):
     # LINE_FORCE: every buyer joins the line, as past capacity; a quarter stop asking once they have a place.
     line, run = run_mode(tmp_path, "line", "--buyers", "40", "--rate", "40", "--timeout", "20", "--leave-share", "0.25",
