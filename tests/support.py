@@ -267,6 +267,50 @@ class Statements:
         event.remove(self.engine, "commit", self._committed)
 
 
+class RoundTrips:
+    """The round trips to PostgreSQL an app's engine makes (`engine_of(app)`, the app's own by default): each
+    pooled connection's libpq protocol trace (PQtrace), counted as the times the client sent, then heard."""
+
+    def __init__(self, app, engine_of=None):
+        import tempfile
+
+        from eventi_flask.extensions import db
+
+        with app.app_context():
+            self.engine = engine_of() if engine_of else db.engine
+        self.traces, self._tempfile = [], tempfile.TemporaryFile
+        event.listen(self.engine, "checkout", self._trace)
+
+    def _trace(self, dbapi_connection, record, proxy):
+        from psycopg import pq
+
+        trace = self._tempfile(mode="w+")
+        dbapi_connection.pgconn.trace(trace.fileno())
+        dbapi_connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        self.traces.append((dbapi_connection, trace))
+
+    def count(self):
+        """The round trips made until close()."""
+        trips = 0
+        for _, trace in self.traces:
+            trace.seek(0)
+            direction = None
+            for line in trace.read().splitlines():
+                sender = line[:2]  # "F\t" the client, "B\t" the server; else a statement's next line
+                if sender == "F\t" and direction != "F\t":
+                    trips += 1
+                if sender in ("F\t", "B\t"):
+                    direction = sender
+        return trips
+
+    def close(self):
+        """Stop tracing (the connections stay in the pool, traced no more); count() still answers."""
+        event.remove(self.engine, "checkout", self._trace)
+        for connection, _ in self.traces:
+            if not connection.closed:
+                connection.pgconn.untrace()  # flushes what libpq buffered
+
+
 # -- event files (API.md), as an organizer writes them --
 
 EAT = timezone(timedelta(hours=3))

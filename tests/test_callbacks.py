@@ -12,7 +12,7 @@ from eventi_flask.events.models import TicketType
 from eventi_flask.orders.models import Ticket
 from eventi_flask.payhero.models import PayheroCallback
 from tests.conftest import PUBLIC, forward_to
-from tests.support import DEMO, Statements, buyers_holding_every_connection, callback_body, wait_until
+from tests.support import DEMO, RoundTrips, Statements, buyers_holding_every_connection, callback_body, wait_until
 
 URL = "/api/payhero/callback?token=sandbox"
 
@@ -59,15 +59,19 @@ def test_success_completes_the_order_and_issues_tickets(app, client, order, shap
 def test_a_callback_is_a_locking_read_and_one_write_on_postgresql(app, client, order, code, status):
     """Under a storm one worker holds thousands of waits, and each round trip to PostgreSQL waits its turn
     of that busy event loop: after the order's locking read, its change, tickets, messages (or the tickets it
-    gives back) and the stored callback go to the server as one statement, then the commit.  With psycopg's
-    BEGIN 4 round trips; it was 7 for a success (UPDATE, INSERTs of tickets, messages, callback), 6 for a failure."""
-    statements = Statements(app, database.callbacks_engine)
+    gives back) and the stored callback go to the server as one statement, with the COMMIT.  With psycopg's
+    BEGIN 3 round trips; it was 7 for a success (UPDATE, INSERTs of tickets, messages, callback, COMMIT), 6
+    for a failure.  A failure gives its tickets back on the ticket type's row, which every arriving order
+    updates too: committed with the statement, the row is not held while the worker's loop comes round."""
+    statements, trips = Statements(app, database.callbacks_engine), RoundTrips(app, database.callbacks_engine)
     try:
         response = client.post(URL, json=callback_body(order, result_code=code))
     finally:
         statements.close()
+        trips.close()
     assert response.status_code == 200 and response.get_json()["status"] == status
-    assert (statements.seen, statements.commits) == (["SELECT", "WITH"], 1)
+    # The locking read through SQLAlchemy; the change and its COMMIT sent together, on the driver.
+    assert statements.seen == ["SELECT"] and trips.count() == 3
     assert [row[:2] for row in stored(app)] == [("applied", order["id"])]
 
 
@@ -243,12 +247,12 @@ def test_a_callback_holding_the_order_while_payhero_answers_shows_its_tickets_in
 
     from eventi_flask.orders import rows
 
-    change_order, holding = rows.change_order, gevent.event.Event()
+    execute_then_commit, holding = rows._execute_then_commit, gevent.event.Event()
 
-    def change_then_hold(*args):
-        change_order(*args)
+    def hold_then_change(*args):  # the change is sent with its COMMIT: hold the row lock before both
         holding.set()
         gevent.sleep(0.5)  # the row lock held: our own request reaches it meanwhile and waits
+        return execute_then_commit(*args)
 
     def paid_while_answering(request, context):
         order_id = request.json()["external_reference"]
@@ -262,7 +266,7 @@ def test_a_callback_holding_the_order_while_payhero_answers_shows_its_tickets_in
         context.status_code = 201
         return {"success": True, "status": "QUEUED", "reference": "REF-" + order_id, "CheckoutRequestID": "ws_CO_x"}
 
-    monkeypatch.setattr(rows, "change_order", change_then_hold)
+    monkeypatch.setattr(rows, "_execute_then_commit", hold_then_change)
     wire.post("http://eventi.test/sandbox/payhero/api/v2/payments", json=paid_while_answering)
     response = client.post("/api/orders", json=DEMO)
     assert response.status_code == 201
@@ -277,13 +281,19 @@ def test_a_callback_that_fails_midway_changes_nothing_and_is_kept(app, client, o
 
     from eventi_flask.orders import rows
 
-    change_order = rows.change_order
+    change_order, execute_then_commit = rows.change_order, rows._execute_then_commit
 
-    def lost_connection(*args):
-        change_order(*args)  # the order's change sent, its commit never made
+    def lost_connection(*args):  # SQLite: the order's change made, the caller's commit never
+        change_order(*args)
         raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
 
+    def lost_as_sent(connection, statement, params):  # PostgreSQL: the server gone as the change and COMMIT go
+        backend_pid = connection.connection.driver_connection.info.backend_pid
+        another_process(app, "SELECT pg_terminate_backend(:pid, 5000)", pid=backend_pid)  # waits for its end
+        return execute_then_commit(connection, statement, params)
+
     monkeypatch.setattr(rows, "change_order", lost_connection)
+    monkeypatch.setattr(rows, "_execute_then_commit", lost_as_sent)
     before = {outcome: counted(outcome) for outcome in ("applied", "error")}
     response = client.post(URL, json=callback_body(order))
     assert response.status_code == 503 and response.headers["Retry-After"]
@@ -297,16 +307,22 @@ def test_a_callback_that_fails_midway_changes_nothing_and_is_kept(app, client, o
     assert [row[0] for row in stored(app)] == ["error", "applied"]
 
 
-def test_a_bug_while_applying_still_keeps_the_body(app, client, order, monkeypatch):
+def test_a_bug_while_applying_still_keeps_the_body(backend, app, client, order, monkeypatch):
     from eventi_flask.orders import rows
 
     change_order = rows.change_order
 
-    def bug(*args):
+    def bug(*args):  # SQLite: the change made, the caller's commit not yet
         change_order(*args)
         raise KeyError("code")
 
-    monkeypatch.setattr(rows, "change_order", bug)
+    def bug_before_sending(*args):  # PostgreSQL: the change goes with its COMMIT; the bug comes before both
+        raise KeyError("code")
+
+    if backend == "postgres-redis":
+        monkeypatch.setattr(rows, "_execute_then_commit", bug_before_sending)
+    else:
+        monkeypatch.setattr(rows, "change_order", bug)
     response = client.post(URL, json=callback_body(order))
     assert response.status_code == 500 and response.get_json()["error"]["code"] == "internal_error"
     assert client.get(f"/api/orders/{order['id']}").get_json() == order

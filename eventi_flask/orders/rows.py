@@ -5,8 +5,8 @@ here and given its values as parameters at execution: no unit of work, no
 identity map, no per-call statement building or cache-key hashing.  That took
 a callback from 12 round trips and 5.5 ms of CPU to 7 and 2.6 ms
 (docs/benchmarks-history.md); on PostgreSQL its writes are now one
-statement (change_order), so a paid callback is 4 round trips: BEGIN, the locking
-read, that statement, COMMIT.
+statement (change_order), sent with its COMMIT, so a paid callback is 3 round trips:
+BEGIN, the locking read, that statement and COMMIT as one query.
 Creating an order is one statement that reserves the tickets and inserts the
 order (see create_order for why).  The rarer changes stay in the ORM (service.py).
 On PostgreSQL an order's two statements, each its own transaction, go straight
@@ -19,11 +19,11 @@ A row is a mapping of the orders table's columns plus `ticket_type_code` and
 from dataclasses import dataclass
 from typing import Callable
 
+from psycopg import ClientCursor
 from psycopg.rows import dict_row
 from sqlalchemy import Boolean, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm.exc import StaleDataError
 
 from .. import metrics
 from ..events.models import Event, TicketType
@@ -105,7 +105,9 @@ _TICKETS_RELEASED = (update(TICKET_TYPES)
                      .values(reserved=TICKET_TYPES.c.reserved - _CHANGED.c.quantity)
                      .cte("tickets_released"))
 _QUEUE_MESSAGES = insert(MESSAGES)  # SQLite: as many rows as given, one executemany
-_CHANGE = (select(func.count().label("changed")).select_from(_CHANGED)
+# `guard` divides by the orders changed: none (the order changed under its lock, which the lock rules out)
+# fails the statement, and the transaction with it, even where its COMMIT went with it (_execute_then_commit).
+_CHANGE = (select(func.count().label("changed"), (1 / func.count()).label("guard")).select_from(_CHANGED)
            .add_cte(_TICKETS_ADDED, _MESSAGES_QUEUED, _TICKETS_RELEASED))
 _CHANGE_RECORDED = {}  # RowWrite.statement -> _CHANGE with that row written too, built once for each
 
@@ -230,6 +232,22 @@ def _compiled(statement, dialect):
         return _COMPILED[statement]
 
 
+def _driver_sql(statement, dialect, params):
+    """`statement` as psycopg takes it: its SQL, and `params` with its defaults, each processed as SQLAlchemy
+    would before the driver sees it (JSON: dumps)."""
+    sql, defaults, processors = _compiled(statement, dialect)
+    values = {**defaults, **params}
+    for key, process in processors.items():
+        values[key] = process(values[key])
+    return sql, values
+
+
+def _as_sqlalchemy_error(exc, sql, values, dialect, driver):
+    """A psycopg error raised straight from the driver, as SQLAlchemy's Connection.execute would raise it."""
+    return DBAPIError.instance(sql, values, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
+                               connection_invalidated=dialect.is_disconnect(exc, driver, None), dialect=dialect)
+
+
 def run_alone(engine, statement, params):
     """Run `statement` as its own transaction (autocommit) on a pooled psycopg connection; its first row, a dict, or None.
 
@@ -238,10 +256,7 @@ def run_alone(engine, statement, params):
     SQLAlchemy's (DBAPIError), as Connection.execute raises it, and the connection is dropped
     from the pool, as is one left in an unknown state by anything else.
     """
-    sql, defaults, processors = _compiled(statement, engine.dialect)
-    values = {**defaults, **params}
-    for key, process in processors.items():
-        values[key] = process(values[key])
+    sql, values = _driver_sql(statement, engine.dialect, params)
     with engine.connect() as connection:
         pooled = connection.connection
         driver = pooled.driver_connection
@@ -256,9 +271,7 @@ def run_alone(engine, statement, params):
             given_back = True
             return row
         except engine.dialect.loaded_dbapi.Error as exc:
-            raise DBAPIError.instance(sql, values, exc, engine.dialect.loaded_dbapi.Error, hide_parameters=True,
-                                      connection_invalidated=engine.dialect.is_disconnect(exc, driver, None),
-                                      dialect=engine.dialect) from exc
+            raise _as_sqlalchemy_error(exc, sql, values, engine.dialect, driver) from exc
         finally:
             if not given_back:
                 connection.invalidate()
@@ -310,13 +323,14 @@ def add_tickets(connection, order_id, codes):
     connection.execute(_INSERT_TICKET, [{"order_id": order_id, "code": code} for code in codes])
 
 
-def change_order(connection, row, changes, codes=(), messages=(), releases=False, record=None):
+def change_order(connection, row, changes, codes=(), messages=(), releases=False, record=None, commit=False):
     """Write `changes` to the order read as `row` and, only if it was written: add its tickets `codes`, queue
     its `messages` (outbox rows, the columns of _MESSAGE_COLUMNS), give its tickets back if `releases`, and
     write `record` (a RowWrite).  False, and nothing written, if the order changed since it was read.
 
     On PostgreSQL one statement, which the row lock the caller holds (find_for_payment) always lets through;
-    on SQLite one statement each, as they were before.
+    with `commit`, sent with the transaction's COMMIT in one round trip (the caller's session then finds it
+    committed).  On SQLite one statement each, as they were before, and the caller commits.
     """
     if connection.dialect.name != "postgresql":
         if not update_order(connection, row, changes):
@@ -333,14 +347,53 @@ def change_order(connection, row, changes, codes=(), messages=(), releases=False
     params = {"order_id": row["id"], "read_version": row["version"], "codes": list(codes), "releases": releases,
               **{name: row[name] for name in _CHANGE_COLUMNS}, **changes,
               **{"message_" + name: [message[name] for message in messages] for name in _MESSAGE_COLUMNS}}
-    if record is None:
-        return connection.execute(_CHANGE, params).scalar_one() == 1
-    written = connection.execute(_change_recorded(record.statement), {**params, **record.params}).one()
-    if written.changed != 1:
-        # The record was written all the same: this must fail the transaction, not be decided again.
-        raise StaleDataError(f"Order {row['id']} changed under its row lock")
-    record.written(written.recorded)
+    statement = _CHANGE if record is None else _change_recorded(record.statement)
+    params = params if record is None else {**params, **record.params}
+    if commit:
+        written = _execute_then_commit(connection, statement, params)
+    else:
+        written = connection.execute(statement, params).mappings().one()
+    # Changed: an order that changed under its lock failed the statement (its guard), the record with it.
+    if record is not None:
+        record.written(written["recorded"])
     return True
+
+
+def _execute_then_commit(connection, statement, params):
+    """`statement`'s row (a dict), sent with COMMIT as one query, on the driver connection under
+    `connection`'s open transaction: one send, one wait, one round trip.
+
+    A change that gives tickets back updates the ticket type's row, which every arriving order of that type
+    also updates: committed a round trip later, through a busy worker's event loop, the row stayed locked
+    for that turn, and the orders queued behind it (pg_stat_activity at 100 arrivals a second: on average 15
+    backends waiting on the transaction's lock, BENCHMARKS.md).  Sent together, PostgreSQL commits straight
+    after the statement, or skips the COMMIT if the statement fails (the transaction is then left aborted
+    for the caller's rollback).  It also saves every callback a round trip.
+
+    PostgreSQL's simple protocol takes two statements in one query; its parameters are then quoted by
+    psycopg (a ClientCursor).  psycopg's pipeline would also make one round trip, but under gevent it waits
+    on the hub once for each command it queues, and the statement's lock would be held across those turns.
+    A driver error is raised as SQLAlchemy's (DBAPIError), as Connection.execute raises it; a connection
+    lost, or left with its answer unread, is invalidated as SQLAlchemy does for its own statements.
+    """
+    sql, values = _driver_sql(statement, connection.dialect, params)
+    driver = connection.connection.driver_connection
+    metrics.db_queries.inc()
+    cursor = ClientCursor(driver, row_factory=dict_row)
+    settled = False  # the connection's state known: answered, or refused by PostgreSQL with the transaction open
+    try:
+        cursor.execute(sql + ";\nCOMMIT", values)
+        row = cursor.fetchone()
+        settled = True
+        return row
+    except connection.dialect.loaded_dbapi.Error as exc:
+        error = _as_sqlalchemy_error(exc, sql, values, connection.dialect, driver)
+        settled = not error.connection_invalidated
+        raise error from exc
+    finally:
+        cursor.close()
+        if not settled:
+            connection.invalidate()
 
 
 def write_row(connection, write):

@@ -480,7 +480,9 @@ def apply_payment_outcome(outcome, order_id=None, record=None, record_row=None):
             _log_unchanged(row, outcome, transition)
             body = _row_body(row, connection)
             break
-        body = _apply(connection, row, transition, outcome, record_row and record_row(row["id"], transition))
+        # With nothing left to write after it, the change goes with the COMMIT (rows._execute_then_commit).
+        body = _apply(connection, row, transition, outcome, record_row and record_row(row["id"], transition),
+                      commit=record is None)
         if body is not None:
             unwritten = None
             break
@@ -517,9 +519,10 @@ def _log_unchanged(row, outcome, transition):
                     row["id"], outcome.receipt, outcome.reference)
 
 
-def _apply(connection, row, transition, outcome, record=None):
+def _apply(connection, row, transition, outcome, record=None, commit=False):
     """Make `transition` to the order read as `row`, written with `record` (a rows.RowWrite, or None); its
-    new body, or None if it changed since it was read (nothing written then)."""
+    new body, or None if it changed since it was read (nothing written then).  `commit`: on PostgreSQL the
+    change is committed with it (the session's own commit then has nothing left to do)."""
     status = transition.status
     # A failure naming a payment another order holds (M-Pesa's failures carry no receipt; a malformed or
     # replayed one may) moves this order's status, and takes none of that payment's names: their unique
@@ -542,14 +545,14 @@ def _apply(connection, row, transition, outcome, record=None):
     completes = transition.decision is Decision.APPLY and status is Status.COMPLETED
     codes = [_ticket_code() for _ in range(row["quantity"])] if completes else []
     queued = messages.outbox_rows(row) if completes else []  # its SMS and email, sent after the commit
-    if not rows.change_order(connection, row, changes, codes, queued, transition.releases_tickets, record):
+    body = order_body({**row, **changes}, codes)  # before the change: with `commit`, nothing after it may fail
+    if not rows.change_order(connection, row, changes, codes, queued, transition.releases_tickets, record, commit):
         return None
     if queued:
         messages.wake_after_commit(db.session)
     if transition.decision is Decision.REFUND_DUE:
         log.warning("Refund due: order %s is %s and has no tickets left to give, but M-Pesa receipt %s paid KES %s "
                     "for it (see `flask orders unsettled`)", row["id"], row["status"], changes["receipt"], row["amount"])
-    body = order_body({**row, **changes}, codes)
     notify_after_commit(db.session, body)
     if transition.decision is Decision.APPLY:
         log.info("Order status updated: %s", status.value)
