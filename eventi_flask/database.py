@@ -71,6 +71,20 @@ def ping_idle_connections(engine):
             raise DisconnectionError(str(error)) from error  # the pool replaces it and tries again
 
 
+def autocommit_off_when_given_back(engine):
+    """A connection a callback's transaction began on with its own BEGIN (rows._begin_then_read) is in
+    autocommit for that checkout; given back, after its transaction ended, it is as the pool's other users
+    expect it again.  One that cannot be (still in a transaction: nothing should leave it so) is dropped."""
+    @event.listens_for(engine, "checkin")
+    def _autocommit_off(dbapi_connection, record):
+        if dbapi_connection is None or not dbapi_connection.autocommit:
+            return
+        try:
+            dbapi_connection.autocommit = False
+        except engine.dialect.loaded_dbapi.Error:
+            record.invalidate()
+
+
 class DatabaseWatch:
     """Follows the engines of one database: a failed connection attempt means the database is
     away; the next connection that succeeds, on any of them, means it is back.  A connection
@@ -169,6 +183,7 @@ def _engine_of_its_own(app, **pool):
         return db.engine
     engine = create_engine(db.engine.url, **{**app.config["SQLALCHEMY_ENGINE_OPTIONS"], **pool})
     ping_idle_connections(engine)
+    autocommit_off_when_given_back(engine)
     return engine
 
 
@@ -176,6 +191,8 @@ def init_app(app):
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             sqlite.init_engine(db.engine)
+        else:
+            autocommit_off_when_given_back(db.engine)
         ping_idle_connections(db.engine)
         # One connection per batched reader: the waits' orders, and the Idempotency-Keys of buyers sent to a line.
         app.extensions[WAITS_ENGINE] = _engine_of_its_own(app, pool_size=2, max_overflow=0)

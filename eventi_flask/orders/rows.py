@@ -5,8 +5,8 @@ here and given its values as parameters at execution: no unit of work, no
 identity map, no per-call statement building or cache-key hashing.  That took
 a callback from 12 round trips and 5.5 ms of CPU to 7 and 2.6 ms
 (docs/benchmarks-history.md); on PostgreSQL its writes are now one
-statement (change_order), sent with its COMMIT, so a paid callback is 3 round trips:
-BEGIN, the locking read, that statement and COMMIT as one query.
+statement (change_order), sent with its COMMIT, so a paid callback is 2 round trips:
+BEGIN with the locking read, that statement with COMMIT, each pair as one query.
 Creating an order is one statement that reserves the tickets and inserts the
 order (see create_order for why).  The rarer changes stay in the ORM (service.py).
 On PostgreSQL an order's two statements, each its own transaction, go straight
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from psycopg import ClientCursor
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from sqlalchemy import Boolean, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -302,11 +303,35 @@ def find_for_payment(connection, keys, lock, receipt=None, reference=None):
     statements = _LOCK_BY if lock else _PAYMENT_BY
     for column, value in keys:
         if value:
-            row = connection.execute(statements[column],
-                                     {"key": value, "receipt": receipt, "reference": reference}).mappings().first()
+            params = {"key": value, "receipt": receipt, "reference": reference}
+            if lock and _begins_transaction(connection):
+                row = _begin_then_read(connection, statements[column], params)
+            else:
+                row = connection.execute(statements[column], params).mappings().first()
             if row is not None:
                 return row
     return None
+
+
+def _begins_transaction(connection):
+    """Whether the next statement on `connection` begins its transaction on PostgreSQL (psycopg would send
+    BEGIN first, on a round trip of its own)."""
+    return (connection.dialect.name == "postgresql"
+            and connection.connection.driver_connection.pgconn.transaction_status == TransactionStatus.IDLE)
+
+
+def _begin_then_read(connection, statement, params):
+    """`statement`'s first row (a dict, or None), sent as one query behind a BEGIN of our own: a callback's
+    transaction starts with its locking read, one round trip where psycopg's own BEGIN made two.
+
+    Each round trip of a callback waits its turn of a busy worker's loop (100-400 ms each at 170 arrivals a
+    second, pg_stat_activity: `idle in transaction` after BEGIN and after the read) and holds one of the
+    callbacks' pooled connections meanwhile; with three, callbacks queued for a connection for seconds.
+    psycopg sends its BEGIN only outside autocommit, so the connection is in autocommit for the rest of its
+    checkout: the transaction is PostgreSQL's, psycopg's commit and rollback still end it (they look at the
+    server's transaction status), and autocommit goes off again when it is given back (database.py)."""
+    connection.connection.driver_connection.autocommit = True
+    return _in_one_query(connection, statement, params, before="BEGIN;\n")
 
 
 def ticket_codes(connection, order_id):
@@ -373,8 +398,17 @@ def _execute_then_commit(connection, statement, params):
     PostgreSQL's simple protocol takes two statements in one query; its parameters are then quoted by
     psycopg (a ClientCursor).  psycopg's pipeline would also make one round trip, but under gevent it waits
     on the hub once for each command it queues, and the statement's lock would be held across those turns.
-    A driver error is raised as SQLAlchemy's (DBAPIError), as Connection.execute raises it; a connection
-    lost, or left with its answer unread, is invalidated as SQLAlchemy does for its own statements.
+    """
+    return _in_one_query(connection, statement, params, after=";\nCOMMIT")
+
+
+def _in_one_query(connection, statement, params, before="", after=""):
+    """`statement`'s first row (a dict, or None), sent between `before` and `after` (other statements) as one
+    query in PostgreSQL's simple protocol, on the driver connection under `connection`: one send, one wait.
+
+    Its parameters are quoted by psycopg (a ClientCursor).  A driver error is raised as SQLAlchemy's
+    (DBAPIError), as Connection.execute raises it; a connection lost, or left with its answer unread, is
+    invalidated as SQLAlchemy does for its own statements.
     """
     sql, values = _driver_sql(statement, connection.dialect, params)
     driver = connection.connection.driver_connection
@@ -382,7 +416,9 @@ def _execute_then_commit(connection, statement, params):
     cursor = ClientCursor(driver, row_factory=dict_row)
     settled = False  # the connection's state known: answered, or refused by PostgreSQL with the transaction open
     try:
-        cursor.execute(sql + ";\nCOMMIT", values)
+        cursor.execute(before + sql + after, values)
+        if before:
+            cursor.nextset()  # past `before`'s results to the statement's
         row = cursor.fetchone()
         settled = True
         return row
