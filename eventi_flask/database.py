@@ -72,9 +72,9 @@ def ping_idle_connections(engine):
 
 
 def autocommit_off_when_given_back(engine):
-    """A connection a callback's transaction began on with its own BEGIN (rows._begin_then_read) is in
-    autocommit for that checkout; given back, after its transaction ended, it is as the pool's other users
-    expect it again.  One that cannot be (still in a transaction: nothing should leave it so) is dropped."""
+    """A connection put in autocommit for one checkout (an order's statement run alone, a callback's
+    transaction begun with its own BEGIN: orders/rows.py) is, given back, as the pool's other users expect it
+    again.  One that cannot be (still in a transaction: nothing should leave it so) is dropped."""
     @event.listens_for(engine, "checkin")
     def _autocommit_off(dbapi_connection, record):
         if dbapi_connection is None or not dbapi_connection.autocommit:

@@ -253,29 +253,12 @@ def run_alone(engine, statement, params):
     """Run `statement` as its own transaction (autocommit) on a pooled psycopg connection; its first row, a dict, or None.
 
     The connection is checked out as any other (engine.connect(): the idle ping, and a failure
-    to connect raised and watched as everywhere else, database.py).  A driver error is raised as
-    SQLAlchemy's (DBAPIError), as Connection.execute raises it, and the connection is dropped
-    from the pool, as is one left in an unknown state by anything else.
+    to connect raised and watched as everywhere else, database.py), and goes back out of autocommit
+    (database.autocommit_off_when_given_back).  Errors as _in_one_query's.
     """
-    sql, values = _driver_sql(statement, engine.dialect, params)
     with engine.connect() as connection:
-        pooled = connection.connection
-        driver = pooled.driver_connection
-        given_back = False
-        try:
-            driver.autocommit = True
-            metrics.db_queries.inc()
-            with driver.cursor(row_factory=dict_row) as cursor:
-                cursor.execute(sql, values)
-                row = cursor.fetchone()
-            driver.autocommit = False  # as the pool's other users expect it
-            given_back = True
-            return row
-        except engine.dialect.loaded_dbapi.Error as exc:
-            raise _as_sqlalchemy_error(exc, sql, values, engine.dialect, driver) from exc
-        finally:
-            if not given_back:
-                connection.invalidate()
+        connection.connection.driver_connection.autocommit = True
+        return _in_one_query(connection, statement, params)
 
 
 def read(connection, order_id):
@@ -403,17 +386,20 @@ def _execute_then_commit(connection, statement, params):
 
 
 def _in_one_query(connection, statement, params, before="", after=""):
-    """`statement`'s first row (a dict, or None), sent between `before` and `after` (other statements) as one
-    query in PostgreSQL's simple protocol, on the driver connection under `connection`: one send, one wait.
+    """`statement`'s first row (a dict, or None), sent between `before` and `after` (other statements, if any)
+    as one query, straight to psycopg on the driver connection under `connection`: one send, one wait, and
+    none of SQLAlchemy's execution context around it.
 
-    Its parameters are quoted by psycopg (a ClientCursor).  A driver error is raised as SQLAlchemy's
+    Other statements with it need PostgreSQL's simple protocol, whose parameters psycopg quotes itself (a
+    ClientCursor); alone, it keeps server-side parameters.  A driver error is raised as SQLAlchemy's
     (DBAPIError), as Connection.execute raises it; a connection lost, or left with its answer unread, is
     invalidated as SQLAlchemy does for its own statements.
     """
     sql, values = _driver_sql(statement, connection.dialect, params)
     driver = connection.connection.driver_connection
     metrics.db_queries.inc()
-    cursor = ClientCursor(driver, row_factory=dict_row)
+    cursor = (ClientCursor(driver, row_factory=dict_row) if before or after
+              else driver.cursor(row_factory=dict_row))
     settled = False  # the connection's state known: answered, or refused by PostgreSQL with the transaction open
     try:
         cursor.execute(before + sql + after, values)
