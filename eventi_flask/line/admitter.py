@@ -17,10 +17,16 @@ it joined, spread over the tick: the orders' work is shared by the workers as PO
 an admission (a worker died mid-way and the lead finds the place stalled) answers the order already
 made instead of making a second one.  Each worker reports its orders' answer times to the lead.
 
-The outflow follows what the service takes: it grows by a tenth a tick while admitted orders are
-answered well within the 2 s target and the lead's admission signals (event-loop lag, reservation
-time) say it would shed nothing, holds while they say it is late, and shrinks by a fifth when orders
-answer slowly or those signals say it would shed half or more, capped by the event's max_rate.
+The outflow follows what the service takes, as TCP's congestion control does.  While buyers join much
+faster than it serves them (sales open), it grows by a tenth a tick: the joins take CPU too.  Then,
+until the line has seen the service crowded, it grows by a third a tick (slow start).  Crowded (the
+admitted orders' p90 answer time past CROWDED, or the lead's admission would shed any order): a
+twentieth less, and the rate of two ticks before (the one those answers were taken at) is remembered as
+the ceiling.  Congested (p90 past SLOW, or the admission would shed half): a fifth less.  One cut per two
+ticks: the answers measured meanwhile are of places taken before it.  Below the ceiling the outflow
+climbs back quickly to nine tenths of it, then probes above it, faster the longer the answers stay
+quick: the service's capacity moves (the arrivals' burst takes CPU, then gives it back).  Capped by
+the event's max_rate.
 """
 import json
 import logging
@@ -50,19 +56,33 @@ SWEEP_LIMIT = 2000  # places marked left per tick at most
 # Pauses between attempts at a place's order while the database answers 503: first, and at most (seconds).
 DATABASE_RETRY_FIRST, DATABASE_RETRY_MOST = 0.5, 5.0
 IDLE_SECONDS = 60  # an event with an empty line and no joins for this long leaves the active set
-# The outflow's control: p90 of admitted orders' answer time above SLOW shrinks it, below FAST grows it
-# (while the lead's loop has no lag to speak of).  A rise shows in the answer times only seconds later
-# (the STK push, the callback, the page's wait all follow an admission), so the steps are small: at
-# x1.2 up and x0.7 down the outflow swung between 0 and 155 a second with a period of ~25 s at a sale
-# of 6,000 (bench line), the workers idle in every trough.
-SLOW, FAST = 1.2, 0.75
-INCREASE, DECREASE, MIN_RATE = 1.1, 0.8, 1.0
+# The outflow's control (see the module's docstring), on the p90 of admitted orders' answer time (an order
+# answers in 10-150 ms while the service keeps up; past it the reservations queue on the ticket type's row
+# and the p90 climbs through 0.3-0.9 s within two ticks): x1.1 up and x0.8 down alone swung the outflow
+# between 120 and 300 a second around a capacity of 200 (bench line, 6,000 at 600/s), and from a start of
+# 40 it took 15 ticks to reach it.
+CROWDED, SLOW, FAST = 0.5, 1.2, 0.5
+SLOW_START, CLIMB = 1.3, 1.2  # growth a tick: no ceiling yet; below 0.9 x ceiling
+# While buyers join faster than JOINING_FAST x the outflow (sales open), it grows by a tenth a tick at most:
+# each join and its first held wait cost a worker CPU too, and at an outflow of 150-200 during a burst of
+# 600 joins a second the POSTs were answered in 1-3 s (p99), at 50-110 in 150-470 ms.
+WHILE_JOINING, JOINING_FAST = 1.1, 2.0
+PROBE_STEP = 0.03  # above 0.9 x ceiling: 3 % a tick more growth for each tick of quick answers there
+EASE, DECREASE, MIN_RATE = 0.95, 0.8, 1.0
+CEILING_SHARE = 0.9  # the rate climbed back to quickly, as a share of the ceiling
 SHED_CUT = 0.5  # the lead's admission would shed this share of new orders: past capacity, cut
-IN_FLIGHT_SECONDS = 2.0  # places taken and not yet served at most: this many seconds of the outflow (and 4)
+# Places taken and not yet served at most: this many seconds of the outflow (and 4).  A place waits for a
+# worker's claim (up to a tick), then for its moment in the tick's spread (up to a tick), then its order's
+# answer: at 2 s the cap bound while answers were quick, and the outflow taken swung tick by tick.
+IN_FLIGHT_SECONDS = 3.0
 WORKER_IN_FLIGHT = 200  # orders one worker makes at once at most
-RATE_SMOOTHING = 0.2  # weight of the newest tick in the measured serving rate
-RATE_FALL_PER_SECOND = 0.98  # the rate shown falls at most this much a second, so estimates rise gently
+# Weight of the newest tick in the measured serving rate: rising (a forming line's outflow grows a third a
+# tick, and its estimates should follow), and falling (slowly: the rate shown falls at most
+# RATE_FALL_PER_SECOND too, so an estimate rises gently).
+RATE_SMOOTHING_UP, RATE_SMOOTHING_DOWN = 0.5, 0.2
+RATE_FALL_PER_SECOND = 0.98
 LEARN_AFTER_SECONDS = 30  # a line that has been served this long teaches the next where to start
+CEILING_LAG_TICKS = 2  # the answers measured at a tick are those of places taken this many ticks before
 
 
 class Outflow:
@@ -72,6 +92,11 @@ class Outflow:
         self.cap = cap
         self.rate = min(start, cap) if cap else start
         self.start = self.rate  # a rate the service is known to take: LINE_START_RATE, or what a line averaged
+        self.ceiling = None  # the rate at which the service was last seen crowded; None: not yet (slow start)
+        self.recent_rates = [self.rate]  # the last CEILING_LAG_TICKS + 1 rates, newest last
+        self.ticks_since_cut = CEILING_LAG_TICKS + 1
+        self.probing = 0  # ticks of quick answers since the outflow passed nine tenths of the ceiling
+        self.joining = False  # buyers joined faster than JOINING_FAST x the outflow in the last tick
         self.allowance = 0.0
         self.latencies = []
         # Places served a second, smoothed: from the rate the estimates were already given with (the last lead's
@@ -99,16 +124,42 @@ class Outflow:
         recent = sorted(self.latencies)
         self.latencies = []
         slow = recent[int(len(recent) * 0.9)] if recent else None
+        self.ticks_since_cut += 1
         if shed_share >= SHED_CUT or (slow is not None and slow > SLOW):
-            self.rate = max(MIN_RATE, self.rate * DECREASE)
-        elif backlog and shed_share == 0 and (slow is None or slow < FAST):
-            # Back to the start at once, then in small steps: the arrivals' burst cut the outflow to a third
-            # (its CPU slowed every answer), and from there a tenth a tick took 15 s to climb back while the
-            # workers idled at half a core each (bench line, 6,000 at 600/s).
-            self.rate = max(self.rate * INCREASE + 1, self.start)
-        # else hold: the loop is late but not shedding half, or the answers are between FAST and SLOW
+            self._crowded(DECREASE)
+        elif shed_share > 0 or (slow is not None and slow > CROWDED):
+            self._crowded(EASE)
+        elif backlog and (slow is None or slow < FAST):
+            if self.joining:
+                grown = self.rate * WHILE_JOINING
+            elif self.ceiling is None:
+                grown = self.rate * SLOW_START
+            elif self.rate < self.ceiling * CEILING_SHARE:
+                grown = min(self.rate * CLIMB, self.ceiling * CEILING_SHARE)
+            else:
+                # Probing above the ceiling, faster the longer the answers stay quick (as TCP CUBIC does): the
+                # ceiling a burst of joins set is far below what the service takes once the burst has passed.
+                self.probing += 1
+                grown = self.rate * min(1 + PROBE_STEP * self.probing, SLOW_START)
+            # Never below the start once the answers are quick: a rate the service is known to take (a burst of
+            # joins cut the outflow to a third, and climbing back from the trough left the workers idle).
+            self.rate = max(grown + 1, self.start)
         if self.cap:
             self.rate = min(self.rate, self.cap)
+        self.recent_rates = (self.recent_rates + [self.rate])[-(CEILING_LAG_TICKS + 1):]
+
+    def _crowded(self, by):
+        self.probing = 0
+        if self.ticks_since_cut <= CEILING_LAG_TICKS:
+            return  # these answers are of places taken before the last cut: it is already acted on
+        # The answers measured now are those of places taken CEILING_LAG_TICKS ago: that rate was too much.
+        self.ceiling = min(self.recent_rates)
+        self.rate = max(MIN_RATE, self.rate * by)
+        self.ticks_since_cut = 0
+
+    def joined(self, count, seconds):
+        """`count` buyers joined the line in the last `seconds`."""
+        self.joining = count > JOINING_FAST * self.rate * seconds
 
     def budget(self, seconds, admitting):
         """Places to take this tick; `admitting`: those taken and not yet served, everywhere."""
@@ -123,10 +174,11 @@ class Outflow:
         self.served += served
         self.serving_seconds += seconds
         rate = served / seconds
-        smoothed = self.measured + (rate - self.measured) * RATE_SMOOTHING
+        weight = RATE_SMOOTHING_UP if rate > self.measured else RATE_SMOOTHING_DOWN
+        smoothed = self.measured + (rate - self.measured) * weight
         self.measured = max(smoothed, self.measured * RATE_FALL_PER_SECOND ** seconds)
         if served + left:
-            self.share += (left / (served + left) - self.share) * RATE_SMOOTHING
+            self.share += (left / (served + left) - self.share) * RATE_SMOOTHING_DOWN
 
 
 class Admitter:
@@ -203,13 +255,14 @@ class Admitter:
             return
         outflow = self.outflows.get(slug)
         if outflow is None:
-            # From the rate this line last published (a new lead does not start the ramp again), else the rate
-            # the service's last line averaged, else LINE_START_RATE: at a sale's opening nearly everyone joins
-            # within seconds, and their estimates use this start (40 against a line served at 70-75 a second:
-            # a quarter of them told a wait within 20 %; from the rate a rehearsal measured, 98.6 %).
+            # The outflow starts from the rate this line last published (a new lead does not start the ramp again),
+            # else LINE_START_RATE.  Its estimates start from the rate the service's last line averaged, when
+            # higher: at a sale's opening nearly everyone joins within seconds, before the line has measured
+            # anything (from a start of 40 against a line served at 150-200 a second, 15-20 % of the buyers were
+            # told a wait within 20 %), while the outflow itself waits for the joins' burst to pass (below).
             published = store.summary(slug)["rate"]
-            floor = self.line.start_rate()
-            outflow = self.outflows[slug] = Outflow(max(floor, published), settings.max_rate, published)
+            outflow = self.outflows[slug] = Outflow(max(self.line.configured_start_rate, published), settings.max_rate,
+                                                    max(published, self.line.start_rate()))
         now_ms = service.now_ms()
         seconds = outflow.elapsed(self.tick_seconds)
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
@@ -236,6 +289,7 @@ class Admitter:
         if average is not None and not settings.max_rate:  # a capped line measures its cap, not the service
             store.learn_rate(average)
         state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share)
+        outflow.joined(state["length"] - (last["length"] if last else 0) + len(taken) + left, seconds)
         self._publish(slug, state, outflow)
         metrics.line_length.labels(slug).set(state["length"])
 

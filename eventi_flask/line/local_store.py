@@ -96,7 +96,7 @@ class LocalLineStore:
         existing = self._places.get(self._keys.get((slug, key_hash))) if key_hash else None
         if existing is not None and existing.status != "left":
             return ("existing", *self.view(slug, existing.id, now_ms, touch=False))
-        if not force and not line.queue:
+        if not force and not line.queue and not line.admitting:  # nobody waits, nor waits for the order's making
             window, made = line.direct
             window_now = now_ms // DIRECT_WINDOW_MS
             made = made + 1 if window == window_now else 1

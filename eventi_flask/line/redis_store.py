@@ -52,7 +52,7 @@ end
 """
 
 # Join, or answer the place the key already holds.  A place that left gives its key back.
-# KEYS: seq queue seen gone pre state place key (`line:{s}:key:` alone: no key); ARGV: id body body_hash
+# KEYS: seq queue seen gone pre state place key (`line:{s}:key:` alone: no key) admitting; ARGV: id body body_hash
 # order_key type quantity now_ms pre(0/1) force(0/1) ttl direct_floor direct_cap window_ms.  Returns {outcome, view_of(the place)}:
 # outcome 0 no line, 1 joined, 2 existing.
 _JOIN = _VIEW_OF + """
@@ -65,8 +65,9 @@ if keyed then
     if status and status ~= 'left' then return {2, view_of(place_key)} end
   end
 end
-if ARGV[9] ~= '1' and redis.call('ZCARD', KEYS[2]) == 0 then
-  -- Nobody waits: made at once, unless this window's share of the serving rate is taken (local_store.direct_allowance).
+if ARGV[9] ~= '1' and redis.call('ZCARD', KEYS[2]) == 0 and redis.call('ZCARD', KEYS[9]) == 0 then
+  -- Nobody waits (nor waits for the order's making: made at once it would overtake them by up to two ticks):
+  -- made at once, unless this window's share of the serving rate is taken (local_store.direct_allowance).
   local rate = math.max(tonumber(redis.call('HGET', KEYS[6], 'rate') or '0'), tonumber(ARGV[11]))
   if tonumber(ARGV[12]) > 0 then rate = math.min(rate, tonumber(ARGV[12])) end
   local window = string.sub(KEYS[1], 1, -4) .. 'direct:' .. math.floor(tonumber(ARGV[7]) / tonumber(ARGV[13]))
@@ -129,12 +130,17 @@ return joined
 """
 
 # A worker claims its share of the ready places (the last batch over the workers claiming lately), in
-# order.  KEYS: ready admitting state claimers; ARGV: owner now_ms horizon_ms room.  Returns their fields.
+# order, and every place left over from an earlier batch: the workers tick out of step, and a worker whose
+# tick slipped past the lead's missed a batch's share, which then waited at the list's head, claimed one
+# a tick at the end of a line (a buyer admitted 7 s after the next ones).  KEYS: ready admitting state
+# claimers; ARGV: owner now_ms horizon_ms room.  Returns their fields.
 _CLAIM = """
 local base = string.sub(KEYS[1], 1, -6)
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
-local share = math.ceil(tonumber(redis.call('HGET', KEYS[3], 'batch') or '1') / redis.call('ZCARD', KEYS[4]))
+local batch = tonumber(redis.call('HGET', KEYS[3], 'batch') or '1')
+local left_over = math.max(redis.call('LLEN', KEYS[1]) - batch, 0)
+local share = math.ceil(batch / redis.call('ZCARD', KEYS[4])) + left_over
 local n = math.min(tonumber(ARGV[4]), math.max(share, 1))
 local out = {}
 if n < 1 then return out end
@@ -300,7 +306,7 @@ class RedisLineStore:
         """Join, or find the place `key_hash` holds: (outcome, Place, view), the outcome "joined" or
         "existing"; ("none", None, None) when the line is empty, `force` is not set and the orders made at
         once this window are within the serving rate (`direct`: its floor and cap, local_store.direct_allowance)."""
-        reply = self._run("join", slug, self._names(f"place:{place['id']}", f"key:{key_hash or ''}"),
+        reply = self._run("join", slug, self._names(f"place:{place['id']}", f"key:{key_hash or ''}", "admitting"),
                           (place["id"], place["body"], place["body_hash"], place["order_key"], place["type"],
                            place["quantity"], now_ms, int(pre), int(force), PLACE_TTL_SECONDS, *direct,
                            DIRECT_WINDOW_MS))
