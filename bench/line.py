@@ -47,6 +47,9 @@ def add_arguments(parser):
     journeys.add_arguments(parser, rate=600, buyers=6000, line=True)
     parser.add_argument("--leave-share", type=float, default=0.0,
                         help="share of the queued buyers who stop asking once they have a place (default 0)")
+    parser.add_argument("--learned-rate", type=float, default=None,
+                        help="the serving rate a previous line left (line:rate, as --json's learned_rate gives it), "
+                             "written to the server's Redis before the run: a second sale on the same service")
     parser.add_argument("--patience", type=float, default=LINE_PATIENCE,
                         help=f"the server's LINE_PATIENCE, seconds: a waiter asks at least every half of it "
                              f"(default {LINE_PATIENCE})")
@@ -219,8 +222,28 @@ def tickets_held_and_paid(database_url):
     return held, by_status.get("completed", 0), by_status.get("pending", 0)
 
 
+def learned_rate(target, set_to=None):
+    """The serving rate this run's line left for the next one to start from (line:rate), or None; with
+    `set_to`, that rate is written first (as a previous line would have left it)."""
+    if not target.get("redis_url"):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(target["redis_url"])
+    key = f"{target.get('redis_prefix', '')}line:rate"
+    try:
+        if set_to is not None:
+            client.set(key, repr(set_to))
+        value = client.get(key)
+    finally:
+        client.close()
+    return rounded(float(value)) if value is not None else None
+
+
 async def run(args, target):
     host, port, loop = target["host"], target["port"], asyncio.get_running_loop()
+    if args.learned_rate is not None:
+        learned_rate(target, set_to=args.learned_rate)
     chooser = random.Random(args.buyers)
     buyers = [LineBuyer(i, chooser.random() < args.leave_share) for i in range(args.buyers)]
     started, started_wall = loop.time(), time.time()
@@ -246,6 +269,7 @@ async def run(args, target):
     fives = sum(1 for status, _ in answers if isinstance(status, int) and status >= 500)
     rises = [largest_rise_pct(b.estimates) for b in queued]
     unfairness, pair = fairness(buyers)
+    unfairness_by_answer, pair_by_answer = fairness(buyers, lambda buyer: buyer.joined_at)
 
     failures = []
     if wrong:
@@ -271,7 +295,8 @@ async def run(args, target):
         "admitted": len(admitted),
         "fairness_s": rounded(unfairness, 3),
         "fairness_worst_pair": [story_of(b, started_wall) for b in pair] if pair else None,
-        "fairness_by_answer_s": rounded(fairness(buyers, lambda buyer: buyer.joined_at)[0], 3),
+        "fairness_by_answer_s": rounded(unfairness_by_answer, 3),
+        "fairness_by_answer_worst_pair": [story_of(b, started_wall) for b in pair_by_answer] if pair_by_answer else None,
         "served_exactly_once": sum(1 for b in admitted if len(b.order_ids) == 1),
         "orders_in_database": in_database,
         "orders_made_for_buyers_who_left": len(leavers_orders),
@@ -287,6 +312,8 @@ async def run(args, target):
         "line_shown_by_second": shown,
         "last_admitted_after_s": rounded(max((b.admitted_at for b in admitted), default=started_wall) - started_wall),
         "time_to_admitted_ms": spread((b.admitted_at - b.joined_at) * 1000 for b in admitted),
+        # what the next line starts its estimates from (pass it as LINE_START_RATE to measure a second sale)
+        "learned_rate": learned_rate(target),
         "estimate_honest_share": rounded(sum(1 for b in queued_admitted if honest(b)) / len(queued_admitted), 3)
         if queued_admitted else None,
         "estimate_largest_rise_pct": rounded(max(rises, default=0.0), 1),
@@ -304,7 +331,7 @@ def summary(result):
             f"duplicate orders {result['duplicate_orders']}, tickets held {result['tickets_held']} "
             f"paid {result['tickets_paid']}; goodput {result['journeys_per_second']} journeys/s, "
             f"last admitted at {result['last_admitted_after_s']} s; estimates honest {result['estimate_honest_share']}, "
-            f"largest rise {result['estimate_largest_rise_pct']} %; "
+            f"largest rise {result['estimate_largest_rise_pct']} %; learned rate {result['learned_rate']}; "
             f"worker CPU {result['worker_cpu_ms_per_journey']} ms/journey{journeys.stand_ins_cpu(result)}; "
             f"errors {result['buyer_errors']}"
             f"{delivery.summary(result['messages'] and result['messages'].get('delivered'))}")

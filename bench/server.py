@@ -81,7 +81,8 @@ def serve(args, defaults, redis_url=None):
         print(f"server {server.url}, {workers} worker(s) {pids}, log {log_path}", file=sys.stderr)
         yield Target(url=server.url, host="127.0.0.1", port=server.port, master_pid=server.proc.pid,
                      worker_pids=pids, workers=workers, database_url=server.env["DATABASE_URL"],
-                     redis_url=server.env.get("REDIS_URL"), log=str(log_path))
+                     redis_url=server.env.get("REDIS_URL"), redis_prefix=server.env.get("REDIS_PREFIX", ""),
+                     log=str(log_path))
     finally:
         server.stop()
 
