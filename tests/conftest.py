@@ -19,7 +19,7 @@ from eventi_flask.notify.service import HUB, get_hub  # noqa: E402
 from eventi_flask.line.service import LINE  # noqa: E402
 from eventi_flask.messages import stop_sender  # noqa: E402
 from eventi_flask.events.commands import seed_demo  # noqa: E402
-from eventi_flask.orders import missed_callbacks  # noqa: E402
+from eventi_flask.orders import admission, missed_callbacks  # noqa: E402
 from eventi_flask.payhero import sandbox, verify  # noqa: E402
 from tests.support import QUIET_LINE, REDIS_URL, LiveServer, create_database, drop_database  # noqa: E402
 
@@ -86,6 +86,7 @@ def shut_down(app):
     missed_callbacks.stop(app)  # nor a worker's asking about orders with no callback
     sandbox.stop(app)  # nor a sandbox callback: it would land in the next test's `wire`
     app.extensions[LINE].stop()  # no admitter ticks on into the next test
+    admission.stop(app)  # nor a sampler of the loop's lag
     stop_sender(app)  # nor a sender of the tickets' messages
     with app.app_context():
         get_hub().stop()  # its Redis connections closed: a later test counts its own

@@ -474,10 +474,10 @@ def test_a_new_lead_and_a_forming_line_do_not_make_the_estimates_jump():
     assert taking_over.measured == pytest.approx(62.5 * 0.98)
 
 
-def quick(outflow, ticks=1, shed_share=0, answers=0.1):
+def quick(outflow, ticks=1, shed_share=0, answers=0.1, lag=0.0):
     for _ in range(ticks):
         outflow.latencies = [answers] * 10
-        outflow.adjust(shed_share=shed_share, backlog=True)
+        outflow.adjust(shed_share=shed_share, backlog=True, lag=lag)
     return outflow.rate
 
 
@@ -515,6 +515,31 @@ def test_while_buyers_join_fast_the_outflow_grows_by_a_tenth_a_tick():
     assert quick(outflow) == pytest.approx(40 * 1.1 + 1)
     outflow.joined(30, 1.0)  # the burst has passed
     assert quick(outflow) == pytest.approx(45 * 1.3 + 1)
+
+
+def test_while_buyers_join_on_a_late_loop_the_outflow_eases_and_keeps_no_ceiling():
+    from eventi_flask.line.admitter import Outflow
+
+    outflow = Outflow(start=100, cap=None)
+    outflow.joined(600, 1.0)
+    assert quick(outflow, lag=0.02) == pytest.approx(95)  # the joins wait for the loop: a twentieth less
+    assert quick(outflow, 2, lag=0.02) == pytest.approx(95)  # once per two ticks
+    assert outflow.ceiling is None  # the joins' CPU, not the orders': no ceiling for after the burst
+
+
+def test_a_forming_line_shows_the_rate_the_last_line_averaged_until_it_has_measured_its_own():
+    # The joins' burst holds the outflow back while those joining are told how long the line will take
+    # once it has passed: the rate shown falling 2 % a second from the learned rate during the burst told the
+    # last joiners 45 s for a wait of 35.
+    from eventi_flask.line.admitter import LEARN_AFTER_SECONDS, Outflow
+
+    outflow = Outflow(start=40, cap=None, measured=130, expected=130)
+    for _ in range(LEARN_AFTER_SECONDS - 1):
+        outflow.measure(60, 0, 1.0)
+        assert outflow.measured == 130
+    for _ in range(5):
+        outflow.measure(60, 0, 1.0)
+    assert outflow.measured == pytest.approx(130 * 0.98 ** 5)  # measured long enough: its own, falling gently
 
 
 def test_the_outflow_follows_answer_times_within_its_cap():

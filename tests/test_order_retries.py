@@ -1,4 +1,5 @@
 """Retrying an order safely (Idempotency-Key) and shedding orders past what a worker can answer quickly."""
+import time
 import uuid
 
 import gevent.pool
@@ -10,7 +11,7 @@ from sqlalchemy import func, select
 from eventi_flask.events.models import Event
 from eventi_flask.extensions import db
 from eventi_flask.orders.models import Order
-from tests.support import DEMO
+from tests.support import DEMO, wait_until
 
 PAYMENTS_URL = "http://eventi.test/sandbox/payhero/api/v2/payments"
 
@@ -147,3 +148,24 @@ def test_a_shed_order_is_503_busy_with_a_spread_retry_after_and_reserves_nothing
 @pytest.mark.env(ORDER_SHED_LAG="off")
 def test_shedding_off_admits_every_order(client, wire):
     assert post_order(client).status_code == 201
+
+
+def test_the_loops_lag_is_measured_beside_the_orders_not_by_each_of_them():
+    """An arriving order reads the worker's lag without a timer of its own (that cost every order one more
+    turn of a busy loop); a loop held up sheds, and once it runs freely again every order is admitted."""
+    from eventi_flask.orders.admission import Admission
+
+    admission = Admission(0.02, 0.1)
+    try:
+        others_ran = []
+        gevent.spawn(others_ran.append, True)
+        assert admission.shed_share() == 0
+        assert others_ran == []  # no turn of the loop was taken: the other greenlet has not run yet
+        gevent.sleep(0.1)
+        busy_until = time.perf_counter() + 0.3
+        while time.perf_counter() < busy_until:  # the loop held up, as by a CPU-bound burst
+            pass
+        wait_until(lambda: admission.shed_share() > 0, timeout=2, message="a late loop sheds")
+        wait_until(lambda: admission.shed_share() == 0, timeout=5, message="a free loop admits again")
+    finally:
+        admission.stop()

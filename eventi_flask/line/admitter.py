@@ -18,7 +18,8 @@ an admission (a worker died mid-way and the lead finds the place stalled) answer
 made instead of making a second one.  Each worker reports its orders' answer times to the lead.
 
 The outflow follows what the service takes, as TCP's congestion control does.  While buyers join much
-faster than it serves them (sales open), it grows by a tenth a tick: the joins take CPU too.  Then,
+faster than it serves them (sales open), it grows by a tenth a tick, and eases while the loop runs late:
+the joins take CPU too.  Then,
 until the line has seen the service crowded, it grows by a third a tick (slow start).  Crowded (the
 admitted orders' p90 answer time past CROWDED, or the lead's admission would shed any order): a
 twentieth less, and the rate of two ticks before (the one those answers were taken at) is remembered as
@@ -63,10 +64,12 @@ IDLE_SECONDS = 60  # an event with an empty line and no joins for this long leav
 # 40 it took 15 ticks to reach it.
 CROWDED, SLOW, FAST = 0.5, 1.2, 0.5
 SLOW_START, CLIMB = 1.3, 1.2  # growth a tick: no ceiling yet; below 0.9 x ceiling
-# While buyers join faster than JOINING_FAST x the outflow (sales open), it grows by a tenth a tick at most:
-# each join and its first held wait cost a worker CPU too, and at an outflow of 150-200 during a burst of
-# 600 joins a second the POSTs were answered in 1-3 s (p99), at 50-110 in 150-470 ms.
-WHILE_JOINING, JOINING_FAST = 1.1, 2.0
+# While buyers join faster than JOINING_FAST x the outflow (sales open), it grows by a tenth a tick at most,
+# and eases while the lead's loop runs LAG_WHILE_JOINING late: each join and its first held wait cost a
+# worker CPU too, and at an outflow of 150-200 during a burst of 600 joins a second the POSTs were answered
+# in 1-3 s (p99), at 50-110 in 150-470 ms; inside the worker a POST's p99 was 40-90 ms while the loop ran
+# under 5 ms late, 370-440 ms at 14-35 ms.
+WHILE_JOINING, JOINING_FAST, LAG_WHILE_JOINING = 1.1, 2.0, 0.008
 PROBE_STEP = 0.03  # above 0.9 x ceiling: 3 % a tick more growth for each tick of quick answers there
 EASE, DECREASE, MIN_RATE = 0.95, 0.8, 1.0
 CEILING_SHARE = 0.9  # the rate climbed back to quickly, as a share of the ceiling
@@ -88,8 +91,14 @@ CEILING_LAG_TICKS = 2  # the answers measured at a tick are those of places take
 class Outflow:
     """How many places one event admits each tick, and the serving rate its estimates use."""
 
-    def __init__(self, start, cap, measured=None):
+    def __init__(self, start, cap, measured=None, expected=None):
         self.cap = cap
+        # The rate the service's last line averaged: the rate shown stays at least this until this line has
+        # measured its own for LEARN_AFTER_SECONDS.  Its first seconds are the joins' burst, when the outflow
+        # is held back (WHILE_JOINING) while those joining are told how long the line will take once it has
+        # passed: falling 2 % a second from the learned 136 to 111 during the burst, the rate shown told the
+        # last of 6,000 joiners 45 s for a wait of 35 (81 % honest).
+        self.expected = expected or 0.0
         self.rate = min(start, cap) if cap else start
         self.start = self.rate  # a rate the service is known to take: LINE_START_RATE, or what a line averaged
         self.ceiling = None  # the rate at which the service was last seen crowded; None: not yet (slow start)
@@ -120,7 +129,8 @@ class Outflow:
         Not the rate shown (which may fall only 2 % a second, so it stays near an outflow's peaks)."""
         return self.served / self.serving_seconds if self.serving_seconds >= LEARN_AFTER_SECONDS else None
 
-    def adjust(self, shed_share, backlog):
+    def adjust(self, shed_share, backlog, lag=0.0):
+        """One tick's move of the outflow: `shed_share` and `lag` (seconds) from the lead's admission."""
         recent = sorted(self.latencies)
         self.latencies = []
         slow = recent[int(len(recent) * 0.9)] if recent else None
@@ -129,6 +139,12 @@ class Outflow:
             self._crowded(DECREASE)
         elif shed_share > 0 or (slow is not None and slow > CROWDED):
             self._crowded(EASE)
+        elif self.joining and lag > LAG_WHILE_JOINING:
+            # The joins wait for the loop: a twentieth less (once per two ticks), and no ceiling (it is the joins'
+            # CPU, not the orders', that is short: it comes back when they stop).
+            if self.ticks_since_cut > CEILING_LAG_TICKS:
+                self.rate = max(MIN_RATE, self.rate * EASE)
+                self.ticks_since_cut = 0
         elif backlog and (slow is None or slow < FAST):
             if self.joining:
                 grown = self.rate * WHILE_JOINING
@@ -177,6 +193,8 @@ class Outflow:
         weight = RATE_SMOOTHING_UP if rate > self.measured else RATE_SMOOTHING_DOWN
         smoothed = self.measured + (rate - self.measured) * weight
         self.measured = max(smoothed, self.measured * RATE_FALL_PER_SECOND ** seconds)
+        if self.serving_seconds < LEARN_AFTER_SECONDS:
+            self.measured = max(self.measured, self.expected)
         if served + left:
             self.share += (left / (served + left) - self.share) * RATE_SMOOTHING_DOWN
 
@@ -261,8 +279,9 @@ class Admitter:
             # anything (from a start of 40 against a line served at 150-200 a second, 15-20 % of the buyers were
             # told a wait within 20 %), while the outflow itself waits for the joins' burst to pass (below).
             published = store.summary(slug)["rate"]
+            expected = self.line.start_rate()
             outflow = self.outflows[slug] = Outflow(max(self.line.configured_start_rate, published), settings.max_rate,
-                                                    max(published, self.line.start_rate()))
+                                                    max(published, expected), expected)
         now_ms = service.now_ms()
         seconds = outflow.elapsed(self.tick_seconds)
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
@@ -276,7 +295,8 @@ class Admitter:
             self._make_stalled(slug, now_ms)
             outflow.latencies = store.latencies(slug)
             admission = current_app.extensions.get(ADMISSION)
-            outflow.adjust(admission.shed_share() if admission is not None else 0, backlog=True)
+            outflow.adjust(admission.shed_share() if admission is not None else 0, backlog=True,
+                           lag=admission.lag if admission is not None else 0.0)
             taken = store.take(slug, outflow.budget(seconds, last["admitting"] if last else 0), now_ms)
             for joined_ms in taken:
                 metrics.line_wait.observe(max(now_ms - joined_ms, 0) / 1000)

@@ -3,8 +3,10 @@
 The signal is how late this worker's event loop runs.  Every request's greenlet waits its turn
 on the loop at each database query and HTTP call, so when more buyers are in flight than the
 worker's CPU can serve, every turn comes later, for everyone: a buyer's wait is a few turns
-times this lag.  An arriving order measures it (how late a 1 ms timer fires) and the worker
-keeps a moving average.  Below ORDER_SHED_LAG's first figure every order is admitted;
+times this lag.  A greenlet of the worker's own measures it (how late a timer fires, every
+SAMPLE_SECONDS) into a moving average that an arriving order only reads: when each order measured
+it with a timer of its own, that timer cost every order one more turn of a busy loop (at sales
+open, 600 joins a second, a third of a POST's time inside the worker).  Below ORDER_SHED_LAG's first figure every order is admitted;
 above its second every one is shed; in between a share that grows in proportion, so admission
 eases off rather than flapping between all and nothing.  A shed buyer is told to come back
 after 1-5 s, spread at random so that the retries do not arrive together.
@@ -33,12 +35,13 @@ log = logging.getLogger(__name__)
 
 EXTENSION = "eventi.order_admission"
 RETRY_AFTER_SECONDS = (1, 5)
-# gevent.sleep(0) comes back after the other ready greenlets but before the loop polls for I/O
-# (at most gevent's switch interval later): it missed a loop that was seconds behind.  A timer does not.
-PROBE_SECONDS = 0.001
-# Weight of the newest measurement: at a few hundred orders a second, the average follows
-# the loop within tens of milliseconds, and one slow turn alone does not shed anyone.
-SMOOTHING = 0.1
+# A timer's lateness, every this often: gevent.sleep(0) comes back after the other ready greenlets but
+# before the loop polls for I/O (at most gevent's switch interval later), and missed a loop that was
+# seconds behind.  A timer does not.
+SAMPLE_SECONDS = 0.05
+# Weight of the newest sample: the average follows the loop within a few samples (~150 ms), and one slow
+# turn alone does not shed anyone.
+SMOOTHING = 0.3
 # Seconds a reservation may take on average before a growing share of orders is shed, and all of
 # them: a buyer waits about one reservation, then PayHero; well inside the 2 s an answer may take.
 RESERVATION_SHED = (0.15, 0.6)
@@ -53,6 +56,7 @@ class Admission:
         self.reservation = 0.0  # moving average of a reservation's seconds
         self._reserved_at = time.monotonic()
         self.shedding = False
+        self._sampler = None  # the greenlet measuring the loop's lag, started by the first order in this process
 
     def admit(self):
         """True to go on with an arriving order; False to shed it (or to send it to its event's line)."""
@@ -63,10 +67,20 @@ class Admission:
 
     def shed_share(self):
         """The share of arriving orders this worker would shed now, 0 to 1 (the line's admitter reads it too)."""
-        started = time.perf_counter()
-        gevent.sleep(PROBE_SECONDS)  # a timer: it fires after a whole turn of the loop, I/O included
-        self.lag += (max(time.perf_counter() - started - PROBE_SECONDS, 0) - self.lag) * SMOOTHING
+        if self._sampler is None:  # started here, in the worker (not before gunicorn forks)
+            self._sampler = gevent.spawn(self._sample_forever)
         return max(_share(self.lag, self.shed_from, self.shed_all_at), _share(self._reservation_now(), *RESERVATION_SHED))
+
+    def stop(self):
+        if self._sampler is not None:
+            self._sampler.kill(block=False)
+            self._sampler = None
+
+    def _sample_forever(self):
+        while True:
+            started = time.perf_counter()
+            gevent.sleep(SAMPLE_SECONDS)  # a timer: it fires after a whole turn of the loop, I/O included
+            self.lag += (max(time.perf_counter() - started - SAMPLE_SECONDS, 0) - self.lag) * SMOOTHING
 
     def reserved(self, seconds):
         """An admitted order's reservation took `seconds` (waiting for the database included)."""
@@ -120,3 +134,10 @@ def init_app(app):
     lag = app.config["ORDER_SHED_LAG"]
     if lag:  # "off": every order admitted (none measured)
         app.extensions[EXTENSION] = Admission(*lag)
+
+
+def stop(app):
+    """No more sampling of the loop's lag for this app (its tests end; a worker's exit ends it anyway)."""
+    admission = app.extensions.get(EXTENSION)
+    if admission is not None:
+        admission.stop()
