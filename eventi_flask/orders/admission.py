@@ -39,9 +39,9 @@ RETRY_AFTER_SECONDS = (1, 5)
 # before the loop polls for I/O (at most gevent's switch interval later), and missed a loop that was
 # seconds behind.  A timer does not.
 SAMPLE_SECONDS = 0.05
-# Weight of the newest sample: the average follows the loop within a few samples (~150 ms), and one slow
-# turn alone does not shed anyone.
-SMOOTHING = 0.3
+# Weight of the newest sample: the average follows the loop within half a second, and one slow turn alone
+# (a full garbage collection, say) does not shed anyone.
+SMOOTHING = 0.1
 # Seconds a reservation may take on average before a growing share of orders is shed, and all of
 # them: a buyer waits about one reservation, then PayHero; well inside the 2 s an answer may take.
 RESERVATION_SHED = (0.15, 0.6)
