@@ -520,11 +520,13 @@ def test_while_buyers_join_fast_the_outflow_grows_by_a_tenth_a_tick():
 def test_while_buyers_join_on_a_late_loop_the_outflow_eases_and_keeps_no_ceiling():
     from eventi_flask.line.admitter import Outflow
 
-    outflow = Outflow(start=100, cap=None)
+    outflow = Outflow(start=40, cap=None, rate=100)  # a new lead, from the rate the line was published at
     outflow.joined(600, 1.0)
     assert quick(outflow, lag=0.02) == pytest.approx(95)  # the joins wait for the loop: a twentieth less
-    assert quick(outflow, 2, lag=0.02) == pytest.approx(95)  # once per two ticks
+    assert quick(outflow, 2, lag=0.02) == pytest.approx(95)  # once per three ticks
     assert outflow.ceiling is None  # the joins' CPU, not the orders': no ceiling for after the burst
+    assert quick(outflow, 60, lag=0.02) == 40  # and never below the start: thousands wait on it
+    assert quick(outflow, answers=2.0) == pytest.approx(32)  # a congestion meanwhile is still acted on at once
 
 
 def test_a_forming_line_shows_the_rate_the_last_line_averaged_until_it_has_measured_its_own():

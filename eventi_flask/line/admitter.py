@@ -23,8 +23,8 @@ the joins take CPU too.  Then,
 until the line has seen the service crowded, it grows by a third a tick (slow start).  Crowded (the
 admitted orders' p90 answer time past CROWDED, or the lead's admission would shed any order): a
 twentieth less, and the rate of two ticks before (the one those answers were taken at) is remembered as
-the ceiling.  Congested (p90 past SLOW, or the admission would shed half): a fifth less.  One cut per two
-ticks: the answers measured meanwhile are of places taken before it.  Below the ceiling the outflow
+the ceiling.  Congested (p90 past SLOW, or the admission would shed half): a fifth less.  One cut per three
+ticks: the answers measured in the two after it are of places taken before it.  Below the ceiling the outflow
 climbs back quickly to nine tenths of it, then probes above it, faster the longer the answers stay
 quick: the service's capacity moves (the arrivals' burst takes CPU, then gives it back).  Capped by
 the event's max_rate.
@@ -91,7 +91,7 @@ CEILING_LAG_TICKS = 2  # the answers measured at a tick are those of places take
 class Outflow:
     """How many places one event admits each tick, and the serving rate its estimates use."""
 
-    def __init__(self, start, cap, measured=None, expected=None):
+    def __init__(self, start, cap, measured=None, expected=None, rate=None):
         self.cap = cap
         # The rate the service's last line averaged: the rate shown stays at least this until this line has
         # measured its own for LEARN_AFTER_SECONDS.  Its first seconds are the joins' burst, when the outflow
@@ -100,10 +100,12 @@ class Outflow:
         # last of 6,000 joiners 45 s for a wait of 35 (81 % honest).
         self.expected = expected or 0.0
         self.rate = min(start, cap) if cap else start
-        self.start = self.rate  # a rate the service is known to take: LINE_START_RATE, or what a line averaged
+        self.start = self.rate  # a rate the service is known to take: LINE_START_RATE
+        if rate:  # a new lead of a line under way: from the rate it was published at
+            self.rate = min(max(rate, self.rate), cap) if cap else max(rate, self.rate)
         self.ceiling = None  # the rate at which the service was last seen crowded; None: not yet (slow start)
         self.recent_rates = [self.rate]  # the last CEILING_LAG_TICKS + 1 rates, newest last
-        self.ticks_since_cut = CEILING_LAG_TICKS + 1
+        self.ticks_since_cut = self.ticks_since_ease = CEILING_LAG_TICKS + 1
         self.probing = 0  # ticks of quick answers since the outflow passed nine tenths of the ceiling
         self.joining = False  # buyers joined faster than JOINING_FAST x the outflow in the last tick
         self.allowance = 0.0
@@ -135,6 +137,7 @@ class Outflow:
         self.latencies = []
         slow = recent[int(len(recent) * 0.9)] if recent else None
         self.ticks_since_cut += 1
+        self.ticks_since_ease += 1
         if shed_share >= SHED_CUT or (slow is not None and slow > SLOW):
             self._crowded(DECREASE)
         elif shed_share > 0 or (slow is not None and slow > CROWDED):
@@ -142,9 +145,11 @@ class Outflow:
         elif self.joining and lag > LAG_WHILE_JOINING:
             # The joins wait for the loop: a twentieth less (once per two ticks), and no ceiling (it is the joins'
             # CPU, not the orders', that is short: it comes back when they stop).
-            if self.ticks_since_cut > CEILING_LAG_TICKS:
-                self.rate = max(MIN_RATE, self.rate * EASE)
-                self.ticks_since_cut = 0
+            # Never below the start: joins alone must not ratchet it down to nothing while thousands wait.
+            self.probing = 0
+            if self.ticks_since_ease > CEILING_LAG_TICKS:
+                self.rate = max(self.start, self.rate * EASE) if self.rate > self.start else self.rate
+                self.ticks_since_ease = 0
         elif backlog and (slow is None or slow < FAST):
             if self.joining:
                 grown = self.rate * WHILE_JOINING
@@ -265,6 +270,7 @@ class Admitter:
         """One move of `slug`'s line, if this worker holds its lease: who left, who is next, the message."""
         store = self.line.store
         if not store.lease(slug, self.owner, int(self.tick_seconds * LEASE_TICKS * 1000)):
+            self.last.pop(slug, None)  # a later lead here starts from the store, not from what it saw then
             if self.outflows.pop(slug, None) is not None:
                 metrics.line_length.labels(slug).set(0)  # its new admitter's worker tells the length now
             return
@@ -280,8 +286,12 @@ class Admitter:
             # told a wait within 20 %), while the outflow itself waits for the joins' burst to pass (below).
             published = store.summary(slug)["rate"]
             expected = self.line.start_rate()
-            outflow = self.outflows[slug] = Outflow(max(self.line.configured_start_rate, published), settings.max_rate,
-                                                    max(published, expected), expected)
+            if settings.max_rate:  # a capped line is served at its cap at most: so are its estimates
+                expected = min(expected, settings.max_rate)
+            # The floor the outflow returns to is LINE_START_RATE, not the published rate: that one may be the
+            # learned rate shown while the line forms, and a new lead must not jump to it during the joins.
+            outflow = self.outflows[slug] = Outflow(self.line.configured_start_rate, settings.max_rate,
+                                                    max(published, expected), expected, rate=published)
         now_ms = service.now_ms()
         seconds = outflow.elapsed(self.tick_seconds)
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
@@ -301,6 +311,7 @@ class Admitter:
             for joined_ms in taken:
                 metrics.line_wait.observe(max(now_ms - joined_ms, 0) / 1000)
         if not (busy or taken):
+            outflow.joining = False
             self._idle(slug, now_ms)
             return
         # One message per tick while anyone waits or is being served: each wait works out its place from it.
@@ -309,7 +320,8 @@ class Admitter:
         if average is not None and not settings.max_rate:  # a capped line measures its cap, not the service
             store.learn_rate(average)
         state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share)
-        outflow.joined(state["length"] - (last["length"] if last else 0) + len(taken) + left, seconds)
+        if last is not None:  # a first tick sees the whole line as if it had just joined
+            outflow.joined(state["length"] - last["length"] + len(taken) + left, seconds)
         self._publish(slug, state, outflow)
         metrics.line_length.labels(slug).set(state["length"])
 

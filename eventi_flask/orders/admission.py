@@ -67,7 +67,7 @@ class Admission:
 
     def shed_share(self):
         """The share of arriving orders this worker would shed now, 0 to 1 (the line's admitter reads it too)."""
-        if self._sampler is None:  # started here, in the worker (not before gunicorn forks)
+        if self._sampler is None or self._sampler.dead:  # started here, in the worker (not before gunicorn forks)
             self._sampler = gevent.spawn(self._sample_forever)
         return max(_share(self.lag, self.shed_from, self.shed_all_at), _share(self._reservation_now(), *RESERVATION_SHED))
 
