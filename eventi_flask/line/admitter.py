@@ -101,8 +101,8 @@ class Outflow:
         self.expected = expected or 0.0
         self.rate = min(start, cap) if cap else start
         self.start = self.rate  # a rate the service is known to take: LINE_START_RATE
-        if rate:  # a new lead of a line under way: from the rate it was published at
-            self.rate = min(max(rate, self.rate), cap) if cap else max(rate, self.rate)
+        if rate and rate > self.rate:  # a new lead of a line under way: from the rate it was published at
+            self.rate = min(rate, cap) if cap else rate
         self.ceiling = None  # the rate at which the service was last seen crowded; None: not yet (slow start)
         self.recent_rates = [self.rate]  # the last CEILING_LAG_TICKS + 1 rates, newest last
         self.ticks_since_cut = self.ticks_since_ease = CEILING_LAG_TICKS + 1
@@ -148,7 +148,7 @@ class Outflow:
             # Never below the start: joins alone must not ratchet it down to nothing while thousands wait.
             self.probing = 0
             if self.ticks_since_ease > CEILING_LAG_TICKS:
-                self.rate = max(self.start, self.rate * EASE) if self.rate > self.start else self.rate
+                self.rate = max(min(self.rate, self.start), self.rate * EASE)
                 self.ticks_since_ease = 0
         elif backlog and (slow is None or slow < FAST):
             if self.joining:
