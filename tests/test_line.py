@@ -474,6 +474,23 @@ def test_a_new_lead_and_a_forming_line_do_not_make_the_estimates_jump():
     assert taking_over.measured == pytest.approx(62.5 * 0.98)
 
 
+@pytest.mark.env(LINE_START_RATE="40")
+@pytest.mark.parametrize("backend", ["postgres-redis", "sqlite-local"])
+def test_a_new_lead_goes_on_from_the_outflow_not_from_the_rate_shown(app):
+    # While buyers join, the rate shown may be the one the last line averaged (130) and the outflow far below it
+    # (55, the joins take the CPU): a lead taking over (its worker restarted) went on at 130 during the joins.
+    line, slug = app.extensions[LINE], "test-this-end-to-end"
+    line.store.advance(slug, 130.0, 0.0, 55.0)
+    summary = line.store.summary(slug)
+    assert (summary["rate"], summary["outflow"]) == (130, 55)
+    with app.app_context():
+        settings = line_service.event_line(slug)
+        outflow = line.admitter._new_outflow(summary, settings)
+        assert (outflow.rate, outflow.measured) == (55, 130)  # the outflow goes on; the estimates do not jump
+        # A state written before the outflow was kept beside the rate: on from the rate shown, as before.
+        assert line.admitter._new_outflow({**summary, "outflow": 0.0}, settings).rate == 130
+
+
 def quick(outflow, ticks=1, shed_share=0, answers=0.1, lag=0.0):
     for _ in range(ticks):
         outflow.latencies = [answers] * 10

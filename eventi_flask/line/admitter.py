@@ -279,19 +279,7 @@ class Admitter:
             return
         outflow = self.outflows.get(slug)
         if outflow is None:
-            # The outflow starts from the rate this line last published (a new lead does not start the ramp again),
-            # else LINE_START_RATE.  Its estimates start from the rate the service's last line averaged, when
-            # higher: at a sale's opening nearly everyone joins within seconds, before the line has measured
-            # anything (from a start of 40 against a line served at 150-200 a second, 15-20 % of the buyers were
-            # told a wait within 20 %), while the outflow itself waits for the joins' burst to pass (below).
-            published = store.summary(slug)["rate"]
-            expected = self.line.start_rate()
-            if settings.max_rate:  # a capped line is served at its cap at most: so are its estimates
-                expected = min(expected, settings.max_rate)
-            # The floor the outflow returns to is LINE_START_RATE, not the published rate: that one may be the
-            # learned rate shown while the line forms, and a new lead must not jump to it during the joins.
-            outflow = self.outflows[slug] = Outflow(self.line.configured_start_rate, settings.max_rate,
-                                                    max(published, expected), expected, rate=published)
+            outflow = self.outflows[slug] = self._new_outflow(store.summary(slug), settings)
         now_ms = service.now_ms()
         seconds = outflow.elapsed(self.tick_seconds)
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
@@ -319,11 +307,31 @@ class Admitter:
         average = outflow.average()
         if average is not None and not settings.max_rate:  # a capped line measures its cap, not the service
             store.learn_rate(average)
-        state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share)
+        state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share, outflow.rate)
         if last is not None:  # a first tick sees the whole line as if it had just joined
             outflow.joined(state["length"] - last["length"] + len(taken) + left, seconds)
         self._publish(slug, state, outflow)
         metrics.line_length.labels(slug).set(state["length"])
+
+    def _new_outflow(self, summary, settings):
+        """The outflow of a line this worker has just begun to lead, from the line's state in the store.
+
+        It goes on from the outflow the last lead set (a new lead does not start the ramp again), else from
+        LINE_START_RATE, its floor either way.  Its estimates start from the rate the
+        service's last line averaged, when higher: at a sale's opening nearly everyone joins within seconds,
+        before the line has measured anything (from a start of 40 against a line served at 150-200 a second,
+        15-20 % of the buyers were told a wait within 20 %), while the outflow itself waits for the joins'
+        burst to pass.  So the rate shown may be that learned rate while the outflow is far below it: a lead
+        taking over then must go on from the outflow, not jump to the rate shown during the joins.
+        """
+        expected = self.line.start_rate()
+        if settings.max_rate:  # a capped line is served at its cap at most: so are its estimates
+            expected = min(expected, settings.max_rate)
+        shown = summary["rate"]
+        # A state written before the outflow was kept beside the rate shown has none: go on from the rate shown.
+        last_outflow = summary.get("outflow") or shown
+        return Outflow(self.line.configured_start_rate, settings.max_rate, max(shown, expected), expected,
+                       rate=last_outflow)
 
     def _idle(self, slug, now_ms):
         metrics.line_length.labels(slug).set(0)
