@@ -171,10 +171,13 @@ class Config:
         if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
             # The callbacks' own connections, which order creations cannot take (database.callbacks_engine).
             self.DB_CALLBACK_POOL_SIZE = read_number(env, "DB_CALLBACK_POOL_SIZE", 16, minimum=1)
-            # Held waits give their connection back, so a small pool serves many.
+            # Held waits give their connection back, so a small pool serves many.  No overflow by default:
+            # SQLAlchemy closes an overflow connection as it comes back, and a line's ticks (a batch of orders
+            # every second) opened and closed 760-860 PostgreSQL sessions per 6,000 buyers, each a backend
+            # forked and set up; a pool of the same 24 kept open made 89 (BENCHMARKS.md, seventh sitting).
             self.SQLALCHEMY_ENGINE_OPTIONS.update(
-                pool_size=read_number(env, "DB_POOL_SIZE", 10, minimum=1),
-                max_overflow=read_number(env, "DB_MAX_OVERFLOW", 14, minimum=0),
+                pool_size=read_number(env, "DB_POOL_SIZE", 24, minimum=1),
+                max_overflow=read_number(env, "DB_MAX_OVERFLOW", 0, minimum=0),
                 pool_timeout=10,
                 connect_args={
                     # psycopg prepares a statement on the server after 5 runs on one connection;
