@@ -28,6 +28,7 @@ MODES = {
     "callbacks": "webhook throughput at --rate",
     "cluster": "held waits on a 3-primary Redis Cluster; each node's share of the pub/sub traffic",
     "resets": "a PayHero-like keep-alive sender at 200/s during a 600/s overload: connections reset, callbacks lost",
+    "floor": "the worker's CPU a request on a route that does almost nothing: what every answer costs at least",
 }
 
 

@@ -148,3 +148,9 @@ def test_charts_are_drawn_from_the_results_beside_nchan(tmp_path):
 
     empty = bench("charts", "--results", str(tmp_path / "none"), "--out", str(out), timeout=120)
     assert empty.returncode == 1 and len(empty.stderr.splitlines()) == 1
+
+
+def test_floor_measures_the_workers_cpu_a_request(tmp_path):
+    line, run = run_mode(tmp_path, "floor", "-n", "200", "--connections", "4", "--new-connections")
+    assert run["requests"] == 200 and "us a request" in line
+    assert 0 < run["worker_cpu_us_per_request"] < 100_000  # a real figure, read from the worker's /proc
