@@ -480,15 +480,17 @@ def test_a_new_lead_goes_on_from_the_outflow_not_from_the_rate_shown(app):
     # While buyers join, the rate shown may be the one the last line averaged (130) and the outflow far below it
     # (55, the joins take the CPU): a lead taking over (its worker restarted) went on at 130 during the joins.
     line, slug = app.extensions[LINE], "test-this-end-to-end"
-    line.store.advance(slug, 130.0, 0.0, 55.0)
+    now = line_service.now_ms()
+    line.store.advance(slug, 130.0, 0.0, 55.0, now)
     summary = line.store.summary(slug)
     assert (summary["rate"], summary["outflow"]) == (130, 55)
     with app.app_context():
         settings = line_service.event_line(slug)
-        outflow = line.admitter._new_outflow(summary, settings)
+        outflow = line.admitter._new_outflow(summary, settings, now + 3000)  # its lease ran out: taken over
         assert (outflow.rate, outflow.measured) == (55, 130)  # the outflow goes on; the estimates do not jump
-        # A state written before the outflow was kept beside the rate: on from the rate shown, as before.
-        assert line.admitter._new_outflow({**summary, "outflow": 0.0}, settings).rate == 130
+        # An outflow set long ago (the last sale's) or never (a worker that kept none): from LINE_START_RATE.
+        assert line.admitter._new_outflow(summary, settings, now + 600_000).rate == 40
+        assert line.admitter._new_outflow({**summary, "outflow_ms": 0}, settings, now).rate == 40
 
 
 def quick(outflow, ticks=1, shed_share=0, answers=0.1, lag=0.0):

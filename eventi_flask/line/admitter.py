@@ -53,6 +53,8 @@ from . import service
 log = logging.getLogger(__name__)
 
 LEASE_TICKS = 3  # the lease outlives this many ticks without renewal
+# A stored outflow younger than this is a line under way whose lead stopped: the new lead goes on from it.
+TAKEOVER_SECONDS = 30
 SWEEP_LIMIT = 2000  # places marked left per tick at most
 # Pauses between attempts at a place's order while the database answers 503: first, and at most (seconds).
 DATABASE_RETRY_FIRST, DATABASE_RETRY_MOST = 0.5, 5.0
@@ -279,7 +281,7 @@ class Admitter:
             return
         outflow = self.outflows.get(slug)
         if outflow is None:
-            outflow = self.outflows[slug] = self._new_outflow(store.summary(slug), settings)
+            outflow = self.outflows[slug] = self._new_outflow(store.summary(slug), settings, service.now_ms())
         now_ms = service.now_ms()
         seconds = outflow.elapsed(self.tick_seconds)
         left = store.sweep(slug, now_ms - self.patience_ms, SWEEP_LIMIT)
@@ -307,31 +309,31 @@ class Admitter:
         average = outflow.average()
         if average is not None and not settings.max_rate:  # a capped line measures its cap, not the service
             store.learn_rate(average)
-        state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share, outflow.rate)
+        state = self.last[slug] = store.advance(slug, outflow.measured, outflow.share, outflow.rate, now_ms)
         if last is not None:  # a first tick sees the whole line as if it had just joined
             outflow.joined(state["length"] - last["length"] + len(taken) + left, seconds)
         self._publish(slug, state, outflow)
         metrics.line_length.labels(slug).set(state["length"])
 
-    def _new_outflow(self, summary, settings):
+    def _new_outflow(self, summary, settings, now_ms):
         """The outflow of a line this worker has just begun to lead, from the line's state in the store.
 
-        It goes on from the outflow the last lead set (a new lead does not start the ramp again), else from
-        LINE_START_RATE, its floor either way.  Its estimates start from the rate the
-        service's last line averaged, when higher: at a sale's opening nearly everyone joins within seconds,
-        before the line has measured anything (from a start of 40 against a line served at 150-200 a second,
-        15-20 % of the buyers were told a wait within 20 %), while the outflow itself waits for the joins'
-        burst to pass.  So the rate shown may be that learned rate while the outflow is far below it: a lead
-        taking over then must go on from the outflow, not jump to the rate shown during the joins.
+        Taking over a line under way (its lead stopped, or lost the lease), it goes on from the outflow the last
+        lead set a moment ago: a new lead does not start the ramp again.  Otherwise (a line forming, or a state
+        whose outflow is old: the last sale's, or written by a worker that kept none) it starts from
+        LINE_START_RATE, its floor either way.  Its estimates start from the rate the service's last line
+        averaged, when higher: at a sale's opening nearly everyone joins within seconds, before the line has
+        measured anything (from a start of 40 against a line served at 150-200 a second, 15-20 % of the buyers
+        were told a wait within 20 %), while the outflow itself waits for the joins' burst to pass.  So the
+        rate shown may be that learned rate while the outflow is far below it: a lead taking over must go on
+        from the outflow, not jump to the rate shown during the joins.
         """
         expected = self.line.start_rate()
         if settings.max_rate:  # a capped line is served at its cap at most: so are its estimates
             expected = min(expected, settings.max_rate)
-        shown = summary["rate"]
-        # A state written before the outflow was kept beside the rate shown has none: go on from the rate shown.
-        last_outflow = summary.get("outflow") or shown
-        return Outflow(self.line.configured_start_rate, settings.max_rate, max(shown, expected), expected,
-                       rate=last_outflow)
+        taken_over = now_ms - summary.get("outflow_ms", 0) <= TAKEOVER_SECONDS * 1000
+        return Outflow(self.line.configured_start_rate, settings.max_rate, max(summary["rate"], expected), expected,
+                       rate=summary["outflow"] if taken_over else None)
 
     def _idle(self, slug, now_ms):
         metrics.line_length.labels(slug).set(0)

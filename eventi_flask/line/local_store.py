@@ -64,7 +64,7 @@ class _Line:
         self.ready = collections.deque()  # ids taken, in order, not yet claimed
         self.latencies = []
         self.pre = set()
-        self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "outflow": 0.0, "epoch": 0, "opened": None}
+        self.state = {"tick": 0, "rate": 0.0, "share": 0.0, "outflow": 0.0, "outflow_ms": 0, "epoch": 0, "opened": None}
         self.lease = None  # (owner, expires at)
         self.last_join_ms = 0
         self.direct = (None, 0)  # (window, orders made at once in it)
@@ -256,9 +256,9 @@ class LocalLineStore:
     def pre_queue_size(self, slug):
         return len(self._line(slug).pre)
 
-    def advance(self, slug, rate, share, outflow):
+    def advance(self, slug, rate, share, outflow, now_ms):
         line = self._line(slug)
-        line.state.update(tick=line.state["tick"] + 1, rate=rate, share=share, outflow=outflow)
+        line.state.update(tick=line.state["tick"] + 1, rate=rate, share=share, outflow=outflow, outflow_ms=now_ms)
         head = line.head()
         del line.gone[:bisect.bisect_left(line.gone, head)]
         done, line.done = sorted(line.done), []

@@ -15,7 +15,7 @@ alone.  REDIS_PREFIX goes in front of every name.
     line:{s}:claimers   ZSET of the workers claiming lately -> when (ms): each claims its share
     line:{s}:latencies  LIST of admitted orders' answer times, reported by every worker, read by the admitter
     line:{s}:pre        SET of place ids that joined before sales opened (shuffled at opening)
-    line:{s}:state      HASH tick, rate, share, outflow, epoch, opened
+    line:{s}:state      HASH tick, rate, share, outflow, outflow_ms, epoch, opened
     line:{s}:lease      the admitter's lease: its owner, expiring (SET NX PX)
     line:{s}:place:<id> HASH one place (24 h)
     line:{s}:key:<hash> the place an Idempotency-Key took (24 h)
@@ -224,11 +224,11 @@ return #ids
 """
 
 # One move of the line: the tick, the measured rate, the tickets gone ahead of the head trimmed, the
-# tickets done since the last tick taken.  KEYS: queue gone state seq admitting done; ARGV: rate share outflow.
+# tickets done since the last tick taken.  KEYS: queue gone state seq admitting done; ARGV: rate share outflow outflow_ms.
 # Returns {tick, head, length, {gone...}, epoch, admitting, {done...}}.
 _ADVANCE = """
 local tick = redis.call('HINCRBY', KEYS[3], 'tick', 1)
-redis.call('HSET', KEYS[3], 'rate', ARGV[1], 'share', ARGV[2], 'outflow', ARGV[3])
+redis.call('HSET', KEYS[3], 'rate', ARGV[1], 'share', ARGV[2], 'outflow', ARGV[3], 'outflow_ms', ARGV[4])
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local head = first[2] and tonumber(first[2]) or (tonumber(redis.call('GET', KEYS[4]) or '0') + 1)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. head)
@@ -402,10 +402,10 @@ class RedisLineStore:
     def pre_queue_size(self, slug):
         return self._client.scard(self._key(slug, "pre"))
 
-    def advance(self, slug, rate, share, outflow):
+    def advance(self, slug, rate, share, outflow, now_ms):
         tick, head, length, gone, epoch, admitting, done = self._run(
             "advance", slug, ("queue", "gone", "state", "seq", "admitting", "done"),
-            (repr(rate), repr(share), repr(outflow)))
+            (repr(rate), repr(share), repr(outflow), int(now_ms)))
         return {"tick": int(tick), "head": int(head), "length": int(length), "gone": sorted(int(t) for t in gone),
                 "epoch": int(epoch), "admitting": int(admitting), "done": sorted(int(t) for t in done)}
 
@@ -426,6 +426,7 @@ def _view(reply):
 def _state(fields):
     return {"tick": int(fields.get("tick") or 0), "rate": float(fields.get("rate") or 0),
             "share": float(fields.get("share") or 0), "outflow": float(fields.get("outflow") or 0),
+            "outflow_ms": int(fields.get("outflow_ms") or 0),
             "epoch": int(fields.get("epoch") or 0),
             "opened": fields.get("opened")}
 
