@@ -142,9 +142,13 @@ def send_head_with_body():
     def write_head_with_first_bytes(response, data):
         if response.headers_sent or response.chunked or not data:
             return write(response, data)
-        sock, response.sock = response.sock, _Gathered()
+        sock, response.sock, sent = response.sock, _Gathered(), response.sent
         try:
             write(response, data)  # gunicorn's bookkeeping (length, HEAD, 204) as ever, into the gathered bytes
+        except BaseException:
+            # Nothing reached the client: gunicorn may still answer 500 (it does only while no head was sent).
+            response.headers_sent, response.sent = False, sent
+            raise
         finally:
             gathered, response.sock = response.sock, sock
         sock.sendall(b"".join(gathered.parts))

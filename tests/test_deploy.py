@@ -120,3 +120,10 @@ def test_gunicorn_sends_an_answers_head_and_body_in_one_write(monkeypatch):
     assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n")
     chunked = answer("GET", "200 OK", [b"streamed"])  # no length: chunked, written as gunicorn writes it
     assert b"".join(chunked).endswith(b"8\r\nstreamed\r\n0\r\n\r\n")
+    # An app's mistake (a str for bytes): nothing was sent, so gunicorn can still answer 500.
+    response = Response(types.SimpleNamespace(version=(1, 1), method="GET", should_close=lambda: False), Socket(),
+                        GunicornConfig())
+    response.start_response("200 OK", [("Content-Length", "9")])
+    with pytest.raises(TypeError):
+        response.write("not bytes")
+    assert not response.headers_sent and response.sock.writes == []
