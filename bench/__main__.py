@@ -86,7 +86,7 @@ def check(top, args):
     for item in args.server_env:
         if "=" not in item:
             top.error(f"--server-env wants NAME=VALUE, got {item!r}")
-    for name in ("repeat", "n", "buyers", "concurrency"):
+    for name in ("repeat", "n", "buyers", "concurrency", "connections"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             top.error(f"--{name} must be at least 1")
     for name in ("rate", "open_rate"):

@@ -147,8 +147,8 @@ def callbacks_engine():
     holds its connection for a few statements (none while PayHero is asked), but on a worker
     holding 10,000 waits each statement also waits its turn of the event loop: 4 connections
     capped it near 150 callbacks a second and made each wait 0.4-0.8 s for one (p50), 8 made it
-    35 ms, 10 still 0.6 s in two runs, 16 made it 15-61 ms; hence 16 (and the app's overflow 14
-    rather than 20, the same 42 a worker at most).  Past them callbacks wait CALLBACK_POOL_TIMEOUT.  Elsewhere (SQLite, one writer
+    35 ms, 10 still 0.6 s in two runs, 16 made it 15-61 ms; hence 16 (and the app's pool then 10 + 14
+    rather than 10 + 20, the same 42 a worker at most; 24 + 0 since).  Past them callbacks wait CALLBACK_POOL_TIMEOUT.  Elsewhere (SQLite, one writer
     at a time) the app's engine.
     """
     return current_app.extensions[CALLBACKS_ENGINE]
