@@ -101,10 +101,9 @@ class Outflow:
         # passed: falling 2 % a second from the learned 136 to 111 during the burst, the rate shown told the
         # last of 6,000 joiners 45 s for a wait of 35 (81 % honest).
         self.expected = expected or 0.0
-        self.rate = min(start, cap) if cap else start
-        self.start = self.rate  # a rate the service is known to take: LINE_START_RATE
-        if rate and rate > self.rate:  # a new lead of a line under way: from the rate it was published at
-            self.rate = min(rate, cap) if cap else rate
+        self.start = self.rate = self._capped(start)  # a rate the service is known to take: LINE_START_RATE
+        if rate:  # a new lead of a line under way: on from the outflow the last lead set, when higher
+            self.rate = max(self.rate, self._capped(rate))
         self.ceiling = None  # the rate at which the service was last seen crowded; None: not yet (slow start)
         self.recent_rates = [self.rate]  # the last CEILING_LAG_TICKS + 1 rates, newest last
         self.ticks_since_cut = self.ticks_since_ease = CEILING_LAG_TICKS + 1
@@ -167,9 +166,11 @@ class Outflow:
             # Never below the start once the answers are quick: a rate the service is known to take (a burst of
             # joins cut the outflow to a third, and climbing back from the trough left the workers idle).
             self.rate = max(grown + 1, self.start)
-        if self.cap:
-            self.rate = min(self.rate, self.cap)
+        self.rate = self._capped(self.rate)
         self.recent_rates = (self.recent_rates + [self.rate])[-(CEILING_LAG_TICKS + 1):]
+
+    def _capped(self, rate):
+        return min(rate, self.cap) if self.cap else rate
 
     def _crowded(self, by):
         self.probing = 0
